@@ -1,0 +1,148 @@
+//! `rewind train`: fine-tune a model on a JSONL file and write a model directory.
+
+use crate::cli::ModelArgs;
+use crate::model::loader::save::save_model;
+use crate::train::backward::Strategy;
+use crate::train::data::{self, fit_length, Overflow};
+use crate::train::optimizer::AdamWConfig;
+use crate::train::trainer::{self, Observer, StepMetrics, TrainConfig};
+use anyhow::{bail, Result};
+use candle_core::DType;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Training data: chat JSONL (`{"messages": [...]}`) or prompt/completion JSONL.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Validation data; without it, `--val-fraction` of the training data is held out.
+    #[arg(long)]
+    pub validation: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Backward strategy: reversible (activation-free; needs a reversible scheme), checkpoint or store.
+    #[arg(long, value_enum)]
+    pub strategy: Option<Strategy>,
+    /// LoRA rank (0 = full fine-tuning).
+    #[arg(long, default_value_t = 0)]
+    pub lora: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Comma-separated projections that get LoRA adapters.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    pub lora_targets: String,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// What to do with longer examples.
+    #[arg(long, value_enum, default_value = "truncate")]
+    pub overflow: Overflow,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output model directory.
+    #[arg(long, default_value = "models/finetuned")]
+    pub output: PathBuf,
+}
+
+struct Progress {
+    bar: ProgressBar,
+}
+
+impl Observer for Progress {
+    fn on_step(&mut self, m: &StepMetrics) {
+        self.bar.set_length(m.total_steps as u64);
+        self.bar.set_position(m.step as u64);
+        self.bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s  mem {:.0} MB",
+            m.loss,
+            m.lr,
+            m.tokens_per_s,
+            m.peak_memory_bytes as f64 / 1e6
+        ));
+    }
+
+    fn on_validation(&mut self, epoch: usize, _step: usize, loss: f64) {
+        self.bar.println(format!("epoch {}: validation loss {loss:.4}", epoch + 1));
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let loaded = args.model.load()?;
+    let model = loaded.model;
+    let strategy = args.strategy.unwrap_or(if model.reversible.is_reversible() { Strategy::Reversible } else { Strategy::Checkpoint });
+    let mut examples = data::read_jsonl(&args.data)?;
+    let mut validation = match &args.validation {
+        Some(path) => data::read_jsonl(path)?,
+        None => {
+            let held = ((examples.len() as f64) * args.val_fraction).floor() as usize;
+            examples.split_off(examples.len() - held.min(examples.len().saturating_sub(1)))
+        }
+    };
+    let tokenize = |list: &mut Vec<data::Example>| -> Result<Vec<data::TokenizedExample>> {
+        list.drain(..)
+            .enumerate()
+            .map(|(i, e)| fit_length(data::tokenize(&e, &loaded.chat_template, &loaded.tokenizer)?, args.seq_len, args.overflow, i))
+            .collect()
+    };
+    let train_set = tokenize(&mut examples)?;
+    let val_set = tokenize(&mut validation)?;
+
+    let mut model = model;
+    let mut train_only = Vec::new();
+    if args.lora > 0 {
+        let targets: Vec<String> = args.lora_targets.split(',').map(|s| s.trim().to_string()).collect();
+        model.densify()?;
+        if model.add_lora(args.lora, args.lora_alpha, &targets, args.seed)? == 0 {
+            bail!("--lora-targets {} matches no projection", args.lora_targets);
+        }
+        train_only.push("lora_".into());
+    }
+    let config = TrainConfig {
+        strategy,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        optimizer: AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
+        seed: args.seed,
+        train_only,
+        checkpoint_dir: Some(args.output.with_extension("checkpoint")),
+        ..Default::default()
+    };
+    tracing::info!(
+        examples = train_set.len(),
+        validation = val_set.len(),
+        strategy = ?strategy,
+        scheme = %model.reversible.label(),
+        "training"
+    );
+    let bar = ProgressBar::new(1);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let outcome = trainer::train(model, &train_set, &val_set, pad, &config, &mut Progress { bar: bar.clone() })?;
+    bar.finish();
+    save_model(&outcome.model, &loaded.tokenizer, &loaded.chat_template, &args.output, DType::F32)?;
+    if let Some(dir) = &config.checkpoint_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    println!(
+        "trained {} steps on {} tokens; final loss {:.4}{}; model written to {}",
+        outcome.steps,
+        outcome.trained_tokens,
+        outcome.final_loss.unwrap_or(f64::NAN),
+        outcome.validation_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default(),
+        args.output.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! The inference engine: one thread owns the device and the models' weights and runs every
+//! sequence in one continuously batched decode loop; the HTTP layer talks to it through
+//! [`Engine`], a cheap cloneable handle.
+//!
+//! A request travels to the engine thread with the sending half of its response channel inside
+//! it ([`Job`]), so tokens, errors and the end of the stream (the channel closing) all flow back
+//! the same way, and a client that goes away is noticed by the engine as a closed channel: its
+//! sequences are dropped and their batch slots and KV memory are freed at the next step.
+//!
+//! - [`scheduler`]: pure admission rules (batch size, KV budget, prefill per step, FIFO);
+//! - [`worker`]: the engine thread's loop;
+//! - [`registry`]: the served models, shared with the HTTP layer;
+//! - [`grammar`] and [`token_mask`]: JSON constrained decoding;
+//! - [`metrics`]: counters and gauges for `/metrics`.
+
+pub mod grammar;
+pub mod metrics;
+pub mod registry;
+pub mod scheduler;
+pub mod token_mask;
+mod worker;
+
+use crate::engine::grammar::Grammar;
+use crate::engine::metrics::Metrics;
+use crate::engine::registry::{ModelSpec, Registry, ServedModel};
+use crate::engine::scheduler::{Demand, Scheduler, SchedulerLimits, Unschedulable};
+use crate::model::generate::{GenerationParams, StepOutput};
+use crate::settings::Settings;
+use anyhow::{Context, Result};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc as async_mpsc, oneshot};
+
+/// A validated generation request: everything the engine needs, nothing it has to check.
+pub struct GenerateRequest {
+    pub model: Arc<ServedModel>,
+    /// Token ids of each prompt (completions may send several; chat sends one).
+    pub prompts: Vec<Vec<u32>>,
+    /// Choices per prompt; choice `p * n + j` is the `j`-th completion of prompt `p`.
+    pub n: usize,
+    /// `max_tokens` is already resolved; a seed is offset per choice so choices differ.
+    pub params: GenerationParams,
+    /// Constrains the output to a JSON grammar.
+    pub grammar: Option<Arc<Grammar>>,
+}
+
+impl GenerateRequest {
+    pub fn choices(&self) -> usize {
+        self.prompts.len() * self.n
+    }
+
+    /// What the scheduler must reserve for this request.
+    pub fn demand(&self) -> Demand {
+        let longest = self.prompts.iter().map(Vec::len).max().unwrap_or(0);
+        Demand {
+            seqs: self.choices(),
+            kv_bytes_per_seq: self.model.kv_bytes_for(longest + self.params.max_tokens),
+            prefill_tokens: self.prompts.iter().map(Vec::len).sum::<usize>() * self.n,
+        }
+    }
+}
+
+/// What the engine sends back for a request. The channel closing after the last sequence
+/// finished is the end of the response.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// One generated token of one choice; `output.finish` is set on the choice's last one.
+    Token { choice: usize, output: StepOutput },
+    /// The request failed; nothing follows.
+    Error(String),
+}
+
+pub type EventStream = async_mpsc::UnboundedReceiver<Event>;
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is overloaded: {0} requests are already waiting; retry shortly")]
+    QueueFull(usize),
+    #[error("{0}")]
+    Unschedulable(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// A request on its way to, or inside, the engine thread.
+pub(crate) struct Job {
+    pub id: u64,
+    pub request: GenerateRequest,
+    pub events: async_mpsc::UnboundedSender<Event>,
+    pub demand: Demand,
+    pub arrived: Instant,
+}
+
+pub(crate) enum Command {
+    Generate(Job),
+    Load { spec: ModelSpec, done: Option<oneshot::Sender<Result<(), String>>> },
+    Unload { id: String },
+}
+
+/// Limits the handle enforces before a request reaches the engine thread.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    pub max_queue: usize,
+    pub scheduler: SchedulerLimits,
+}
+
+struct Shared {
+    commands: mpsc::Sender<Command>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    limits: EngineLimits,
+    /// Requests submitted and not yet admitted (in the channel or the scheduler's queue).
+    queued: Arc<AtomicUsize>,
+    next_id: AtomicU64,
+}
+
+/// The handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Registers the configured models (and the fine-tuned ones recorded under the data
+    /// directory) and starts the engine thread, which loads them in order. Returns at once:
+    /// [`Registry::base_models_ready`] says when serving can begin.
+    pub fn start(settings: &Settings) -> Result<Self> {
+        let device = crate::settings::parse_device(&settings.server.device)?.open()?;
+        std::fs::create_dir_all(&settings.data_dir).with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        let registry = Arc::new(Registry::new(Some(settings.data_dir.join("models.json"))));
+        let metrics = Arc::new(Metrics::default());
+        metrics.kv_cache_budget_bytes.store(settings.kv_cache_bytes(), Ordering::Relaxed);
+        let limits = EngineLimits {
+            max_queue: settings.limits.max_queue,
+            scheduler: SchedulerLimits {
+                max_batch: settings.limits.max_batch,
+                kv_budget: settings.kv_cache_bytes(),
+                max_prefill_tokens: settings.limits.max_prefill_tokens,
+            },
+        };
+        let created = unix_now();
+        let mut specs: Vec<ModelSpec> = settings
+            .served_models()
+            .into_iter()
+            .map(|m| ModelSpec { id: m.served_id(), source: m.source, scheme: m.scheme, format: m.format, created, owned_by: "rewind".into() })
+            .collect();
+        specs.extend(registry.stored_fine_tuned()?);
+        for spec in &specs {
+            registry.insert_loading(spec.clone())?;
+        }
+
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let worker = worker::Worker::new(rx, device, registry.clone(), metrics.clone(), limits.scheduler, queued.clone());
+        std::thread::Builder::new().name("rewind-engine".into()).spawn(move || worker.run()).context("starting the engine thread")?;
+        for spec in specs {
+            let _ = tx.send(Command::Load { spec, done: None });
+        }
+        Ok(Self { shared: Arc::new(Shared { commands: tx, registry, metrics, limits, queued, next_id: AtomicU64::new(1) }) })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn limits(&self) -> EngineLimits {
+        self.shared.limits
+    }
+
+    /// Whether a request could ever be scheduled (checked at the edge, before queueing).
+    pub fn check(&self, request: &GenerateRequest) -> std::result::Result<(), Unschedulable> {
+        Scheduler::<u64>::check(&self.shared.limits.scheduler, &request.demand())
+    }
+
+    /// Queues a request; its tokens arrive on the returned stream, which ends when every
+    /// choice has finished. Dropping the stream cancels the request.
+    pub fn submit(&self, request: GenerateRequest) -> std::result::Result<EventStream, SubmitError> {
+        let demand = request.demand();
+        Scheduler::<u64>::check(&self.shared.limits.scheduler, &demand).map_err(|e| SubmitError::Unschedulable(describe(e)))?;
+        let max_queue = self.shared.limits.max_queue;
+        let queued = &self.shared.queued;
+        if queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < max_queue).then_some(q + 1)).is_err() {
+            return Err(SubmitError::QueueFull(max_queue));
+        }
+        let (events, stream) = async_mpsc::unbounded_channel();
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let job = Job { id, request, events, demand, arrived: Instant::now() };
+        if self.shared.commands.send(Command::Generate(job)).is_err() {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(stream)
+    }
+
+    /// Registers a model and has the engine thread load it; the returned channel reports the
+    /// outcome. Fine-tuned models (`ft:` ids) are recorded under the data directory and served
+    /// again after a restart.
+    pub fn add_model(&self, spec: ModelSpec) -> Result<oneshot::Receiver<Result<(), String>>> {
+        self.shared.registry.insert_loading(spec.clone())?;
+        let (done, outcome) = oneshot::channel();
+        self.shared.commands.send(Command::Load { spec, done: Some(done) }).map_err(|_| anyhow::anyhow!("the engine has stopped"))?;
+        Ok(outcome)
+    }
+
+    /// Stops serving a model: new requests get 404; running ones finish. Returns its spec.
+    pub fn remove_model(&self, id: &str) -> Result<Option<ModelSpec>> {
+        let removed = self.shared.registry.remove(id)?;
+        if removed.is_some() {
+            let _ = self.shared.commands.send(Command::Unload { id: id.to_string() });
+        }
+        Ok(removed)
+    }
+}
+
+pub fn describe(e: Unschedulable) -> String {
+    match e {
+        Unschedulable::TooManySequences { seqs, max_batch } => {
+            format!("the request needs {seqs} sequences but a batch holds at most {max_batch}; lower `n` or send fewer prompts")
+        }
+        Unschedulable::KvBudget { needed, budget } => format!(
+            "the request's worst case needs {} MiB of KV cache but the server's budget is {} MiB; lower `max_tokens` or `n`",
+            needed.div_ceil(1 << 20),
+            budget >> 20
+        ),
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -1,0 +1,46 @@
+//! The `rewind` command line: a thin layer over the library.
+
+use clap::{Parser, Subcommand};
+use rewind::cli;
+
+/// Counts heap bytes so `rewind bench` can report activation memory exactly.
+#[global_allocator]
+static ALLOCATOR: rewind::memory::CountingAlloc = rewind::memory::CountingAlloc;
+
+#[derive(Parser)]
+#[command(name = "rewind", version, about = "Serve and fine-tune time-reversible LLMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch a known model (default: SmolLM2-135M-Instruct) into the models directory.
+    Pull(cli::pull::PullArgs),
+    /// Print the completion of a one-turn chat.
+    Generate(cli::generate::GenerateArgs),
+    /// Interactive chat in the terminal, streamed.
+    Chat(cli::generate::ChatArgs),
+    /// Fine-tune a model on a JSONL file (activation-free reversible backprop by default).
+    Train(cli::train::TrainArgs),
+    /// Benchmarks (training memory and speed, generation throughput).
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCommand),
+}
+
+fn main() {
+    cli::init_tracing();
+    rewind::memory::mark_installed();
+    let result = match Cli::parse().command {
+        Command::Pull(args) => cli::pull::run(args),
+        Command::Generate(args) => cli::generate::run_generate(args),
+        Command::Chat(args) => cli::generate::run_chat(args),
+        Command::Train(args) => cli::train::run(args),
+        Command::Bench(command) => cli::bench::run(command),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

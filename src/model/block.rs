@@ -1,0 +1,200 @@
+//! The decoder block, written once as the function f of the residual state:
+//!
+//!     f(p) = Attn(N1 p) + MLP(N2 (p + Attn(N1 p)))
+//!
+//! i.e. the whole pre-norm block without its outer skip. Every scheme in `reversible` couples
+//! these same blocks; hamiltonian uses the two halves separately.
+
+use crate::model::config::ModelConfig;
+use crate::model::kv_cache::LayerKv;
+use crate::model::linear::Linear;
+use crate::model::ops::{self, Kernels};
+use crate::model::rope::RopeTables;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// How the N token rows of a forward pass are grouped into sequences.
+pub enum Layout<'a> {
+    /// `batch` sequences of `seq` tokens each, from position 0, no cache (training, scoring).
+    Uniform { batch: usize, seq: usize },
+    /// Sequences of any lengths, each continuing its own cache (prefill and decode).
+    Ragged(Vec<RaggedSeq<'a>>),
+}
+
+/// One sequence's new tokens in a ragged pass, with its layer cache.
+pub struct RaggedSeq<'a> {
+    pub len: usize,
+    pub cache: &'a mut LayerKv,
+}
+
+/// Settings every block call shares.
+#[derive(Clone, Copy)]
+pub struct BlockCtx<'a> {
+    pub rope: &'a RopeTables,
+    /// dtype of the matmuls inside f.
+    pub compute_dtype: DType,
+    /// dtype of the residual states and of softmax/norm reductions: f32 (f64 for reference
+    /// gradient checks), whatever the compute dtype.
+    pub residual_dtype: DType,
+    pub kernels: Kernels,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// x: (N, d) normalised rows -> (N, d).
+    pub fn forward(&self, x: &Tensor, layout: &mut Layout<'_>, ctx: &BlockCtx<'_>) -> Result<Tensor> {
+        let q = self.q_proj.forward(x)?; // (N, H*Dh)
+        let k = self.k_proj.forward(x)?; // (N, KvH*Dh)
+        let v = self.v_proj.forward(x)?;
+        let out = match layout {
+            Layout::Uniform { batch, seq } => self.attend(&q, &k, &v, *batch, *seq, 0, None, ctx)?,
+            Layout::Ragged(seqs) => {
+                let mut outs = Vec::with_capacity(seqs.len());
+                let mut offset = 0;
+                for s in seqs.iter_mut() {
+                    let (q, k, v) = (q.narrow(0, offset, s.len)?, k.narrow(0, offset, s.len)?, v.narrow(0, offset, s.len)?);
+                    let start = s.cache.len();
+                    outs.push(self.attend(&q, &k, &v, 1, s.len, start, Some(&mut *s.cache), ctx)?);
+                    offset += s.len;
+                }
+                Tensor::cat(&outs, 0)?
+            }
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// Causal attention for `batch` sequences of `seq` new tokens starting at position `start`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: usize,
+        seq: usize,
+        start: usize,
+        cache: Option<&mut LayerKv>,
+        ctx: &BlockCtx<'_>,
+    ) -> Result<Tensor> {
+        let (h, kvh, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: &Tensor, n: usize| t.reshape((batch, seq, n, dh))?.transpose(1, 2)?.contiguous();
+        let (cos, sin) = ctx.rope.slice(start, seq)?;
+        let q = ops::rope(&heads(q, h)?, &cos, &sin, ctx.kernels)?; // (B, H, T, Dh)
+        let k = ops::rope(&heads(k, kvh)?, &cos, &sin, ctx.kernels)?; // (B, KvH, T, Dh)
+        let v = heads(v, kvh)?;
+        let (k, v) = match cache {
+            Some(cache) => {
+                let (k, v) = cache.append(&k.squeeze(0)?, &v.squeeze(0)?)?;
+                (k.unsqueeze(0)?, v.unsqueeze(0)?)
+            }
+            None => (k, v),
+        };
+        let keys = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the `rep` query heads sharing a KV head
+        // are stacked along the row axis, (B, KvH, rep*T, Dh).
+        let rep = h / kvh;
+        let q = q.reshape((batch, kvh, rep * seq, dh))?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(ctx.residual_dtype)?; // (B, KvH, rep*T, K)
+        let scores = if seq > 1 {
+            let mask = causal_mask(seq, keys, start, q.device())?.to_dtype(ctx.residual_dtype)?;
+            scores.reshape((batch, kvh, rep, seq, keys))?.broadcast_add(&mask)?.reshape((batch, kvh, rep * seq, keys))?
+        } else {
+            scores
+        };
+        let probs = ops::softmax_last_dim(&scores, ctx.kernels)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?; // (B, KvH, rep*T, Dh)
+        out.reshape((batch, h, seq, dh))?.transpose(1, 2)?.reshape((batch * seq, h * dh))
+    }
+}
+
+/// (T, K) additive mask: query i (at position start+i) sees keys 0..=start+i.
+fn causal_mask(seq: usize, keys: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..keys).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (seq, keys), device)
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&ops::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    pub rms_norm_eps: f64,
+}
+
+impl Block {
+    pub fn new(config: &ModelConfig, self_attn: Attention, mlp: Mlp, norms: (Tensor, Tensor)) -> Self {
+        Self {
+            self_attn,
+            mlp,
+            input_layernorm: norms.0,
+            post_attention_layernorm: norms.1,
+            rms_norm_eps: config.rms_norm_eps,
+        }
+    }
+
+    /// Attn(N1 p), returned in the residual dtype. p: (N, d).
+    pub fn attention_branch(&self, p: &Tensor, layout: &mut Layout<'_>, ctx: &BlockCtx<'_>) -> Result<Tensor> {
+        let x = ops::rms_norm(p, &self.input_layernorm, self.rms_norm_eps, ctx.kernels)?.to_dtype(ctx.compute_dtype)?;
+        self.self_attn.forward(&x, layout, ctx)?.to_dtype(ctx.residual_dtype)
+    }
+
+    /// MLP(N2 q), returned in the residual dtype. q: (N, d).
+    pub fn mlp_branch(&self, q: &Tensor, ctx: &BlockCtx<'_>) -> Result<Tensor> {
+        let x = ops::rms_norm(q, &self.post_attention_layernorm, self.rms_norm_eps, ctx.kernels)?.to_dtype(ctx.compute_dtype)?;
+        self.mlp.forward(&x)?.to_dtype(ctx.residual_dtype)
+    }
+
+    /// f(p) = Attn(N1 p) + MLP(N2 (p + Attn(N1 p))).
+    pub fn f(&self, p: &Tensor, layout: &mut Layout<'_>, ctx: &BlockCtx<'_>) -> Result<Tensor> {
+        let attn = self.attention_branch(p, layout, ctx)?;
+        let mlp = self.mlp_branch(&(p + &attn)?, ctx)?;
+        attn + mlp
+    }
+
+    /// Named dense parameters (HF names relative to the layer), for training.
+    pub fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out: Vec<(String, &mut Tensor)> = vec![
+            ("input_layernorm.weight".into(), &mut self.input_layernorm),
+            ("post_attention_layernorm.weight".into(), &mut self.post_attention_layernorm),
+        ];
+        let a = &mut self.self_attn;
+        for (name, lin) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj)] {
+            for (kind, t) in lin.dense_tensors_mut() {
+                out.push((format!("self_attn.{name}.{kind}"), t));
+            }
+        }
+        let m = &mut self.mlp;
+        for (name, lin) in [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
+            for (kind, t) in lin.dense_tensors_mut() {
+                out.push((format!("mlp.{name}.{kind}"), t));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,99 @@
+//! Per-sequence key/value cache, owned by the caller so a server can keep one per sequence and
+//! batch sequences of different lengths.
+
+use crate::model::config::ModelConfig;
+use candle_core::{DType, Result, Tensor};
+
+/// Keys and values of one layer for one sequence: (kv_heads, capacity, head_dim) buffers grown
+/// by doubling, so appending a token is O(1) amortised instead of a full copy.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl LayerKv {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn capacity(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[1])
+    }
+
+    /// Appends (kv_heads, t, head_dim) keys and values; returns views of everything cached.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (heads, t, head_dim) = k.dims3()?;
+        let needed = self.len + t;
+        if needed > self.capacity() {
+            let capacity = needed.next_power_of_two().max(16);
+            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+                let buffer = Tensor::zeros((heads, capacity, head_dim), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    buffer.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+                Ok(buffer)
+            };
+            self.k = Some(grow(&self.k)?);
+            self.v = Some(grow(&self.v)?);
+        }
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => candle_core::bail!("kv cache buffers missing"),
+        };
+        kb.slice_set(&k.contiguous()?, 1, self.len)?;
+        vb.slice_set(&v.contiguous()?, 1, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(1, 0, self.len)?, vb.narrow(1, 0, self.len)?))
+    }
+
+    fn bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// The cache of one sequence across all layers.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    pub fn new(config: &ModelConfig) -> Self {
+        Self { layers: vec![LayerKv::default(); config.num_hidden_layers] }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held by the buffers (capacity, not just the used part).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerKv::bytes).sum()
+    }
+
+    /// Bytes one cached token costs, for admission control under a memory budget.
+    pub fn bytes_per_token(config: &ModelConfig, dtype: DType) -> usize {
+        2 * config.num_hidden_layers * config.kv_dim() * dtype.size_in_bytes()
+    }
+
+    pub fn clear(&mut self) {
+        for layer in &mut self.layers {
+            *layer = LayerKv::default();
+        }
+    }
+}

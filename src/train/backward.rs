@@ -1,0 +1,259 @@
+//! Loss and parameter gradients of one batch under three backward strategies:
+//!
+//! - `store`: ordinary autograd through the whole stack (every activation kept);
+//! - `checkpoint`: keep each layer's input pair, recompute that layer with a graph on the way
+//!   down;
+//! - `reversible`: keep only the top pair; walking down, one evaluation of each block serves
+//!   both the rebuild of the states below (the scheme's inverse) and its vector-Jacobian
+//!   product. Activation memory is one block's working set plus two states, whatever the depth.
+//!
+//! For p_{j+1} = A p_{j-1} + B p_j + C f_j(p_j) the adjoints are
+//!     g_j     += B g_{j+1} + VJP(f_j, p_j, C g_{j+1})
+//!     g_{j-1}  = A g_{j+1}
+//! and for hamiltonian each half-step is undone in reverse order with its own VJP.
+
+use crate::model::block::Layout;
+use crate::model::decoder::States;
+use crate::train::exact::{self, ExactRule, FixedPoint};
+use crate::train::grads::{grad_or_zeros, Grads};
+use crate::train::loss::{chunked_cross_entropy, Targets};
+use crate::train::trainable::Trainable;
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Store,
+    Checkpoint,
+    Reversible,
+}
+
+/// A batch of `batch` sequences of `seq` tokens.
+pub struct Batch {
+    /// Input ids, (B, T) u32.
+    pub inputs: Tensor,
+    pub targets: Targets,
+}
+
+/// Result of one forward + backward.
+pub struct StepGrads {
+    /// Weighted mean loss.
+    pub loss: f64,
+    pub grads: Grads,
+    /// dLoss/d(embedding output), (N, d): the input gradient, for tests.
+    pub grad_embedding: Tensor,
+}
+
+/// Rows of the LM head computed at once.
+pub const HEAD_CHUNK_ROWS: usize = 1024;
+
+/// Cotangents of the two carried states.
+struct Adjoint {
+    other: Tensor,
+    last: Tensor,
+}
+
+/// sum(a * b) over all elements, the scalar whose backward is a VJP with cotangent b.
+fn dot(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    (a * b)?.sum_all()
+}
+
+/// How the walk down the stack gets the states below each layer.
+enum Below<'a> {
+    /// Float states, rebuilt by the scheme's inverse.
+    Float,
+    /// Fixed-point states: rebuilt bit-exactly, or (`stored`) looked up, which is the
+    /// stored-activation reference the rebuild must match bit for bit.
+    Exact { fp: FixedPoint, bits: Vec<Option<Tensor>>, stored: Option<Vec<States>>, _marker: std::marker::PhantomData<&'a ()> },
+}
+
+impl Below<'_> {
+    /// What a block sees of a carried state.
+    fn view(&self, x: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+        match self {
+            Below::Float => Ok(x.clone()),
+            Below::Exact { fp, .. } => fp.view(x, dtype),
+        }
+    }
+}
+
+/// Loss and gradients of `batch`; `normalizer` divides the summed token losses (the number of
+/// trained tokens across the whole accumulated step). With `exact`, the residual streams are
+/// fixed point: `reversible` rebuilds them bit-exactly, `store`/`checkpoint` keep every layer's
+/// integer input pair instead (the reference the rebuild must match bit for bit).
+pub fn loss_and_grads(t: &Trainable, batch: &Batch, strategy: Strategy, normalizer: f64, exact: Option<FixedPoint>) -> Result<StepGrads> {
+    if let Some(fp) = exact {
+        return exact_loss_and_grads(t, batch, strategy == Strategy::Reversible, normalizer, fp);
+    }
+    if strategy == Strategy::Reversible && !t.graph.reversible.is_reversible() {
+        bail!("the `reversible` strategy needs a reversible scheme; `euler` (the original network) cannot rebuild its states: use `store` or `checkpoint`, or convert the model to a reversible scheme first");
+    }
+    let (batch_size, seq) = batch.inputs.dims2()?;
+    let layout = || Layout::Uniform { batch: batch_size, seq };
+    let ids = batch.inputs.flatten_all()?;
+    let mut grads = Grads::new(t.vars.len());
+    let e = t.frozen.embed(&ids)?;
+    let first = t.graph.reversible.first_scheme_layer();
+
+    // Forward to the top pair; `store` keeps the graph, the others keep what they need.
+    let (top, graph_top, inputs) = match strategy {
+        Strategy::Store => {
+            let e_var = Var::from_tensor(&e)?;
+            let s = t.graph.run_stack(e_var.as_tensor(), &mut layout())?;
+            (States { other: s.other.detach(), last: s.last.detach() }, Some((e_var, s)), Vec::new())
+        }
+        Strategy::Checkpoint => {
+            let mut s = t.frozen.seed(&e, &mut layout())?;
+            let mut inputs = Vec::with_capacity(t.frozen.layers.len());
+            for j in first..t.frozen.layers.len() {
+                inputs.push(s.clone());
+                s = t.frozen.step(j, &s, &mut layout())?;
+            }
+            (s, None, inputs)
+        }
+        Strategy::Reversible => (t.frozen.run_stack(&e, &mut layout())?, None, Vec::new()),
+    };
+
+    // Read-out and chunked head: cotangents of the top pair.
+    let (other, last) = (Var::from_tensor(&top.other)?, Var::from_tensor(&top.last)?);
+    let hidden = t.graph.read_out(&States { other: other.as_tensor().clone(), last: last.as_tensor().clone() })?;
+    let head = chunked_cross_entropy(&t.graph, &t.vars, &hidden.detach(), &batch.targets, normalizer, HEAD_CHUNK_ROWS, &mut grads)?;
+    let store = dot(&hidden, &head.grad_hidden)?.backward()?;
+    let mut g = Adjoint { other: grad_or_zeros(&store, other.as_tensor())?, last: grad_or_zeros(&store, last.as_tensor())? };
+
+    // Down the stack to the cotangent of the seed states.
+    let g_seed = match strategy {
+        Strategy::Store => {
+            let (e_var, s) = graph_top.expect("store keeps its graph");
+            let store = (dot(&s.other, &g.other)? + dot(&s.last, &g.last)?)?.backward()?;
+            grads.absorb(&store, &t.vars)?;
+            let g_e = grad_or_zeros(&store, e_var.as_tensor())?;
+            return finish_embedding(t, &ids, g_e, head.loss, grads);
+        }
+        Strategy::Checkpoint => {
+            for (j, s_in) in (first..t.graph.layers.len()).zip(inputs).rev() {
+                g = checkpoint_layer(t, j, &s_in, &g, &mut layout(), &mut grads)?;
+            }
+            g
+        }
+        Strategy::Reversible => {
+            let mut s = top;
+            for j in (first..t.graph.layers.len()).rev() {
+                (s, g) = reversible_layer(t, j, &s, &g, &mut layout(), &mut grads, &Below::Float)?;
+            }
+            g
+        }
+    };
+
+    // Through the seeding (an Euler step of block 0 under `EulerStep`) to the embedding.
+    let e_var = Var::from_tensor(&e)?;
+    let seeded = t.graph.seed(e_var.as_tensor(), &mut layout())?;
+    let store = (dot(&seeded.other, &g_seed.other)? + dot(&seeded.last, &g_seed.last)?)?.backward()?;
+    grads.absorb(&store, &t.vars)?;
+    let g_e = grad_or_zeros(&store, e_var.as_tensor())?;
+    finish_embedding(t, &ids, g_e, head.loss, grads)
+}
+
+/// Exact mode: fixed-point forward, then the reversible walk with bit-exact rebuilds (or, as
+/// the reference, with every layer's stored integer states).
+fn exact_loss_and_grads(t: &Trainable, batch: &Batch, rebuild: bool, normalizer: f64, fp: FixedPoint) -> Result<StepGrads> {
+    let (batch_size, seq) = batch.inputs.dims2()?;
+    let layout = || Layout::Uniform { batch: batch_size, seq };
+    let ids = batch.inputs.flatten_all()?;
+    let mut grads = Grads::new(t.vars.len());
+    let e = t.frozen.embed(&ids)?;
+    let dtype = t.graph.residual_dtype;
+    let fwd = exact::forward(&t.frozen, &fp, &e, &mut layout(), !rebuild)?;
+    let below = Below::Exact { fp, bits: fwd.bits, stored: (!rebuild).then_some(fwd.stored), _marker: std::marker::PhantomData };
+
+    let (other, last) = (Var::from_tensor(&fp.view(&fwd.top.other, dtype)?)?, Var::from_tensor(&fp.view(&fwd.top.last, dtype)?)?);
+    let hidden = t.graph.read_out(&States { other: other.as_tensor().clone(), last: last.as_tensor().clone() })?;
+    let head = chunked_cross_entropy(&t.graph, &t.vars, &hidden.detach(), &batch.targets, normalizer, HEAD_CHUNK_ROWS, &mut grads)?;
+    let store = dot(&hidden, &head.grad_hidden)?.backward()?;
+    let mut g = Adjoint { other: grad_or_zeros(&store, other.as_tensor())?, last: grad_or_zeros(&store, last.as_tensor())? };
+    let mut s = fwd.top;
+    for j in (0..t.graph.layers.len()).rev() {
+        (s, g) = reversible_layer(t, j, &s, &g, &mut layout(), &mut grads, &below)?;
+    }
+    // Duplicate seeding: both states are the embedding.
+    let g_e = (g.other + g.last)?;
+    finish_embedding(t, &ids, g_e, head.loss, grads)
+}
+
+/// Backward through the embedding lookup.
+fn finish_embedding(t: &Trainable, ids: &Tensor, g_e: Tensor, loss: f64, mut grads: Grads) -> Result<StepGrads> {
+    let store = dot(&t.graph.embed(ids)?, &g_e)?.backward()?;
+    grads.absorb(&store, &t.vars)?;
+    Ok(StepGrads { loss, grads, grad_embedding: g_e })
+}
+
+/// Recomputes layer j from its stored input pair with a graph and pulls the cotangent through.
+fn checkpoint_layer(t: &Trainable, j: usize, s_in: &States, g: &Adjoint, layout: &mut Layout<'_>, grads: &mut Grads) -> Result<Adjoint> {
+    let (other, last) = (Var::from_tensor(&s_in.other)?, Var::from_tensor(&s_in.last)?);
+    let out = t.graph.step(j, &States { other: other.as_tensor().clone(), last: last.as_tensor().clone() }, layout)?;
+    let store = (dot(&out.other, &g.other)? + dot(&out.last, &g.last)?)?.backward()?;
+    grads.absorb(&store, &t.vars)?;
+    Ok(Adjoint { other: grad_or_zeros(&store, other.as_tensor())?, last: grad_or_zeros(&store, last.as_tensor())? })
+}
+
+/// Undoes layer j: rebuilds the pair below from the pair above and returns the cotangents of
+/// the pair below. One block evaluation serves the rebuild and the VJP.
+fn reversible_layer(
+    t: &Trainable,
+    j: usize,
+    s: &States,
+    g: &Adjoint,
+    layout: &mut Layout<'_>,
+    grads: &mut Grads,
+    below: &Below<'_>,
+) -> Result<(States, Adjoint)> {
+    let ctx = t.graph.ctx();
+    let block = &t.graph.layers[j];
+    let dtype = t.graph.residual_dtype;
+    match t.graph.reversible.two_step(j) {
+        Some(coef) => {
+            // s = (p_j, p_{j+1}), g = (g_j, g_{j+1}).
+            let p = Var::from_tensor(&below.view(&s.other, dtype)?)?;
+            let f = block.f(p.as_tensor(), layout, &ctx)?;
+            let prev = match below {
+                Below::Float => coef.inverse(&s.other, &s.last, &f.detach())?,
+                Below::Exact { stored: Some(stored), .. } => stored[j].other.clone(),
+                Below::Exact { fp, bits, stored: None, .. } => {
+                    fp.two_step_inverse(ExactRule::for_step(&coef)?, coef.c, &s.other, &s.last, &f.detach(), bits[j].as_ref())?
+                }
+            };
+            let store = dot(&f, &g.last.affine(coef.c, 0.0)?)?.backward()?;
+            grads.absorb(&store, &t.vars)?;
+            let g_p = ((&g.other + grad_or_zeros(&store, p.as_tensor())?)? + g.last.affine(coef.b, 0.0)?)?;
+            let g_prev = g.last.affine(coef.a, 0.0)?;
+            Ok((States { other: prev, last: s.other.clone() }, Adjoint { other: g_prev, last: g_p }))
+        }
+        None => {
+            // s = (q_j, p_j): undo p_j = p_{j-1} + h MLP(N2 q_j), then q_j = q_{j-1} + h Attn(N1 p_{j-1}).
+            let h = t.graph.reversible.h;
+            let q = Var::from_tensor(&below.view(&s.other, dtype)?)?;
+            let m = block.mlp_branch(q.as_tensor(), &ctx)?;
+            let p_prev = match below {
+                Below::Float => (&s.last - m.detach().affine(h, 0.0)?)?,
+                Below::Exact { stored: Some(stored), .. } => stored[j].last.clone(),
+                Below::Exact { fp, .. } => fp.hamiltonian_undo_mlp(h, &s.last, &m.detach())?,
+            };
+            let store = dot(&m, &g.last.affine(h, 0.0)?)?.backward()?;
+            grads.absorb(&store, &t.vars)?;
+            let g_q = (&g.other + grad_or_zeros(&store, q.as_tensor())?)?;
+
+            let p = Var::from_tensor(&below.view(&p_prev, dtype)?)?;
+            let a = block.attention_branch(p.as_tensor(), layout, &ctx)?;
+            let q_prev = match below {
+                Below::Float => (&s.other - a.detach().affine(h, 0.0)?)?,
+                Below::Exact { stored: Some(stored), .. } => stored[j].other.clone(),
+                Below::Exact { fp, .. } => fp.hamiltonian_undo_attn(h, &s.other, &a.detach())?,
+            };
+            let store = dot(&a, &g_q.affine(h, 0.0)?)?.backward()?;
+            grads.absorb(&store, &t.vars)?;
+            let g_p = (&g.last + grad_or_zeros(&store, p.as_tensor())?)?;
+            Ok((States { other: q_prev, last: p_prev }, Adjoint { other: g_q, last: g_p }))
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Gradient accumulation across the many local backward passes of one step.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+
+/// One f32 gradient per trainable variable, summed over local backward passes.
+pub struct Grads {
+    pub grads: Vec<Option<Tensor>>,
+}
+
+impl Grads {
+    pub fn new(n: usize) -> Self {
+        Self { grads: vec![None; n] }
+    }
+
+    /// Adds the gradients `store` holds for `vars`.
+    pub fn absorb(&mut self, store: &GradStore, vars: &[Var]) -> Result<()> {
+        for (slot, var) in self.grads.iter_mut().zip(vars) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Multiplies every gradient by `s` (loss normalisation, accumulation, clipping).
+    pub fn scale(&mut self, s: f64) -> Result<()> {
+        for g in self.grads.iter_mut().flatten() {
+            *g = g.affine(s, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// Adds another accumulator (gradient accumulation over micro-batches).
+    pub fn add(&mut self, other: Grads) -> Result<()> {
+        for (slot, g) in self.grads.iter_mut().zip(other.grads) {
+            if let Some(g) = g {
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm, accumulated in f64.
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut sum = 0.0;
+        for g in self.grads.iter().flatten() {
+            sum += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+        Ok(sum.sqrt())
+    }
+}
+
+/// The gradient of `t` in `store`, or zeros when nothing flowed into it.
+pub fn grad_or_zeros(store: &GradStore, t: &Tensor) -> Result<Tensor> {
+    match store.get(t) {
+        Some(g) => Ok(g.clone()),
+        None => t.zeros_like(),
+    }
+}

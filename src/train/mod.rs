@@ -1,0 +1,13 @@
+//! Training: gradients through any scheme with three backward strategies (stored activations,
+//! per-layer checkpoints, and the activation-free reversible backward), the chunked loss,
+//! optimizer, data and checkpoints. Knows nothing of HTTP or jobs.
+
+pub mod backward;
+pub mod grads;
+pub mod loss;
+pub mod trainable;
+pub mod optimizer;
+pub mod data;
+pub mod checkpoint;
+pub mod trainer;
+pub mod exact;

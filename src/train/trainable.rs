@@ -1,0 +1,49 @@
+//! A model prepared for training: its dense parameters turned into variables, plus a second
+//! view of the same storage that records no graph (for forward passes whose activations the
+//! reversible and checkpoint strategies do not keep).
+
+use crate::model::decoder::Model;
+use crate::model::ops::Kernels;
+use anyhow::Result;
+use candle_core::{DType, Var};
+
+pub struct Trainable {
+    /// Parameters are variables: forward passes through it build a graph.
+    pub graph: Model,
+    /// Same storage, detached: forward passes through it build nothing.
+    pub frozen: Model,
+    pub names: Vec<String>,
+    pub vars: Vec<Var>,
+}
+
+impl Trainable {
+    /// Makes every dense parameter trainable (f32 master weights), except names for which
+    /// `train` says no (they stay constant and get no gradient).
+    pub fn new(mut model: Model, train: impl Fn(&str) -> bool) -> Result<Self> {
+        model.densify()?;
+        model.kernels = Kernels::Differentiable;
+        let mut names = Vec::new();
+        let mut vars = Vec::new();
+        for (name, t) in model.parameters_mut() {
+            let master = t.to_dtype(if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 })?;
+            if train(&name) {
+                let var = Var::from_tensor(&master)?;
+                *t = var.as_tensor().clone();
+                names.push(name);
+                vars.push(var);
+            } else {
+                *t = master.detach();
+            }
+        }
+        let mut frozen = model.clone();
+        for (_, t) in frozen.parameters_mut() {
+            *t = t.detach();
+        }
+        Ok(Self { graph: model, frozen, names, vars })
+    }
+
+    /// Total number of trainable scalars.
+    pub fn num_trainable(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+}
