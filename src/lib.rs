@@ -8,8 +8,15 @@
 //! Module map (lower layers never import higher ones):
 //! - [`model`]: pure math and loading: configs, blocks, reversible schemes, GGUF/safetensors
 //!   loaders, tokenizer, chat template, KV cache, sampling, generation.
+//! - [`settings`]: the server's typed configuration (`config.toml`, `REWIND_*`, flags).
+//! - [`engine`]: the device-owning inference thread: continuous batching under a KV memory
+//!   budget, a pure scheduler, the model registry, JSON-constrained decoding, metrics.
+//! - [`api`]: the OpenAI-compatible HTTP server (chat, completions, models, health, metrics).
 pub mod model;
 pub mod provision;
 pub mod cli;
 pub mod train;
 pub mod memory;
+pub mod settings;
+pub mod engine;
+pub mod api;

@@ -24,6 +24,8 @@ enum Command {
     Chat(cli::generate::ChatArgs),
     /// Fine-tune a model on a JSONL file (activation-free reversible backprop by default).
     Train(cli::train::TrainArgs),
+    /// Serve models through the OpenAI HTTP API.
+    Serve(cli::serve::ServeArgs),
     /// Benchmarks (training memory and speed, generation throughput).
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
@@ -37,6 +39,7 @@ fn main() {
         Command::Generate(args) => cli::generate::run_generate(args),
         Command::Chat(args) => cli::generate::run_chat(args),
         Command::Train(args) => cli::train::run(args),
+        Command::Serve(args) => cli::serve::run(args),
         Command::Bench(command) => cli::bench::run(command),
     };
     if let Err(e) = result {

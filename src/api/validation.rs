@@ -111,14 +111,21 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationErro
             if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
                 return Err(ValidationError::MissingField(field.to_string()));
             }
-            let culprit = obj.keys().find(|key| {
-                let mut without = obj.clone();
-                without.remove(*key);
-                match serde_json::from_value::<T>(Value::Object(without)) {
-                    Ok(_) => true,
-                    Err(other) => other.to_string().starts_with("missing field"),
-                }
-            });
+            // Leaving out the broken key fixes the body, or (with another key broken too)
+            // changes the error; a broken required key leaves only its own absence to report.
+            let without = |key: &String| {
+                let mut rest = obj.clone();
+                rest.remove(key);
+                serde_json::from_value::<T>(Value::Object(rest)).err().map(|e| e.to_string())
+            };
+            let missing = |key: &String, m: &str| m == format!("missing field `{key}`");
+            let attempts: Vec<(&String, Option<String>)> = obj.keys().map(|k| (k, without(k))).collect();
+            let culprit = attempts
+                .iter()
+                .find(|(_, e)| e.is_none())
+                .or_else(|| attempts.iter().find(|(k, e)| e.as_deref().is_some_and(|m| m != message && !missing(k, m))))
+                .or_else(|| attempts.iter().find(|(k, e)| e.as_deref().is_some_and(|m| missing(k, m))))
+                .map(|(k, _)| *k);
             Err(ValidationError::InvalidType { param: culprit.cloned(), message })
         }
     }

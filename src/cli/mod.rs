@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod generate;
 pub mod pull;
+pub mod serve;
 pub mod train;
 
 use crate::model::loader::{self, LoadOptions, LoadedModel, WeightFormat};

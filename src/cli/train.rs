@@ -4,6 +4,7 @@ use crate::cli::ModelArgs;
 use crate::model::loader::save::save_model;
 use crate::train::backward::Strategy;
 use crate::train::data::{self, fit_length, Overflow};
+use crate::train::exact::{self, FixedPoint};
 use crate::train::optimizer::AdamWConfig;
 use crate::train::trainer::{self, Observer, StepMetrics, TrainConfig};
 use anyhow::{bail, Result};
@@ -51,6 +52,10 @@ pub struct TrainArgs {
     pub overflow: Overflow,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep float residual streams in the reversible backward instead of exact fixed point
+    /// (exact mode is the default wherever the scheme allows it: float rebuilds drift).
+    #[arg(long)]
+    pub float_residual: bool,
     /// Output model directory.
     #[arg(long, default_value = "models/finetuned")]
     pub output: PathBuf,
@@ -109,8 +114,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         train_only.push("lora_".into());
     }
+    let exact = (strategy == Strategy::Reversible && !args.float_residual)
+        .then(|| match exact::unsupported_reason(&model) {
+            None => Some(FixedPoint::default()),
+            Some(why) => {
+                tracing::warn!("float residual streams ({why}); the rebuilt states will drift slightly");
+                None
+            }
+        })
+        .flatten();
     let config = TrainConfig {
         strategy,
+        exact,
         epochs: args.epochs,
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
@@ -124,6 +139,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         examples = train_set.len(),
         validation = val_set.len(),
         strategy = ?strategy,
+        exact = exact.is_some(),
         scheme = %model.reversible.label(),
         "training"
     );

@@ -187,16 +187,17 @@ mod tests {
         let mut s = Scheduler::new(limits(100, 100, 1000));
         s.push('a', demand(2, 30, 1)); // 60
         s.push('b', demand(1, 50, 1)); // would make 110
-        s.push('c', demand(1, 10, 1));
+        s.push('c', demand(1, 25, 1));
         assert_eq!(s.admit(), ['a']);
         // 'c' would fit but waits behind 'b': first come, first served.
         assert!(s.admit().is_empty());
         s.release_seq('a');
         assert_eq!(s.reserved_bytes(), 30);
+        // 30 + 50 fits, 30 + 50 + 25 does not.
         assert_eq!(s.admit(), ['b']);
         s.release_all('a');
         assert_eq!(s.admit(), ['c']);
-        assert_eq!(s.reserved_bytes(), 60);
+        assert_eq!(s.reserved_bytes(), 75);
     }
 
     #[test]

@@ -619,6 +619,15 @@ mod tests {
     }
 
     #[test]
+    fn shareable_across_threads() {
+        // The server renders from several worker threads with one loaded model.
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ChatTemplate>();
+        assert_send_sync::<TextTokenizer>();
+        assert_send_sync::<crate::model::sampling::Sampler>();
+    }
+
+    #[test]
     fn chatml_default_and_spans_with_a_quoted_marker() {
         let template = ChatTemplate::chatml_default().unwrap();
         let messages = [ChatMessage::user("q"), ChatMessage::assistant("say <|im_end|> twice")];

@@ -202,8 +202,7 @@ impl Sampler {
         let log_z = max + sum_f64(&self.weights).ln() as f32;
 
         let id = if self.params.is_greedy() {
-            // The first maximum: ties go to the lowest id.
-            self.logits.iter().position(|&l| l == max).unwrap_or(0) as u32
+            first_index_of(&self.logits, max)
         } else {
             self.draw(max)
         };
@@ -323,16 +322,21 @@ impl Sampler {
 
         let weights = &*weights;
         let order = &mut self.order;
-        order.clear();
-        order.extend(0..n as u32);
-        let mut kept: &mut [u32] = order;
         if top_k < n {
-            kept.select_nth_unstable_by(top_k - 1, |&a, &b| before(logits, a, b));
-            kept = &mut kept[..top_k];
+            top_n(logits, top_k, order);
+        } else {
+            // Only top-p: tokens lighter than (1 - top_p) * Z / n can never be in the nucleus
+            // (all of them together weigh less than the (1 - top_p) * Z it leaves out), which
+            // removes most of the vocabulary before any ordering.
+            let floor = ((1.0 - p.top_p as f64) * sum_f64(weights) / n as f64) as f32;
+            order.clear();
+            order.extend((0..n as u32).filter(|&i| weights[i as usize] >= floor));
         }
+        let mut kept: &mut [u32] = order;
         if p.top_p < 1.0 {
-            // Top-p is relative to the mass top-k left (HF order: top-k, then top-p).
-            let mass = if top_k < n { kept.iter().map(|&i| weights[i as usize] as f64).sum() } else { sum_f64(weights) };
+            // Top-p is relative to the mass top-k left (HF order: top-k, then top-p); without
+            // top-k, to the whole vocabulary's (the prefilter removed less than its complement).
+            let mass: f64 = if top_k < n { kept.iter().map(|&i| weights[i as usize] as f64).sum() } else { sum_f64(weights) };
             let len = nucleus(kept, logits, weights, p.top_p as f64 * mass);
             kept = &mut kept[..len];
         }
@@ -408,8 +412,23 @@ fn sum_f64(values: &[f32]) -> f64 {
 /// `out[i] = exp((values[i] - shift) * scale)` for arguments <= 0, in a form the compiler
 /// vectorizes (the libm `expf` call it replaces does not, and dominated the sampling time).
 fn exp_shifted(values: &[f32], shift: f32, scale: f32, out: &mut Vec<f32>) {
-    out.clear();
-    out.extend(values.iter().map(|&v| exp_nonpositive((v - shift) * scale)));
+    out.resize(values.len(), 0.0);
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = exp_nonpositive((v - shift) * scale);
+    }
+}
+
+/// Index of the first entry equal to `value` (0 if none): ties go to the lowest id. Blocks are
+/// tested with a branch-free fold (vectorized) before the one holding it is searched.
+fn first_index_of(values: &[f32], value: f32) -> u32 {
+    const BLOCK: usize = 64;
+    for (b, block) in values.chunks(BLOCK).enumerate() {
+        if block.iter().fold(false, |hit, &v| hit | (v == value)) {
+            let at = block.iter().position(|&v| v == value).unwrap_or(0);
+            return (b * BLOCK + at) as u32;
+        }
+    }
+    0
 }
 
 /// exp(x) for x <= 0 with a relative error below 5e-7; exactly 0 below -87 (where f32 would
@@ -469,22 +488,27 @@ fn top_n(values: &[f32], m: usize, order: &mut Vec<u32>) {
     if m <= SMALL_TOP_N {
         // One pass with a short sorted buffer: after the first few hundred entries almost every
         // value fails the plain comparison with the current last, so this is ~n comparisons.
+        // Blocks with nothing at or above the current m-th value are skipped by a branch-free
+        // (vectorized) test.
+        const BLOCK: usize = 64;
         let mut floor = f32::NEG_INFINITY;
-        for i in 0..values.len() as u32 {
-            if order.len() == m {
-                if values[i as usize] < floor {
-                    continue;
-                }
-                let last = order[m - 1];
-                if before(i, last).is_ge() {
-                    continue;
-                }
-                order.pop();
+        for (b, block) in values.chunks(BLOCK).enumerate() {
+            if order.len() == m && !block.iter().fold(false, |any, &v| any | (v >= floor)) {
+                continue;
             }
-            let at = order.partition_point(|&o| before(o, i).is_lt());
-            order.insert(at, i);
-            if order.len() == m {
-                floor = values[order[m - 1] as usize];
+            for (j, &v) in block.iter().enumerate() {
+                let i = (b * BLOCK + j) as u32;
+                if order.len() == m {
+                    if v < floor || before(i, order[m - 1]).is_ge() {
+                        continue;
+                    }
+                    order.pop();
+                }
+                let at = order.partition_point(|&o| before(o, i).is_lt());
+                order.insert(at, i);
+                if order.len() == m {
+                    floor = values[order[m - 1] as usize];
+                }
             }
         }
         return;
@@ -780,33 +804,5 @@ mod tests {
         let mut large = Vec::new();
         top_n(&big, SMALL_TOP_N + 1, &mut large);
         assert_eq!(&large[..SMALL_TOP_N], &small[..]);
-    }
-}
-#[cfg(test)]
-mod tmp_bench {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn tmp_bench_sampling() {
-        let n = 49152;
-        let mut x: u64 = 12345;
-        let logits: Vec<f32> = (0..n).map(|_| { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((x >> 40) as f32 / (1u64 << 24) as f32) * 12.0 - 6.0 }).collect();
-        let peaked: Vec<f32> = logits.iter().enumerate().map(|(i, &l)| if i % 1000 == 0 { l + 14.0 } else { l }).collect();
-        let prev: Vec<u32> = (0..500).map(|i| (i * 97 % n) as u32).collect();
-        for (name, p) in [
-            ("greedy", SamplingParams::greedy()),
-            ("default T=1", SamplingParams::default()),
-            ("top_k=40", SamplingParams { top_k: 40, ..Default::default() }),
-            ("top_p=0.9", SamplingParams { top_p: 0.9, ..Default::default() }),
-            ("top_p=0.9 T=0.7 min_p=0.05 pen", SamplingParams { top_p: 0.9, temperature: 0.7, min_p: 0.05, presence_penalty: 0.5, frequency_penalty: 0.5, repetition_penalty: 1.1, ..Default::default() }),
-        ] {
-            for (kind, l) in [("flat", &logits), ("peaked", &peaked)] {
-                let mut s = Sampler::new(&p);
-                let t = std::time::Instant::now();
-                let iters = 300;
-                for _ in 0..iters { s.sample(l, &prev, 5).unwrap(); }
-                eprintln!("{name} {kind}: {:.1} us/step", t.elapsed().as_secs_f64() * 1e6 / iters as f64);
-            }
-        }
     }
 }

@@ -214,6 +214,19 @@ pub fn forward(model: &Model, fp: &FixedPoint, e: &Tensor, layout: &mut Layout<'
     Ok(ExactForward { top: s, bits, stored })
 }
 
+/// Why `model` cannot run in exact mode, or None when it can.
+pub fn unsupported_reason(model: &Model) -> Option<String> {
+    if !model.reversible.is_reversible() {
+        return Some("euler is not reversible".into());
+    }
+    if model.reversible.first_scheme_layer() != 0 {
+        return Some("exact mode needs `duplicate` seeding".into());
+    }
+    (0..model.layers.len())
+        .filter_map(|j| model.reversible.two_step(j))
+        .find_map(|step| ExactRule::for_step(&step).err().map(|e| e.to_string()))
+}
+
 /// Bits per element per layer that exact mode keeps for `model` (the mean over layers).
 pub fn buffer_bits_per_element(model: &Model) -> Result<f64> {
     let mut total = 0u32;

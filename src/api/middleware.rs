@@ -1,0 +1,88 @@
+//! Cross-cutting request handling, outermost first: metrics and access log, CORS, API keys.
+
+use crate::api::error::ApiError;
+use crate::api::AppState;
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::Method;
+use actix_web::middleware::Next;
+use actix_web::{web, Error, HttpResponse, ResponseError};
+use std::time::Instant;
+
+/// Counts every response by route pattern and status, and logs it.
+pub async fn track(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<BoxBody>, Error> {
+    let endpoint = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let method = req.method().clone();
+    let started = Instant::now();
+    let result = next.call(req).await;
+    let status = match &result {
+        Ok(res) => res.status(),
+        Err(e) => e.as_response_error().status_code(),
+    };
+    if let Some(state) = state {
+        state.engine.metrics().record_request(&endpoint, status.as_u16());
+    }
+    tracing::info!(%method, endpoint, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    result.map(ServiceResponse::map_into_boxed_body)
+}
+
+/// CORS, off unless origins are configured. Preflight requests are answered here; other
+/// responses get `Access-Control-Allow-Origin` when the origin is allowed.
+pub async fn cors(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<BoxBody>, Error> {
+    let allowed = req.app_data::<web::Data<AppState>>().and_then(|state| {
+        let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?.to_string();
+        let origins = &state.settings.server.cors_origins;
+        if origins.iter().any(|o| o == "*") {
+            Some(HeaderValue::from_static("*"))
+        } else if origins.iter().any(|o| o.trim_end_matches('/') == origin.trim_end_matches('/')) {
+            HeaderValue::from_str(&origin).ok()
+        } else {
+            None
+        }
+    });
+    let Some(allow_origin) = allowed else {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    };
+    if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+        let request_headers = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+        let mut preflight = HttpResponse::NoContent();
+        preflight
+            .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin))
+            .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, DELETE, OPTIONS"))
+            .insert_header((header::ACCESS_CONTROL_MAX_AGE, "86400"))
+            .insert_header((header::VARY, "Origin"));
+        match request_headers {
+            Some(h) => preflight.insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, h)),
+            None => preflight.insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "authorization, content-type")),
+        };
+        return Ok(req.into_response(preflight.finish()));
+    }
+    let mut res = next.call(req).await?.map_into_boxed_body();
+    res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
+    res.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
+    Ok(res)
+}
+
+/// Bearer API keys on `/v1/*` when keys are configured; `/health` and `/metrics` stay public.
+pub async fn auth(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<BoxBody>, Error> {
+    let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    };
+    let protected = req.path().starts_with("/v1/") || req.path() == "/v1";
+    if state.keys.is_empty() || !protected || req.method() == Method::OPTIONS {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim().to_string());
+    match presented {
+        Some(key) if state.keys.matches(&key) => next.call(req).await.map(ServiceResponse::map_into_boxed_body),
+        _ => Ok(req.into_response(ApiError::unauthorized().error_response())),
+    }
+}
