@@ -20,6 +20,8 @@ pub enum Kernels {
 
 /// RMSNorm over the last dimension, normalised in f32 (f64 for f64 inputs).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor> {
+    // candle has no fused f64 kernel; f64 runs are reference computations anyway.
+    let kernels = if x.dtype() == DType::F64 { Kernels::Differentiable } else { kernels };
     match kernels {
         Kernels::Fused => {
             let weight = weight.to_dtype(x.dtype())?;
