@@ -112,3 +112,58 @@ impl TokenTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::grammar::Grammar;
+    use std::path::Path;
+
+    /// SmolLM2's tokenizer when the default model is present.
+    fn smollm() -> Option<TextTokenizer> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!("skipping: {} is absent", path.display());
+            return None;
+        }
+        let mut file = std::fs::File::open(&path).ok()?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).ok()?;
+        TextTokenizer::from_gguf_metadata(&content.metadata).ok()
+    }
+
+    #[test]
+    fn masks_follow_the_grammar() {
+        let Some(tokenizer) = smollm() else { return };
+        let vocab = tokenizer.vocab_size();
+        let started = std::time::Instant::now();
+        let table = TokenTable::new(&tokenizer, vocab);
+        let built = started.elapsed();
+        let id = |s: &str| tokenizer.encode(s, false).unwrap()[0];
+        let mut allowed = Vec::new();
+
+        let mut m = Matcher::new(Grammar::json_object());
+        let started = std::time::Instant::now();
+        table.mask(&m, &mut allowed);
+        let structural = started.elapsed();
+        assert!(allowed[id("{") as usize] && !allowed[id("hello") as usize] && !allowed[id("[") as usize]);
+        assert!(!tokenizer.eos_ids.iter().any(|&e| allowed[e as usize]), "EOS before the object is complete");
+
+        assert!(m.feed(b"{\"na"));
+        let started = std::time::Instant::now();
+        table.mask(&m, &mut allowed);
+        let in_string = started.elapsed();
+        let count = allowed.iter().filter(|&&a| a).count();
+        assert!(count > vocab / 2, "most tokens fit inside a string ({count})");
+        assert!(allowed[id("me") as usize] && allowed[id("\":") as usize]);
+
+        assert!(m.feed(b"me\": 1}"));
+        table.mask(&m, &mut allowed);
+        let only: Vec<usize> = (0..vocab).filter(|&i| allowed[i]).collect();
+        let mut eos: Vec<usize> = tokenizer.eos_ids.iter().map(|&e| e as usize).collect();
+        eos.sort();
+        assert_eq!(only, eos, "only EOS after the object");
+        // Generous bounds: these run before every constrained sampling step.
+        eprintln!("table {built:?}, structural mask {structural:?}, in-string mask {in_string:?}");
+        assert!(structural.as_millis() < 200 && in_string.as_millis() < 200);
+    }
+}
