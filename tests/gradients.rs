@@ -9,16 +9,16 @@ use rewind::model::loader::{self, LoadOptions};
 use rewind::model::reversible::{ReversibleConfig, Seeding};
 use rewind::train::backward::{loss_and_grads, Batch, StepGrads, Strategy};
 use rewind::train::exact::FixedPoint;
-use rewind::train::loss::Targets;
+use rewind::train::loss::{Objective, Targets};
 use rewind::train::trainable::Trainable;
 
-fn batch(device: &Device) -> Batch {
+fn batch(device: &Device) -> Batch<'static> {
     // "<|im_start|>user\nWhat is the capital of France?" (ids from the reference tokenizer)
     let ids: Vec<u32> = vec![1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
     let inputs = Tensor::new(&ids[..ids.len() - 1], device).unwrap().unsqueeze(0).unwrap();
     let targets = Tensor::new(&ids[1..], device).unwrap();
     let weights = Tensor::new(&[0f32, 0., 1., 1., 1., 1., 1., 1., 1.], device).unwrap();
-    Batch { inputs, targets: Targets { ids: targets, weights } }
+    Batch { inputs, targets: Targets { ids: targets, weights }, objective: Objective::NextToken }
 }
 
 fn trainable(scheme: &ReversibleConfig, dtype: DType) -> Trainable {

@@ -71,26 +71,8 @@ fn exact_mode_inverts_bit_for_bit() {
         let x = input(&model);
         let layout = || Layout::Uniform { batch: 1, seq: 12 };
         let fwd = exact::forward(&model, &fp, &x, &mut layout(), true).unwrap();
-        // Walk down with the exact inverse and compare each rebuilt pair with the stored one.
-        let ctx = model.ctx();
-        let mut s = fwd.top.clone();
-        for j in (0..model.layers.len()).rev() {
-            let block = &model.layers[j];
-            s = match model.reversible.two_step(j) {
-                Some(step) => {
-                    let rule = exact::ExactRule::for_step(&step).unwrap();
-                    let f = block.f(&fp.view(&s.other, DType::F32).unwrap(), &mut layout(), &ctx).unwrap();
-                    let prev = fp.two_step_inverse(rule, step.c, &s.other, &s.last, &f, fwd.bits[j].as_ref()).unwrap();
-                    States { other: prev, last: s.other.clone() }
-                }
-                None => {
-                    let m = block.mlp_branch(&fp.view(&s.other, DType::F32).unwrap(), &ctx).unwrap();
-                    let p = fp.hamiltonian_undo_mlp(model.reversible.h, &s.last, &m).unwrap();
-                    let a = block.attention_branch(&fp.view(&p, DType::F32).unwrap(), &mut layout(), &ctx).unwrap();
-                    States { other: fp.hamiltonian_undo_attn(model.reversible.h, &s.other, &a).unwrap(), last: p }
-                }
-            };
-            let (want, got) = (&fwd.stored[j], &s);
+        let rebuilt = exact::rebuild_all(&model, &fp, &fwd, &mut layout()).unwrap();
+        for (j, (got, want)) in rebuilt.iter().zip(&fwd.stored).enumerate() {
             assert_eq!(got.other.to_vec2::<f64>().unwrap(), want.other.to_vec2::<f64>().unwrap(), "{spec} layer {j}");
             assert_eq!(got.last.to_vec2::<f64>().unwrap(), want.last.to_vec2::<f64>().unwrap(), "{spec} layer {j}");
         }

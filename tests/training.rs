@@ -68,17 +68,17 @@ fn reversible_fine_tuning_learns_a_fact() {
     let config = TrainConfig {
         strategy: Strategy::Reversible,
         exact: Some(FixedPoint::default()),
-        epochs: 3,
+        epochs: 2,
         batch_size: 4,
         optimizer: AdamWConfig { lr: 3e-4, ..Default::default() },
         ..Default::default()
     };
     let model = loaded.model.clone();
     let t = rewind::train::trainable::Trainable::new(model.clone(), |_| true).unwrap();
-    let initial = trainer::evaluate(&t, &validation, &config, pad).unwrap();
+    let initial = trainer::evaluate(&t, &validation, &config, pad, None).unwrap();
     drop(t);
     let mut record = Record::default();
-    let outcome = trainer::train(model, &train, &validation, pad, &config, &mut record).unwrap();
+    let outcome = trainer::train(model, &train, &validation, pad, &config, None, &mut record).unwrap();
     println!("validation loss {initial:.3} -> {:?}; training losses {:?}", record.validation, record.losses);
     assert!(outcome.validation_loss.unwrap() < initial * 0.5);
     loaded.model = outcome.model;
@@ -133,15 +133,15 @@ fn resumed_run_continues_the_same_loss_curve() {
         ..Default::default()
     };
     let mut full = Record::default();
-    trainer::train(tiny_model(), &examples, &[], 0, &config(None), &mut full).unwrap();
+    trainer::train(tiny_model(), &examples, &[], 0, &config(None), None, &mut full).unwrap();
     assert_eq!(full.losses.len(), 6);
 
     let ckpt = dir.path().join("run.checkpoint");
     let mut first = Record { stop_after: Some(3), ..Default::default() };
-    let outcome = trainer::train(tiny_model(), &examples, &[], 0, &config(Some(ckpt.clone())), &mut first).unwrap();
+    let outcome = trainer::train(tiny_model(), &examples, &[], 0, &config(Some(ckpt.clone())), None, &mut first).unwrap();
     assert!(outcome.cancelled);
     let mut second = Record::default();
-    trainer::train(tiny_model(), &examples, &[], 0, &config(Some(ckpt)), &mut second).unwrap();
+    trainer::train(tiny_model(), &examples, &[], 0, &config(Some(ckpt)), None, &mut second).unwrap();
     let resumed: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
     assert_eq!(resumed, full.losses, "resumed curve must equal the uninterrupted one");
 }
@@ -160,7 +160,7 @@ fn non_finite_loss_stops_the_run() {
         warmup_ratio: 0.0,
         ..Default::default()
     };
-    let err = trainer::train(tiny_model(), &synthetic_examples(), &[], 0, &config, &mut Record::default()).err().expect("diverges");
+    let err = trainer::train(tiny_model(), &synthetic_examples(), &[], 0, &config, None, &mut Record::default()).err().expect("diverges");
     let msg = format!("{err:#}");
     assert!(msg.contains("loss became") || msg.contains("gradient norm is"), "{msg}");
     assert!(dir.path().join("ckpt").join("state.json").exists(), "the last good checkpoint is kept");

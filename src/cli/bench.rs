@@ -9,7 +9,7 @@ use crate::model::loader::{self, random::RandomSource, WeightFormat};
 use crate::model::reversible::ReversibleConfig;
 use crate::train::backward::{loss_and_grads, Batch, Strategy};
 use crate::train::exact::{self, FixedPoint};
-use crate::train::loss::Targets;
+use crate::train::loss::{Objective, Targets};
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -126,12 +126,13 @@ fn synthetic_config(args: &TrainBenchArgs, layers: usize) -> ModelConfig {
     }
 }
 
-fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Result<Batch> {
+fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Result<Batch<'static>> {
     let ids: Vec<u32> = (0..batch * (seq + 1)).map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32).collect();
     let all = Tensor::from_vec(ids, (batch, seq + 1), device)?;
     Ok(Batch {
         inputs: all.narrow(1, 0, seq)?.contiguous()?,
         targets: Targets { ids: all.narrow(1, 1, seq)?.flatten_all()?, weights: Tensor::ones(batch * seq, candle_core::DType::F32, device)? },
+        objective: Objective::NextToken,
     })
 }
 

@@ -1,6 +1,7 @@
 //! Command implementations behind `main.rs`; each file is one command family.
 
 pub mod bench;
+pub mod convert;
 pub mod generate;
 pub mod pull;
 pub mod serve;

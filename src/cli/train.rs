@@ -146,7 +146,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let outcome = trainer::train(model, &train_set, &val_set, pad, &config, &mut Progress { bar: bar.clone() })?;
+    let outcome = trainer::train(model, &train_set, &val_set, pad, &config, None, &mut Progress { bar: bar.clone() })?;
     bar.finish();
     save_model(&outcome.model, &loaded.tokenizer, &loaded.chat_template, &args.output, DType::F32)?;
     if let Some(dir) = &config.checkpoint_dir {

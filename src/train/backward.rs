@@ -16,7 +16,7 @@ use crate::model::block::Layout;
 use crate::model::decoder::States;
 use crate::train::exact::{self, ExactRule, FixedPoint};
 use crate::train::grads::{grad_or_zeros, Grads};
-use crate::train::loss::{chunked_cross_entropy, Targets};
+use crate::train::loss::{chunked_head_loss, Objective, Targets};
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
@@ -30,10 +30,11 @@ pub enum Strategy {
 }
 
 /// A batch of `batch` sequences of `seq` tokens.
-pub struct Batch {
+pub struct Batch<'a> {
     /// Input ids, (B, T) u32.
     pub inputs: Tensor,
     pub targets: Targets,
+    pub objective: Objective<'a>,
 }
 
 /// Result of one forward + backward.
@@ -118,7 +119,7 @@ pub fn loss_and_grads(t: &Trainable, batch: &Batch, strategy: Strategy, normaliz
     // Read-out and chunked head: cotangents of the top pair.
     let (other, last) = (Var::from_tensor(&top.other)?, Var::from_tensor(&top.last)?);
     let hidden = t.graph.read_out(&States { other: other.as_tensor().clone(), last: last.as_tensor().clone() })?;
-    let head = chunked_cross_entropy(&t.graph, &t.vars, &hidden.detach(), &batch.targets, normalizer, HEAD_CHUNK_ROWS, &mut grads)?;
+    let head = chunked_head_loss(&t.graph, &t.vars, &hidden.detach(), &batch.targets, &batch.objective, normalizer, HEAD_CHUNK_ROWS, &mut grads)?;
     let store = dot(&hidden, &head.grad_hidden)?.backward()?;
     let mut g = Adjoint { other: grad_or_zeros(&store, other.as_tensor())?, last: grad_or_zeros(&store, last.as_tensor())? };
 
@@ -169,7 +170,7 @@ fn exact_loss_and_grads(t: &Trainable, batch: &Batch, rebuild: bool, normalizer:
 
     let (other, last) = (Var::from_tensor(&fp.view(&fwd.top.other, dtype)?)?, Var::from_tensor(&fp.view(&fwd.top.last, dtype)?)?);
     let hidden = t.graph.read_out(&States { other: other.as_tensor().clone(), last: last.as_tensor().clone() })?;
-    let head = chunked_cross_entropy(&t.graph, &t.vars, &hidden.detach(), &batch.targets, normalizer, HEAD_CHUNK_ROWS, &mut grads)?;
+    let head = chunked_head_loss(&t.graph, &t.vars, &hidden.detach(), &batch.targets, &batch.objective, normalizer, HEAD_CHUNK_ROWS, &mut grads)?;
     let store = dot(&hidden, &head.grad_hidden)?.backward()?;
     let mut g = Adjoint { other: grad_or_zeros(&store, other.as_tensor())?, last: grad_or_zeros(&store, last.as_tensor())? };
     let mut s = fwd.top;

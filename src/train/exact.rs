@@ -214,6 +214,33 @@ pub fn forward(model: &Model, fp: &FixedPoint, e: &Tensor, layout: &mut Layout<'
     Ok(ExactForward { top: s, bits, stored })
 }
 
+/// Rebuilds every layer's input pair from the top of `fwd` with the fixed-point inverse
+/// (index j holds the pair layer j consumed, like `fwd.stored`).
+pub fn rebuild_all(model: &Model, fp: &FixedPoint, fwd: &ExactForward, layout: &mut Layout<'_>) -> Result<Vec<States>> {
+    let dtype = model.residual_dtype;
+    let ctx = model.ctx();
+    let mut s = fwd.top.clone();
+    let mut out = vec![s.clone(); model.layers.len()];
+    for j in (0..model.layers.len()).rev() {
+        let block = &model.layers[j];
+        s = match model.reversible.two_step(j) {
+            Some(step) => {
+                let f = block.f(&fp.view(&s.other, dtype)?, layout, &ctx)?;
+                let prev = fp.two_step_inverse(ExactRule::for_step(&step)?, step.c, &s.other, &s.last, &f, fwd.bits[j].as_ref())?;
+                States { other: prev, last: s.other.clone() }
+            }
+            None => {
+                let h = model.reversible.h;
+                let p = fp.hamiltonian_undo_mlp(h, &s.last, &block.mlp_branch(&fp.view(&s.other, dtype)?, &ctx)?)?;
+                let q = fp.hamiltonian_undo_attn(h, &s.other, &block.attention_branch(&fp.view(&p, dtype)?, layout, &ctx)?)?;
+                States { other: q, last: p }
+            }
+        };
+        out[j] = s.clone();
+    }
+    Ok(out)
+}
+
 /// Why `model` cannot run in exact mode, or None when it can.
 pub fn unsupported_reason(model: &Model) -> Option<String> {
     if !model.reversible.is_reversible() {

@@ -3,14 +3,16 @@
 //! reported to an observer (the CLI's progress bar, or a job's event log).
 
 use crate::model::decoder::Model;
-use crate::train::backward::{loss_and_grads, Batch, Strategy};
+use crate::model::block::Layout;
+use crate::train::backward::{loss_and_grads, Batch, Strategy, HEAD_CHUNK_ROWS};
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::data::{length_batches, pad_batch, TokenizedExample};
 use crate::train::grads::Grads;
-use crate::train::loss::Targets;
+use crate::train::loss::{head_loss_sum, Objective, Targets};
 use crate::train::optimizer::{AdamW, AdamWConfig, Schedule};
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Result};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -97,41 +99,57 @@ pub fn peak_memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn batch_of(examples: &[TokenizedExample], indices: &[usize], pad_id: u32, device: &candle_core::Device) -> Result<(Batch, usize, usize)> {
-    let refs: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
-    let p = pad_batch(&refs, pad_id, device)?;
-    Ok((Batch { inputs: p.inputs, targets: Targets { ids: p.targets, weights: p.weights } }, p.trained_tokens, p.tokens))
+/// The read-out hidden states of `model` for (B, T) inputs, (B*T, d), without a graph.
+pub fn hidden_states(model: &Model, inputs: &Tensor) -> Result<Tensor> {
+    let (b, s) = inputs.dims2()?;
+    let e = model.embed(&inputs.flatten_all()?)?;
+    let top = model.run_stack(&e, &mut Layout::Uniform { batch: b, seq: s })?;
+    Ok(model.read_out(&top)?)
 }
 
-/// Mean loss per trained token over `examples` (no update).
-pub fn evaluate(t: &Trainable, examples: &[TokenizedExample], config: &TrainConfig, pad_id: u32) -> Result<f64> {
+/// A padded batch of `indices`, with the objective (distillation from `teacher`, when given).
+fn batch_of<'a>(
+    examples: &[TokenizedExample],
+    indices: &[usize],
+    pad_id: u32,
+    device: &candle_core::Device,
+    teacher: Option<&'a Model>,
+) -> Result<(Batch<'a>, usize, usize)> {
+    let refs: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
+    let p = pad_batch(&refs, pad_id, device)?;
+    let objective = match teacher {
+        Some(teacher) => Objective::Distill { teacher, teacher_hidden: hidden_states(teacher, &p.inputs)? },
+        None => Objective::NextToken,
+    };
+    Ok((Batch { inputs: p.inputs, targets: Targets { ids: p.targets, weights: p.weights }, objective }, p.trained_tokens, p.tokens))
+}
+
+/// Mean loss per trained token over `examples` (no update): cross-entropy, or KL to `teacher`.
+pub fn evaluate(t: &Trainable, examples: &[TokenizedExample], config: &TrainConfig, pad_id: u32, teacher: Option<&Model>) -> Result<f64> {
     let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     let (mut total, mut count) = (0.0, 0usize);
     for indices in length_batches(&lengths, config.batch_size, 0) {
-        let (batch, trained, _) = batch_of(examples, &indices, pad_id, &t.frozen.device)?;
+        let (batch, trained, _) = batch_of(examples, &indices, pad_id, &t.frozen.device, teacher)?;
         if trained == 0 {
             continue;
         }
-        let model = &t.frozen;
-        let (b, s) = batch.inputs.dims2()?;
-        let e = model.embed(&batch.inputs.flatten_all()?)?;
-        let top = model.run_stack(&e, &mut crate::model::block::Layout::Uniform { batch: b, seq: s })?;
-        let hidden = model.read_out(&top)?;
-        let losses = crate::train::loss::cross_entropy_rows(&model.logits(&hidden)?, &batch.targets.ids)?;
-        let w = batch.targets.weights.to_dtype(losses.dtype())?;
-        total += (losses * w)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let hidden = hidden_states(&t.frozen, &batch.inputs)?;
+        total += head_loss_sum(&t.frozen, &hidden, &batch.targets, &batch.objective, HEAD_CHUNK_ROWS)?;
         count += trained;
     }
     Ok(if count == 0 { f64::NAN } else { total / count as f64 })
 }
 
-/// Trains `model` on `train`, validating on `validation` after each epoch.
+/// Trains `model` on `train`, validating on `validation` after each epoch. With a `teacher`,
+/// the objective is distillation (KL(teacher || model) per token) instead of cross-entropy.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     model: Model,
     train: &[TokenizedExample],
     validation: &[TokenizedExample],
     pad_id: u32,
     config: &TrainConfig,
+    teacher: Option<&Model>,
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome> {
     if train.is_empty() {
@@ -177,7 +195,7 @@ pub fn train(
             }
             let started = Instant::now();
             let group = groups[state.batch_in_epoch];
-            let parts: Vec<(Batch, usize, usize)> = group.iter().map(|ix| batch_of(train, ix, pad_id, &device)).collect::<Result<_>>()?;
+            let parts: Vec<(Batch, usize, usize)> = group.iter().map(|ix| batch_of(train, ix, pad_id, &device, teacher)).collect::<Result<_>>()?;
             let trained: usize = parts.iter().map(|p| p.1).sum();
             let tokens: usize = parts.iter().map(|p| p.2).sum();
             let mut grads = Grads::new(t.vars.len());
@@ -216,7 +234,7 @@ pub fn train(
             }
         }
         if !validation.is_empty() {
-            let v = evaluate(&t, validation, config, pad_id)?;
+            let v = evaluate(&t, validation, config, pad_id, teacher)?;
             observer.on_validation(state.epoch, state.step, v);
             validation_loss = Some(v);
         }

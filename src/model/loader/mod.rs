@@ -1,6 +1,7 @@
 //! Loading models: GGUF files, Hugging Face directories, and rewind's own saved directories
 //! (HF layout whose `config.json` also records the reversible settings).
 
+pub mod delta;
 pub mod gguf;
 pub mod random;
 pub mod safetensors;
@@ -158,7 +159,9 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     if !path.exists() {
         bail!("model `{}` not found: give a .gguf file or a model directory", path.display());
     }
-    if path.is_dir() {
+    if delta::is_delta(path) {
+        delta::load_delta(path, options)
+    } else if path.is_dir() {
         load_dir(path, options)
     } else {
         load_gguf(path, options)

@@ -1,0 +1,157 @@
+//! `rewind convert` and `rewind eval`.
+
+use crate::cli::ModelArgs;
+use crate::convert::eval::{self, EvalReport};
+use crate::convert::{self, ConvertConfig, TrainedWeights};
+use crate::model::loader::LoadedModel;
+use crate::train::data::{self, TokenizedExample};
+use crate::train::trainer::{Observer, StepMetrics};
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+/// Held-out chat text (a slice of the MIT-licensed chitchat dataset never used for training).
+const HELDOUT: &str = include_str!("../../tests/fixtures/chitchat_heldout.jsonl");
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The model to compare against (default: the original default model).
+    #[arg(long)]
+    pub reference: Option<String>,
+    /// Held-out chat JSONL (default: rewind's held-out chitchat slice).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Tokens of each greedy answer (0: skip the answers).
+    #[arg(long, default_value_t = 48)]
+    pub answer_tokens: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn tokenize_all(loaded: &LoadedModel, examples: &[data::Example], max_len: usize) -> Result<Vec<TokenizedExample>> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| data::fit_length(data::tokenize(e, &loaded.chat_template, &loaded.tokenizer)?, max_len, data::Overflow::Truncate, i))
+        .collect()
+}
+
+fn heldout(path: Option<&Path>) -> Result<Vec<data::Example>> {
+    match path {
+        Some(p) => data::read_jsonl(p),
+        None => data::parse_jsonl(HELDOUT).map_err(|e| anyhow::anyhow!("built-in held-out data: {e:?}")),
+    }
+}
+
+pub fn print_report(report: &EvalReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    println!("model      {} ({})", report.model, report.scheme);
+    println!("reference  {}", report.reference);
+    println!("tokens     {}", report.tokens);
+    println!("KL(reference || model)  {:.4} nats/token", report.kl);
+    println!("CE model / reference    {:.4} / {:.4}", report.ce, report.ce_reference);
+    println!("top-1 agreement         {:.1}%", 100.0 * report.top1_agreement);
+    if let Some(e) = report.reconstruction_error {
+        println!("float inverse error     {e:.2e} (max relative, all layers down)");
+    }
+    if let (Some(ok), Some(bits)) = (report.exact_rebuild_bit_exact, report.exact_bits_per_element_per_layer) {
+        println!("exact-mode rebuild      {} ({bits} kept bits per element per layer)", if ok { "bit-exact" } else { "NOT bit-exact" });
+    }
+    for a in &report.answers {
+        println!("\n> {}\n  model:     {}\n  reference: {}", a.prompt, a.model.replace('\n', " "), a.reference.replace('\n', " "));
+    }
+    Ok(())
+}
+
+pub fn run_eval(args: EvalArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let reference = ModelArgs { model: Some(args.reference.clone().unwrap_or_else(|| crate::provision::BASE_MODEL.into())), scheme: None, ..args.model.clone() }.load()?;
+    let examples = tokenize_all(&reference, &heldout(args.data.as_deref())?, 1024)?;
+    let report = eval::compare(&model, &reference, &examples, args.answer_tokens)?;
+    print_report(&report, args.json)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// The pretrained model to convert (default: the original default model).
+    #[arg(long = "from")]
+    pub from: Option<String>,
+    /// The blend exponents k of the stages, a = -2^-k in order (0 means a = -1).
+    #[arg(long, value_delimiter = ',', default_value = "3")]
+    pub stages: Vec<u32>,
+    /// Distillation tokens per stage.
+    #[arg(long, default_value_t = 20_000)]
+    pub tokens: usize,
+    /// Chat JSONL to distil on (default: the chitchat dataset, fetched from PyPI).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "norms")]
+    pub weights: TrainedWeights,
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output: a delta directory (trained weights + scheme) over the base model file.
+    #[arg(long, default_value = "models/converted.delta")]
+    pub output: PathBuf,
+}
+
+struct Progress(ProgressBar);
+
+impl Observer for Progress {
+    fn on_step(&mut self, m: &StepMetrics) {
+        self.0.set_length(m.total_steps as u64);
+        self.0.set_position(m.step as u64);
+        self.0.set_message(format!("KL {:.4}  {:.0} tok/s  mem {:.0} MB", m.loss, m.tokens_per_s, m.peak_memory_bytes as f64 / 1e6));
+    }
+
+    fn on_validation(&mut self, _epoch: usize, _step: usize, loss: f64) {
+        self.0.println(format!("validation KL {loss:.4}"));
+    }
+}
+
+pub fn run_convert(args: ConvertArgs) -> Result<()> {
+    let base_args = ModelArgs { model: args.from.clone(), format: Default::default(), scheme: None, cuda: false };
+    let base_path = crate::provision::resolve(args.from.as_deref().or(Some(crate::provision::BASE_MODEL)))?;
+    let teacher = base_args.load()?;
+    let train_examples = match &args.data {
+        Some(path) => data::read_jsonl(path)?,
+        None => crate::provision::chitchat_examples()?,
+    };
+    let train = tokenize_all(&teacher, &train_examples, args.seq_len)?;
+    let validation = tokenize_all(&teacher, &heldout(None)?, args.seq_len)?;
+    let config = ConvertConfig {
+        stages: args.stages.clone(),
+        tokens_per_stage: args.tokens,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        weights: args.weights,
+        seed: args.seed,
+    };
+    let bar = ProgressBar::new(1);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let pad = teacher.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let work = convert::work_dir(&args.output);
+    let mut student = convert::convert(&teacher.model, &train, &validation, pad, &config, &work, &mut Progress(bar.clone()), |k, m| {
+        let (kl, _, _, top1, _) = eval::distribution_stats(m, &teacher.model, &validation)?;
+        bar.println(format!("stage a = -2^-{k}: held-out KL {kl:.4}, top-1 agreement {:.1}%", 100.0 * top1));
+        Ok(())
+    })?;
+    bar.finish();
+    crate::model::loader::delta::save(&mut student, &base_path, args.weights == TrainedWeights::Norms, &args.output)?;
+    let converted = crate::model::loader::load(&args.output, &Default::default())?;
+    let report = eval::compare(&converted, &teacher, &validation, 48)?;
+    std::fs::write(args.output.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    print_report(&report, false)?;
+    println!("\nconverted model written to {}", args.output.display());
+    Ok(())
+}
