@@ -242,7 +242,7 @@ fn chat_completion_shape() {
     assert!(choice["logprobs"].is_null());
     let u = &r["usage"];
     let (p, c, t) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap(), u["total_tokens"].as_u64().unwrap());
-    assert!(p > 0 && c >= 1 && c <= 5 && t == p + c, "{u}");
+    assert!(p > 0 && (1..=5).contains(&c) && t == p + c, "{u}");
     assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
 }
 
@@ -327,27 +327,32 @@ fn n_two_gives_two_choices() {
 #[test]
 fn stop_strings_across_token_boundaries_are_excluded() {
     let app = tiny();
-    let body = json!({"model": TINY, "messages": user("Go"), "max_tokens": 40, "temperature": 0, "logprobs": true});
-    let r = chat(app, body.clone());
-    let text = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
-    let tokens: Vec<String> =
-        r["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap().to_string()).collect();
-    // A stop string made of the end of one token and the start of the next.
+    // A stop string made of the end of one token and the start of the next, from the greedy
+    // output of the first prompt that has two adjacent plain-ASCII tokens.
     let ascii = |s: &str| s.len() >= 2 && s.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
-    let mut offset = 0;
-    let mut stop = None;
-    for pair in tokens.windows(2) {
-        if ascii(&pair[0]) && ascii(&pair[1]) {
-            let candidate = format!("{}{}", &pair[0][pair[0].len() - 1..], &pair[1][..1]);
-            let at = offset + pair[0].len() - 1;
-            if text.find(&candidate) == Some(at) {
-                stop = Some((candidate, at));
-                break;
+    let find_boundary = |prompt: &str| {
+        let body = json!({"model": TINY, "messages": user(prompt), "max_tokens": 40, "temperature": 0, "logprobs": true});
+        let r = chat(app, body.clone());
+        let text = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        let tokens: Vec<String> =
+            r["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap().to_string()).collect();
+        let mut offset = 0;
+        for pair in tokens.windows(2) {
+            if ascii(&pair[0]) && ascii(&pair[1]) {
+                let candidate = format!("{}{}", &pair[0][pair[0].len() - 1..], &pair[1][..1]);
+                let at = offset + pair[0].len() - 1;
+                if text.find(&candidate) == Some(at) {
+                    return Some((body, text, candidate, at));
+                }
             }
+            offset += pair[0].len();
         }
-        offset += pair[0].len();
-    }
-    let (stop, at) = stop.unwrap_or_else(|| panic!("no usable token boundary in {tokens:?}"));
+        None
+    };
+    let (body, text, stop, at) = ["Go", "Tell me a story", "Hello there", "Count to ten", "Why?"]
+        .iter()
+        .find_map(|p| find_boundary(p))
+        .expect("no greedy output with two adjacent ASCII tokens");
     let mut body = body;
     body["stop"] = json!([stop]);
     let r = chat(app, body.clone());
@@ -462,7 +467,7 @@ fn tools_reach_a_template_that_supports_them() {
 #[test]
 fn concurrent_streams_are_batched_and_all_correct() {
     let app = tiny();
-    let body = json!({"model": TINY, "messages": user("Batch me"), "max_tokens": 16, "temperature": 0, "stream": true});
+    let body = json!({"model": TINY, "messages": user("Batch me"), "max_tokens": 48, "temperature": 0, "stream": true});
     let reference = {
         let mut b = body.clone();
         b["stream"] = json!(false);
@@ -485,7 +490,8 @@ fn concurrent_streams_are_batched_and_all_correct() {
     // Many sequences shared each forward step (other tests may add a few steps meanwhile).
     let steps = metric(app, "rewind_decode_steps_total") - steps_before;
     let tokens = metric(app, "rewind_generated_tokens_total") - tokens_before;
-    assert!(tokens >= 32.0 * 16.0 && steps < tokens / 4.0, "{steps} steps for {tokens} tokens");
+    eprintln!("{steps} steps for {tokens} tokens");
+    assert!(tokens >= 32.0 * 48.0 && steps < tokens / 3.0, "{steps} steps for {tokens} tokens");
 }
 
 #[test]
@@ -588,6 +594,18 @@ fn overload_gets_429_then_dropped_clients_free_their_slots() {
     let r = chat(&app, json!({"model": TINY, "messages": user("again"), "max_tokens": 3}));
     assert!(r["choices"][0]["finish_reason"].is_string());
     assert!(metric(&app, "rewind_requests_total{endpoint=\"/v1/chat/completions\",status=\"429\"}") >= 1.0);
+
+    // A non-streaming client that gives up is cancelled too.
+    let cancelled = metric(&app, "rewind_cancelled_requests_total");
+    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let mut long = long;
+    long["stream"] = json!(false);
+    assert!(impatient.post(app.url("/v1/chat/completions")).json(&long).send().is_err());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&app, "rewind_cancelled_requests_total") < cancelled + 1.0 || metric(&app, "rewind_running_sequences") > 0.0 {
+        assert!(Instant::now() < deadline, "the abandoned request kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -641,4 +659,19 @@ fn default_model_template_has_no_tools() {
     // tool_choice "none" means no tools are offered: accepted.
     let body = json!({"model": SMOL, "messages": user("x"), "tools": tools, "tool_choice": "none", "max_tokens": 1});
     assert_eq!(post(app, "/v1/chat/completions", &body).0, 200);
+}
+
+#[test]
+fn requests_that_could_never_run_are_rejected_before_queueing() {
+    // The tiny model's KV cache costs 512 bytes a position: 1 MiB holds 2048.
+    let app = spawn_app(&[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)], |s| {
+        s.limits.max_batch = 2;
+        s.limits.kv_cache_mb = 1;
+    });
+    let (status, value) = post(&app, "/v1/chat/completions", &json!({"model": TINY, "messages": user("x"), "n": 3, "max_tokens": 2}));
+    assert_eq!((status, error_of(&value).1), (400, Some("n")), "{value}");
+    let (status, value) = post(&app, "/v1/chat/completions", &json!({"model": TINY, "messages": user("x"), "max_tokens": 3000}));
+    assert_eq!((status, error_of(&value).1), (400, Some("max_tokens")), "{value}");
+    let r = chat(&app, json!({"model": TINY, "messages": user("x"), "n": 2, "max_tokens": 500}));
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2);
 }

@@ -160,7 +160,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
             logprobs: job.logprobs,
             prompt_tokens: job.prompt_tokens,
             completion_tokens: 0,
-            echo: (0..choices).map(|c| echo_of(c)).collect(),
+            echo: (0..choices).map(&echo_of).collect(),
             offsets: vec![0; choices],
         };
         return Ok(stream::sse_response(events, format));

@@ -4,6 +4,7 @@
 //! RateLimitError, ...).
 
 use crate::api::validation::ValidationError;
+use crate::engine::scheduler::Unschedulable;
 use crate::engine::SubmitError;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -124,8 +125,12 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::QueueFull(_) => Self::overloaded(e.to_string()),
-            SubmitError::Unschedulable(message) => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message).param("max_tokens").code("invalid_value")
+            SubmitError::Unschedulable(reason) => {
+                let param = match reason {
+                    Unschedulable::TooManySequences { .. } => "n",
+                    Unschedulable::KvBudget { .. } => "max_tokens",
+                };
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()).param(param).code("invalid_value")
             }
             SubmitError::Stopped => Self::unavailable(e.to_string()),
         }

@@ -24,7 +24,13 @@ pub async fn track(req: ServiceRequest, next: Next<impl MessageBody + 'static>) 
     if let Some(state) = state {
         state.engine.metrics().record_request(&endpoint, status.as_u16());
     }
-    tracing::info!(%method, endpoint, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    let ms = started.elapsed().as_millis() as u64;
+    // Health checks and scrapes arrive every few seconds: keep them out of the default log.
+    if endpoint == "/health" || endpoint == "/metrics" {
+        tracing::debug!(%method, endpoint, status = status.as_u16(), ms, "request");
+    } else {
+        tracing::info!(%method, endpoint, status = status.as_u16(), ms, "request");
+    }
     result.map(ServiceResponse::map_into_boxed_body)
 }
 

@@ -302,6 +302,8 @@ mod tests {
         assert_eq!(parse_body::<Probe>(br#"{"n": 1}"#).unwrap_err(), ValidationError::MissingField("model".into()));
         let e = parse_body::<Probe>(br#"{"model": "m", "temperature": "hot", "foo": 1}"#).unwrap_err();
         assert_eq!(e.param().as_deref(), Some("temperature"), "{e}");
+        let e = parse_body::<Probe>(br#"{"model": 5, "n": 1}"#).unwrap_err();
+        assert_eq!((e.param().as_deref(), e.code()), (Some("model"), "invalid_type"), "{e}");
         // Unknown fields are ignored.
         let p = parse_body::<Probe>(br#"{"model": "m", "store": true, "metadata": {"a": "b"}}"#).unwrap();
         assert!(p.sampling.temperature.is_none());

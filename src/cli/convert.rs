@@ -5,9 +5,8 @@ use crate::convert::eval::{self, EvalReport};
 use crate::convert::{self, ConvertConfig, TrainedWeights};
 use crate::model::loader::LoadedModel;
 use crate::train::data::{self, TokenizedExample};
-use crate::train::trainer::{Observer, StepMetrics};
+use crate::cli::progress::StepProgress;
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 /// Held-out chat text (a slice of the MIT-licensed chitchat dataset never used for training).
@@ -105,20 +104,6 @@ pub struct ConvertArgs {
     pub output: PathBuf,
 }
 
-struct Progress(ProgressBar);
-
-impl Observer for Progress {
-    fn on_step(&mut self, m: &StepMetrics) {
-        self.0.set_length(m.total_steps as u64);
-        self.0.set_position(m.step as u64);
-        self.0.set_message(format!("KL {:.4}  {:.0} tok/s  mem {:.0} MB", m.loss, m.tokens_per_s, m.peak_memory_bytes as f64 / 1e6));
-    }
-
-    fn on_validation(&mut self, _epoch: usize, _step: usize, loss: f64) {
-        self.0.println(format!("validation KL {loss:.4}"));
-    }
-}
-
 pub fn run_convert(args: ConvertArgs) -> Result<()> {
     let base_args = ModelArgs { model: args.from.clone(), format: Default::default(), scheme: None, cuda: false };
     let base_path = crate::provision::resolve(args.from.as_deref().or(Some(crate::provision::BASE_MODEL)))?;
@@ -127,7 +112,18 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
         Some(path) => data::read_jsonl(path)?,
         None => crate::provision::chitchat_examples()?,
     };
-    let train = tokenize_all(&teacher, &train_examples, args.seq_len)?;
+    // Tokenise only as many conversations as the stages consume.
+    let budget = args.tokens * args.stages.len();
+    let mut train = Vec::new();
+    let mut tokens = 0;
+    for (i, example) in train_examples.iter().enumerate() {
+        if tokens >= budget {
+            break;
+        }
+        let ex = data::fit_length(data::tokenize(example, &teacher.chat_template, &teacher.tokenizer)?, args.seq_len, data::Overflow::Truncate, i)?;
+        tokens += ex.ids.len();
+        train.push(ex);
+    }
     let validation = tokenize_all(&teacher, &heldout(None)?, args.seq_len)?;
     let config = ConvertConfig {
         stages: args.stages.clone(),
@@ -137,16 +133,16 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
         weights: args.weights,
         seed: args.seed,
     };
-    let bar = ProgressBar::new(1);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let mut progress = StepProgress::new("KL");
     let pad = teacher.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let work = convert::work_dir(&args.output);
-    let mut student = convert::convert(&teacher.model, &train, &validation, pad, &config, &work, &mut Progress(bar.clone()), |k, m| {
+    let mut student = convert::convert(&teacher.model, &train, &validation, pad, &config, &work, &mut progress, |k, m| {
         let (kl, _, _, top1, _) = eval::distribution_stats(m, &teacher.model, &validation)?;
-        bar.println(format!("stage a = -2^-{k}: held-out KL {kl:.4}, top-1 agreement {:.1}%", 100.0 * top1));
+        let line = format!("stage a = -2^-{k}: held-out KL {kl:.4}, top-1 agreement {:.1}%", 100.0 * top1);
+        tracing::info!("{line}");
         Ok(())
     })?;
-    bar.finish();
+    progress.finish();
     crate::model::loader::delta::save(&mut student, &base_path, args.weights == TrainedWeights::Norms, &args.output)?;
     let converted = crate::model::loader::load(&args.output, &Default::default())?;
     let report = eval::compare(&converted, &teacher, &validation, 48)?;

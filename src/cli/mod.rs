@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod generate;
+pub mod progress;
 pub mod pull;
 pub mod serve;
 pub mod train;

@@ -6,10 +6,10 @@ use crate::train::backward::Strategy;
 use crate::train::data::{self, fit_length, Overflow};
 use crate::train::exact::{self, FixedPoint};
 use crate::train::optimizer::AdamWConfig;
-use crate::train::trainer::{self, Observer, StepMetrics, TrainConfig};
+use crate::train::trainer::{self, TrainConfig};
 use anyhow::{bail, Result};
 use candle_core::DType;
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::cli::progress::StepProgress;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -59,28 +59,6 @@ pub struct TrainArgs {
     /// Output model directory.
     #[arg(long, default_value = "models/finetuned")]
     pub output: PathBuf,
-}
-
-struct Progress {
-    bar: ProgressBar,
-}
-
-impl Observer for Progress {
-    fn on_step(&mut self, m: &StepMetrics) {
-        self.bar.set_length(m.total_steps as u64);
-        self.bar.set_position(m.step as u64);
-        self.bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  {:.0} tok/s  mem {:.0} MB",
-            m.loss,
-            m.lr,
-            m.tokens_per_s,
-            m.peak_memory_bytes as f64 / 1e6
-        ));
-    }
-
-    fn on_validation(&mut self, epoch: usize, _step: usize, loss: f64) {
-        self.bar.println(format!("epoch {}: validation loss {loss:.4}", epoch + 1));
-    }
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -143,11 +121,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         scheme = %model.reversible.label(),
         "training"
     );
-    let bar = ProgressBar::new(1);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let mut progress = StepProgress::new("loss");
     let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let outcome = trainer::train(model, &train_set, &val_set, pad, &config, None, &mut Progress { bar: bar.clone() })?;
-    bar.finish();
+    let outcome = trainer::train(model, &train_set, &val_set, pad, &config, None, &mut progress)?;
+    progress.finish();
     save_model(&outcome.model, &loaded.tokenizer, &loaded.chat_template, &args.output, DType::F32)?;
     if let Some(dir) = &config.checkpoint_dir {
         let _ = std::fs::remove_dir_all(dir);

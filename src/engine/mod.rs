@@ -79,8 +79,8 @@ pub type EventStream = async_mpsc::UnboundedReceiver<Event>;
 pub enum SubmitError {
     #[error("the server is overloaded: {0} requests are already waiting; retry shortly")]
     QueueFull(usize),
-    #[error("{0}")]
-    Unschedulable(String),
+    #[error("{}", describe(*.0))]
+    Unschedulable(Unschedulable),
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -183,7 +183,7 @@ impl Engine {
     /// choice has finished. Dropping the stream cancels the request.
     pub fn submit(&self, request: GenerateRequest) -> std::result::Result<EventStream, SubmitError> {
         let demand = request.demand();
-        Scheduler::<u64>::check(&self.shared.limits.scheduler, &demand).map_err(|e| SubmitError::Unschedulable(describe(e)))?;
+        Scheduler::<u64>::check(&self.shared.limits.scheduler, &demand).map_err(SubmitError::Unschedulable)?;
         let max_queue = self.shared.limits.max_queue;
         let queued = &self.shared.queued;
         if queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < max_queue).then_some(q + 1)).is_err() {
