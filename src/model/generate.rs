@@ -74,12 +74,15 @@ pub struct Sequence {
 
 impl Sequence {
     pub fn new(model: &Model, prompt: Vec<u32>, params: GenerationParams) -> Self {
+        let mut sampler = Sampler::new(&params.sampling);
+        // The repetition penalty counts the prompt too, as HF and vLLM do.
+        sampler.set_prompt(&prompt);
         Self {
             pending: prompt.clone(),
             prompt,
             generated: Vec::new(),
             cache: KvCache::new(&model.config),
-            sampler: Sampler::new(&params.sampling),
+            sampler,
             decoder: StreamDecoder::new(),
             stops: StopStrings::new(params.stop.clone()),
             max_positions: model.rope.max_positions(),
@@ -99,6 +102,8 @@ impl Sequence {
 
     /// Samples the next token from the logits after this sequence's last input token.
     pub fn accept(&mut self, logits: &[f32], tokenizer: &TextTokenizer) -> Result<StepOutput> {
+        // Output layers may be padded past the vocabulary (Qwen2); those ids decode to nothing.
+        let logits = &logits[..logits.len().min(tokenizer.vocab_size())];
         let sampled = self.sampler.sample(logits, &self.generated, self.params.logprobs.unwrap_or(0))?;
         let token = sampled.id;
         self.generated.push(token);

@@ -79,7 +79,7 @@ impl WeightSource for SafetensorsSource {
             .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", self.dir.display()))?;
         let quantizable = t.rank() == 2 && t.dims()[1] % GgmlDType::Q8_0.block_size() == 0;
         if format == WeightFormat::Quantized && quantizable {
-            let q = QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
+            let q = QTensor::quantize_onto(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0, device)?;
             return Ok(Weight::Quantized(Arc::new(q)));
         }
         Ok(Weight::Dense(t.to_dtype(format.dense_dtype())?.to_device(device)?))
