@@ -11,7 +11,11 @@
 //! - [`settings`]: the server's typed configuration (`config.toml`, `REWIND_*`, flags).
 //! - [`engine`]: the device-owning inference thread: continuous batching under a KV memory
 //!   budget, a pure scheduler, the model registry, JSON-constrained decoding, metrics.
-//! - [`api`]: the OpenAI-compatible HTTP server (chat, completions, models, health, metrics).
+//! - [`store`]: the fine-tuning service's SQLite database and file blobs under the data directory.
+//! - [`jobs`]: the fine-tuning job lifecycle: validation, queue, the training runner, events,
+//!   cancellation, resume after a restart, result files.
+//! - [`api`]: the OpenAI-compatible HTTP server (chat, completions, models, files, fine-tuning
+//!   jobs and the legacy fine-tunes API, health, metrics).
 pub mod model;
 pub mod provision;
 pub mod cli;
@@ -19,5 +23,7 @@ pub mod train;
 pub mod memory;
 pub mod settings;
 pub mod engine;
+pub mod store;
+pub mod jobs;
 pub mod api;
 pub mod convert;

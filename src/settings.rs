@@ -17,6 +17,26 @@ pub struct Settings {
     pub limits: Limits,
     /// The models to serve; empty means the default model.
     pub models: Vec<ModelSettings>,
+    pub fine_tuning: FineTuningSettings,
+}
+
+/// The fine-tuning service (`/v1/files`, `/v1/fine_tuning/jobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FineTuningSettings {
+    /// Uploads larger than this get 413 (the upload is held in memory while it is validated).
+    pub max_file_bytes: usize,
+    /// Training examples longer than this many tokens are truncated (a warning event says how
+    /// many were).
+    pub max_seq_len: usize,
+    /// A `metrics` event is recorded every this many optimizer steps (and on the last one).
+    pub metrics_every: usize,
+}
+
+impl Default for FineTuningSettings {
+    fn default() -> Self {
+        Self { max_file_bytes: 64 << 20, max_seq_len: 512, metrics_every: 1 }
+    }
 }
 
 /// Network and security.
@@ -84,7 +104,7 @@ fn default_format() -> WeightFormat {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("data"), server: ServerSettings::default(), limits: Limits::default(), models: Vec::new() }
+        Self { data_dir: PathBuf::from("data"), server: ServerSettings::default(), limits: Limits::default(), models: Vec::new(), fine_tuning: FineTuningSettings::default() }
     }
 }
 

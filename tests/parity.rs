@@ -149,3 +149,21 @@ fn corrupt_and_mismatched_files_are_reported() {
     let err = open(&copy("width", &|c| c["intermediate_size"] = 96.into()));
     assert!(err.contains("mlp.gate_proj.weight` has shape [128, 64], expected [96, 64]"), "{err}");
 }
+
+/// Quantized weights (GGUF blocks kept; Q4_1 re-blocked to Q8_0 for a SIMD kernel) stay close to
+/// the dequantized f32 model: same argmax where the reference margin is clear, small logit error.
+#[test]
+fn quantized_weights_track_f32() {
+    let reference = fixture("smollm2_reference.json");
+    let f32_model = loader::load(&common::default_model(), &LoadOptions::default()).unwrap().model;
+    let q_model = loader::load(&common::default_model(), &LoadOptions { format: WeightFormat::Quantized, ..Default::default() }).unwrap().model;
+    for i in [0, 2] {
+        let ids = ids_of(&reference["prompts"][i]["ids"]);
+        let (a, b) = (logits(&f32_model, &ids), logits(&q_model, &ids));
+        let err = relative(a.iter().flatten().zip(b.iter().flatten()).map(|(&x, &y)| (y as f64, x as f64)));
+        let argmax = |row: &[f32]| row.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+        println!("prompt {i}: quantized vs f32 max relative logit error {err:.2e}");
+        assert!(err < 0.1, "{err}");
+        assert_eq!(argmax(a.last().unwrap()), argmax(b.last().unwrap()));
+    }
+}

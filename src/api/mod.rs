@@ -6,7 +6,10 @@
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod files;
+pub mod fine_tuning;
 pub mod health;
+pub mod legacy_fine_tunes;
 pub mod middleware;
 pub mod models;
 pub mod stream;
@@ -55,6 +58,8 @@ pub struct AppState {
     pub engine: Engine,
     pub settings: Arc<Settings>,
     pub keys: ApiKeys,
+    /// Files, fine-tuning jobs and their runner.
+    pub fine_tuning: Arc<crate::jobs::FineTuning>,
 }
 
 /// Reads a request body, refusing (413) one larger than `limits.max_body_bytes`: up front when
@@ -93,7 +98,22 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/v1/models/{model:.+}")
                 .route(web::get().to(models::retrieve))
                 .route(web::delete().to(models::delete)),
-        );
+        )
+        .service(resource("/v1/files").route(web::get().to(files::list)).route(web::post().to(files::create)))
+        .service(resource("/v1/files/{id}").route(web::get().to(files::retrieve)).route(web::delete().to(files::delete)))
+        .service(resource("/v1/files/{id}/content").route(web::get().to(files::content)))
+        .service(resource("/v1/fine_tuning/jobs").route(web::get().to(fine_tuning::list)).route(web::post().to(fine_tuning::create)))
+        .service(resource("/v1/fine_tuning/jobs/{id}").route(web::get().to(fine_tuning::retrieve)))
+        .service(resource("/v1/fine_tuning/jobs/{id}/cancel").route(web::post().to(fine_tuning::cancel)))
+        .service(resource("/v1/fine_tuning/jobs/{id}/events").route(web::get().to(fine_tuning::events)))
+        .service(resource("/v1/fine_tuning/jobs/{id}/checkpoints").route(web::get().to(fine_tuning::checkpoints)));
+    // The deprecated fine-tunes API, at its `/v1` path and at the bare path older clients used.
+    for prefix in ["/v1/fine-tunes", "/fine_tunes", "/v1/fine_tunes"] {
+        cfg.service(resource(prefix).route(web::get().to(legacy_fine_tunes::list)).route(web::post().to(legacy_fine_tunes::create)))
+            .service(resource(&format!("{prefix}/{{id}}")).route(web::get().to(legacy_fine_tunes::retrieve)))
+            .service(resource(&format!("{prefix}/{{id}}/cancel")).route(web::post().to(legacy_fine_tunes::cancel)))
+            .service(resource(&format!("{prefix}/{{id}}/events")).route(web::get().to(legacy_fine_tunes::events)));
+    }
 }
 
 /// A server running on its own thread.
@@ -136,7 +156,9 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
         n => n,
     };
     let keys = ApiKeys::new(&settings.server.api_keys);
-    let state = web::Data::new(AppState { engine: engine.clone(), settings: Arc::new(settings), keys });
+    let settings = Arc::new(settings);
+    let fine_tuning = crate::jobs::FineTuning::start(settings.clone(), engine.clone())?;
+    let state = web::Data::new(AppState { engine: engine.clone(), settings, keys, fine_tuning });
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new().name("rewind-http".into()).spawn(move || {
         actix_web::rt::System::new().block_on(async move {

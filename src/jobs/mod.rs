@@ -1,0 +1,187 @@
+//! The fine-tuning job lifecycle: creation and file validation, a FIFO queue served by one
+//! runner thread ([`runner`]), events, cancellation, and resuming after a restart.
+//!
+//! Status flow: `validating_files -> queued -> running -> succeeded | failed | cancelled`.
+//! Every change goes through [`FineTuning::update`], which re-reads the record under one lock, so
+//! a cancel from the HTTP side and the runner's progress never overwrite each other.
+//!
+//! Device sharing: the runner trains on its own thread, on the device named by
+//! `server.device`, while the engine thread keeps serving. On CPU both draw on the same cores
+//! (candle's thread pool), so inference slows down while a job trains; on a GPU they share its
+//! memory and queue.
+
+pub mod report;
+pub mod runner;
+
+use crate::engine::{unix_now, Engine};
+use crate::settings::Settings;
+use crate::store::{EventRecord, JobError, JobRecord, Store};
+use crate::train::data::{parse_jsonl, Example};
+use anyhow::{anyhow, Result};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+/// The service shared by the HTTP handlers and the runner.
+pub struct FineTuning {
+    pub store: Arc<Store>,
+    pub engine: Engine,
+    pub settings: Arc<Settings>,
+    queue: Mutex<mpsc::Sender<String>>,
+    /// Cancel flags of queued and running jobs, polled by the trainer between steps.
+    cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Serialises read-modify-write of job records.
+    updates: Mutex<()>,
+}
+
+/// Why a job could not be cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no fine-tuning job `{0}`")]
+    NotFound(String),
+    #[error("the job has already {0}; only validating, queued or running jobs can be cancelled")]
+    Finished(String),
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+impl FineTuning {
+    /// Opens the store, starts the runner and re-queues the jobs an earlier run left unfinished
+    /// (a running one resumes from its last checkpoint).
+    pub fn start(settings: Arc<Settings>, engine: Engine) -> Result<Arc<Self>> {
+        let store = Arc::new(Store::open(&settings.data_dir)?);
+        let (tx, rx) = mpsc::channel();
+        let service = Arc::new(Self {
+            store,
+            engine,
+            settings,
+            queue: Mutex::new(tx),
+            cancels: Mutex::new(HashMap::new()),
+            updates: Mutex::new(()),
+        });
+        let runner = Arc::downgrade(&service);
+        std::thread::Builder::new().name("rewind-fine-tuning".into()).spawn(move || runner::run(runner, rx))?;
+        for job in service.store.unfinished_jobs()? {
+            let note = if job.status == "running" { "Server restarted; resuming from the last checkpoint." } else { "Server restarted; job re-queued." };
+            service.event(&job.id, "info", note, None)?;
+            if job.status == "validating_files" {
+                service.validate_and_queue(&job.id)?;
+            } else {
+                service.enqueue(&job.id);
+            }
+        }
+        Ok(service)
+    }
+
+    /// Records a `message` event, or a `metrics` one when `data` is given.
+    pub fn event(&self, job_id: &str, level: &str, message: &str, data: Option<Value>) -> Result<()> {
+        let kind = if data.is_some() { "metrics" } else { "message" };
+        self.store.insert_event(&EventRecord {
+            id: crate::store::new_id("ftevent-"),
+            job_id: job_id.to_string(),
+            created_at: unix_now(),
+            level: level.into(),
+            message: message.into(),
+            kind: kind.into(),
+            data: data.unwrap_or_else(|| json!({})),
+        })
+    }
+
+    /// Applies `change` to the stored job (unless it is terminal and `change` would not be
+    /// allowed to touch it) and returns the result.
+    pub fn update(&self, id: &str, change: impl FnOnce(&mut JobRecord)) -> Result<JobRecord> {
+        let _guard = self.updates.lock().unwrap_or_else(|e| e.into_inner());
+        let mut job = self.store.job(id)?.ok_or_else(|| anyhow!("no fine-tuning job `{id}`"))?;
+        change(&mut job);
+        job.updated_at = unix_now();
+        self.store.update_job(&job)?;
+        Ok(job)
+    }
+
+    /// Stores a new job (status `validating_files`), validates its files and queues it.
+    pub fn create(&self, job: JobRecord) -> Result<JobRecord> {
+        self.store.insert_job(&job)?;
+        self.event(&job.id, "info", &format!("Created fine-tuning job: {}", job.id), None)?;
+        self.validate_and_queue(&job.id)
+    }
+
+    fn validate_and_queue(&self, id: &str) -> Result<JobRecord> {
+        let job = self.store.job(id)?.ok_or_else(|| anyhow!("no fine-tuning job `{id}`"))?;
+        let mut problem = None;
+        for (param, file) in [("training_file", Some(&job.training_file)), ("validation_file", job.validation_file.as_ref())] {
+            let Some(file) = file else { continue };
+            if let Err(message) = self.load_examples(file) {
+                problem = Some(JobError { code: "invalid_file".into(), message, param: Some(param.into()) });
+                break;
+            }
+        }
+        if let Some(error) = problem {
+            self.event(id, "error", &format!("File validation failed: {}", error.message), None)?;
+            return self.update(id, |j| {
+                j.status = "failed".into();
+                j.finished_at = Some(unix_now());
+                j.error = Some(error);
+            });
+        }
+        self.event(id, "info", "Validated training file", None)?;
+        let job = self.update(id, |j| {
+            if j.status == "validating_files" {
+                j.status = "queued".into();
+            }
+        })?;
+        if job.status == "queued" {
+            self.event(id, "info", "Job enqueued. Waiting for jobs ahead to complete.", None)?;
+            self.enqueue(id);
+        }
+        Ok(job)
+    }
+
+    fn enqueue(&self, id: &str) {
+        self.cancels.lock().unwrap_or_else(|e| e.into_inner()).entry(id.to_string()).or_default();
+        // The runner holds the receiver for the service's whole life.
+        let _ = self.queue.lock().unwrap_or_else(|e| e.into_inner()).send(id.to_string());
+    }
+
+    /// Reads and validates a stored JSONL file; the error names the first bad lines.
+    pub fn load_examples(&self, file_id: &str) -> std::result::Result<Vec<Example>, String> {
+        let bytes = self.store.read_file(file_id).map_err(|e| format!("file `{file_id}` cannot be read: {e:#}"))?;
+        let text = String::from_utf8(bytes).map_err(|_| format!("file `{file_id}` is not UTF-8"))?;
+        parse_jsonl(&text).map_err(|errors| {
+            let shown: Vec<String> = errors.iter().take(3).map(ToString::to_string).collect();
+            format!("file `{file_id}`: {}", shown.join("; "))
+        })
+    }
+
+    pub fn cancel_flag(&self, id: &str) -> Arc<AtomicBool> {
+        self.cancels.lock().unwrap_or_else(|e| e.into_inner()).entry(id.to_string()).or_default().clone()
+    }
+
+    pub fn forget(&self, id: &str) {
+        self.cancels.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+
+    /// Cancels a job that has not finished: it is `cancelled` at once, and a running trainer
+    /// stops at its next step.
+    pub fn cancel(&self, id: &str) -> std::result::Result<JobRecord, CancelError> {
+        let current = self.store.job(id)?.ok_or_else(|| CancelError::NotFound(id.to_string()))?;
+        if current.is_terminal() {
+            return Err(CancelError::Finished(current.status));
+        }
+        self.cancel_flag(id).store(true, Ordering::Relaxed);
+        let mut finished = None;
+        let job = self.update(id, |j| {
+            if j.is_terminal() {
+                finished = Some(j.status.clone());
+            } else {
+                j.status = "cancelled".into();
+                j.finished_at = Some(unix_now());
+            }
+        })?;
+        if let Some(status) = finished {
+            return Err(CancelError::Finished(status));
+        }
+        self.event(id, "info", "Job cancelled.", None)?;
+        Ok(job)
+    }
+}

@@ -1,0 +1,303 @@
+//! The runner thread: takes queued jobs one at a time, trains them with the reversible engine,
+//! saves and registers the model, and attaches the result files.
+//!
+//! A job trains with a checkpoint directory under `<data_dir>/jobs/<id>/checkpoint`, so a job
+//! that was running when the server died resumes from its last checkpoint (the trainer saves one
+//! every 50 steps and at the end of each epoch) and reproduces the same loss curve.
+
+use crate::engine::registry::ModelSpec;
+use crate::engine::unix_now;
+use crate::jobs::{report, FineTuning};
+use crate::model::loader::save::save_model;
+use crate::model::loader::{self, LoadOptions, WeightFormat};
+use crate::model::reversible::ReversibleConfig;
+use crate::store::{CheckpointRecord, FileRecord, JobError, JobRecord};
+use crate::train::backward::Strategy;
+use crate::train::data::{fit_length, tokenize, Example, Overflow, TokenizedExample};
+use crate::train::exact::{self, FixedPoint};
+use crate::train::optimizer::AdamWConfig;
+use crate::train::trainer::{self, Observer, StepMetrics, TrainConfig};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Weak};
+
+/// Learning rate a multiplier of 1 stands for (the `rewind train` default).
+const BASE_LEARNING_RATE: f64 = 1e-4;
+/// LoRA adapters start at zero and train few weights: they take a larger step.
+const BASE_LORA_LEARNING_RATE: f64 = 1e-3;
+const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+pub(crate) fn run(service: Weak<FineTuning>, queue: mpsc::Receiver<String>) {
+    while let Ok(id) = queue.recv() {
+        let Some(service) = service.upgrade() else { return };
+        if let Err(e) = run_one(&service, &id) {
+            let message = format!("{e:#}");
+            tracing::error!(job = %id, "fine-tuning failed: {message}");
+            let _ = service.event(&id, "error", &format!("Fine-tuning failed: {message}"), None);
+            let _ = service.update(&id, |j| {
+                if !j.is_terminal() {
+                    j.status = "failed".into();
+                    j.finished_at = Some(unix_now());
+                    j.error = Some(JobError { code: "training_failed".into(), message, param: None });
+                }
+            });
+        }
+        service.forget(&id);
+    }
+}
+
+/// The cookbook's `n_epochs = "auto"` rule: about 3 epochs, at least ~100 example passes, at most
+/// ~25,000 (see docs: OpenAI fine-tuning data preparation).
+pub fn auto_epochs(examples: usize) -> usize {
+    let n = examples.max(1);
+    if n * 3 < 100 {
+        (100 / n).min(25)
+    } else if n * 3 > 25_000 {
+        (25_000 / n).max(1)
+    } else {
+        3
+    }
+}
+
+/// "auto" or a number.
+fn resolve(value: &Value, auto: f64) -> f64 {
+    value.as_f64().unwrap_or(auto)
+}
+
+fn run_one(service: &FineTuning, id: &str) -> Result<()> {
+    let mut started = false;
+    let job = service.update(id, |j| {
+        if j.status == "queued" || j.status == "running" {
+            started = j.status == "queued";
+            j.status = "running".into();
+        }
+    })?;
+    if job.status != "running" {
+        return Ok(()); // cancelled while queued
+    }
+    if started {
+        service.event(id, "info", "Fine-tuning job started", None)?;
+    }
+    let cancel = service.cancel_flag(id);
+    let job_dir = service.settings.data_dir.join("jobs").join(id);
+
+    // The base model, as the server loads it.
+    let spec = service.engine.registry().spec(&job.model).ok_or_else(|| anyhow!("the model `{}` is no longer served", job.model))?;
+    let path = crate::provision::resolve(Some(&spec.source))?;
+    let scheme = job.rewind.scheme.clone().or(spec.scheme.clone());
+    let reversible = scheme.as_deref().map(ReversibleConfig::parse).transpose()?;
+    let device = crate::settings::parse_device(&service.settings.server.device)?.open()?;
+    let loaded = loader::load(&path, &LoadOptions { format: WeightFormat::F32, device, reversible })?;
+    let mut model = loaded.model;
+
+    let examples = |file: &str| service.load_examples(file).map_err(|e| anyhow!(e));
+    let max_len = service.settings.fine_tuning.max_seq_len;
+    let mut truncated = 0;
+    let mut tokenized = |list: Vec<Example>| -> Result<Vec<TokenizedExample>> {
+        list.iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let t = tokenize(e, &loaded.chat_template, &loaded.tokenizer)?;
+                truncated += usize::from(t.ids.len() > max_len);
+                fit_length(t, max_len, Overflow::Truncate, i)
+            })
+            .collect()
+    };
+    let train_set = tokenized(examples(&job.training_file)?)?;
+    let val_set = match &job.validation_file {
+        Some(file) => tokenized(examples(file)?)?,
+        None => Vec::new(),
+    };
+    if truncated > 0 {
+        service.event(id, "warn", &format!("{truncated} example(s) were longer than {max_len} tokens and were truncated"), None)?;
+    }
+
+    // Hyperparameters: "auto" resolved and written back to the job.
+    let hp = &job.hyperparameters;
+    let epochs = resolve(&hp["n_epochs"], auto_epochs(train_set.len()) as f64) as usize;
+    let batch_size = resolve(&hp["batch_size"], (train_set.len() as f64 * 0.002).ceil().clamp(1.0, 256.0)) as usize;
+    let multiplier = resolve(&hp["learning_rate_multiplier"], 1.0);
+    let lora_rank = job.rewind.lora_rank.unwrap_or(0);
+    let lr = multiplier * if lora_rank > 0 { BASE_LORA_LEARNING_RATE } else { BASE_LEARNING_RATE };
+    let strategy = match job.rewind.strategy.as_deref() {
+        Some(s) => serde_json::from_value::<Strategy>(json!(s)).map_err(|_| anyhow!("unknown strategy `{s}`"))?,
+        None if model.reversible.is_reversible() => Strategy::Reversible,
+        None => Strategy::Checkpoint,
+    };
+    if strategy == Strategy::Reversible && !model.reversible.is_reversible() {
+        bail!("strategy `reversible` needs a reversible scheme (set `rewind.scheme`, e.g. `midpoint`); `{}` is not", model.reversible.label());
+    }
+    let mut train_only = Vec::new();
+    if lora_rank > 0 {
+        model.densify()?;
+        let targets: Vec<String> = LORA_TARGETS.iter().map(|s| s.to_string()).collect();
+        model.add_lora(lora_rank, job.rewind.lora_alpha.unwrap_or(16.0), &targets, job.seed)?;
+        train_only.push("lora_".into());
+    }
+    let exact = (strategy == Strategy::Reversible).then(|| exact::unsupported_reason(&model).is_none().then(FixedPoint::default)).flatten();
+    let config = TrainConfig {
+        strategy,
+        exact,
+        epochs,
+        batch_size,
+        optimizer: AdamWConfig { lr, ..Default::default() },
+        seed: job.seed,
+        train_only,
+        checkpoint_dir: Some(job_dir.join("checkpoint")),
+        ..Default::default()
+    };
+    let resolved = json!({"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": multiplier});
+    service.update(id, |j| j.hyperparameters = resolved)?;
+    service.event(
+        id,
+        "info",
+        &format!(
+            "Training {} examples for {epochs} epoch(s), batch size {batch_size}, strategy {}, scheme {}{}",
+            train_set.len(),
+            json!(strategy).as_str().unwrap_or("?"),
+            model.reversible.label(),
+            if lora_rank > 0 { format!(", LoRA rank {lora_rank}") } else { String::new() }
+        ),
+        None,
+    )?;
+
+    let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let mut observer = JobObserver { service, job: &job, cancel, epochs, steps_per_epoch: usize::MAX, last: None };
+    let outcome = trainer::train(model, &train_set, &val_set, pad, &config, None, &mut observer)?;
+    if outcome.cancelled {
+        return Ok(()); // `cancel` already set the status and wrote the event
+    }
+
+    // Save, register and serve the model.
+    let short: String = uuid::Uuid::new_v4().simple().to_string().chars().take(8).collect();
+    let model_id = format!("ft:{}:rewind:{}:{short}", job.model, job.suffix.clone().unwrap_or_default());
+    let model_dir = service.settings.data_dir.join("models").join(id);
+    save_model(&outcome.model, &loaded.tokenizer, &loaded.chat_template, &model_dir, candle_core::DType::F32)?;
+    drop(outcome);
+    let spec = ModelSpec {
+        id: model_id.clone(),
+        source: path_string(&model_dir)?,
+        scheme: None,
+        format: WeightFormat::F32,
+        created: unix_now(),
+        owned_by: "rewind".into(),
+    };
+    let loaded = service.engine.add_model(spec)?;
+    loaded.blocking_recv().map_err(|_| anyhow!("the engine stopped"))?.map_err(|e| anyhow!("loading the fine-tuned model: {e}"))?;
+    service.event(id, "info", &format!("New fine-tuned model created: {model_id}"), None)?;
+
+    // Result files, built from the recorded metrics events (a resumed job's included).
+    let events = service.store.events_since(id, 0)?;
+    let mut result_files = Vec::new();
+    for (name, content) in [("step_metrics.csv", report::metrics_csv(&events)), ("loss.svg", report::loss_svg(&events))] {
+        let record = FileRecord {
+            id: crate::store::new_id("file-"),
+            bytes: content.len() as u64,
+            created_at: unix_now(),
+            filename: format!("{id}_{name}"),
+            purpose: "fine-tune-results".into(),
+        };
+        service.store.insert_file(&record, content.as_bytes())?;
+        result_files.push(record.id);
+    }
+    service.event(id, "info", &format!("Uploaded result files: {}", result_files.join(", ")), None)?;
+    let trained_tokens = outcome_tokens(&events);
+    let job = service.update(id, |j| {
+        if !j.is_terminal() {
+            j.status = "succeeded".into();
+            j.fine_tuned_model = Some(model_id.clone());
+            j.finished_at = Some(unix_now());
+            j.trained_tokens = Some(trained_tokens);
+            j.result_files = result_files;
+        }
+    })?;
+    if job.status == "succeeded" {
+        service.event(id, "info", "The job has successfully completed", None)?;
+    } else {
+        // Cancelled while the model was being saved: it is not served.
+        let _ = service.engine.remove_model(&model_id);
+    }
+    let _ = std::fs::remove_dir_all(job_dir.join("checkpoint"));
+    Ok(())
+}
+
+fn outcome_tokens(events: &[crate::store::EventRecord]) -> u64 {
+    events.iter().filter_map(|e| e.data.get("trained_tokens").and_then(Value::as_u64)).max().unwrap_or(0)
+}
+
+fn path_string(path: &Path) -> Result<String> {
+    let absolute: PathBuf = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    absolute.to_str().map(String::from).context("the data directory's path is not UTF-8")
+}
+
+/// Turns trainer progress into job events and checkpoints.
+struct JobObserver<'a> {
+    service: &'a FineTuning,
+    job: &'a JobRecord,
+    cancel: Arc<AtomicBool>,
+    epochs: usize,
+    steps_per_epoch: usize,
+    last: Option<StepMetrics>,
+}
+
+impl JobObserver<'_> {
+    fn record(&self, result: Result<()>) {
+        if let Err(e) = result {
+            tracing::warn!(job = %self.job.id, "recording progress: {e:#}");
+        }
+    }
+}
+
+impl Observer for JobObserver<'_> {
+    fn on_step(&mut self, m: &StepMetrics) {
+        self.steps_per_epoch = (m.total_steps / self.epochs.max(1)).max(1);
+        let every = self.service.settings.fine_tuning.metrics_every.max(1);
+        if m.step % every == 0 || m.step == m.total_steps {
+            let data = json!({
+                "step": m.step, "total_steps": m.total_steps, "epoch": m.epoch, "train_loss": m.loss,
+                "learning_rate": m.lr, "grad_norm": m.grad_norm, "tokens_per_s": m.tokens_per_s,
+                "trained_tokens": m.trained_tokens, "peak_memory_bytes": m.peak_memory_bytes,
+            });
+            let message = format!("Step {}/{}: training loss={:.4}, {:.0} tokens/s", m.step, m.total_steps, m.loss, m.tokens_per_s);
+            self.record(self.service.event(&self.job.id, "info", &message, Some(data)));
+        }
+        self.last = Some(m.clone());
+    }
+
+    fn on_validation(&mut self, epoch: usize, step: usize, loss: f64) {
+        let data = json!({"step": step, "epoch": epoch, "valid_loss": loss});
+        let message = format!("Epoch {}: validation loss={loss:.4}", epoch + 1);
+        self.record(self.service.event(&self.job.id, "info", &message, Some(data)));
+    }
+
+    /// The trainer saves every 50 steps and at each epoch's end; the API lists the epoch ends.
+    fn on_checkpoint(&mut self, step: usize, _dir: &Path) {
+        if step == 0 || step % self.steps_per_epoch != 0 {
+            return;
+        }
+        let id = &self.job.id;
+        let result = (|| {
+            if self.service.store.has_checkpoint(id, step as u64)? {
+                return Ok(());
+            }
+            let train_loss = self.last.as_ref().filter(|m| m.step == step).map(|m| m.loss);
+            let name = format!("ft:{}:rewind:{}:{}:ckpt-step-{step}", self.job.model, self.job.suffix.clone().unwrap_or_default(), id);
+            self.service.store.insert_checkpoint(&CheckpointRecord {
+                id: crate::store::new_id("ftckpt_"),
+                job_id: id.clone(),
+                created_at: unix_now(),
+                step_number: step as u64,
+                fine_tuned_model_checkpoint: name,
+                metrics: json!({"step": step, "train_loss": train_loss}),
+            })?;
+            self.service.event(id, "info", &format!("Checkpoint created at step {step}"), None)
+        })();
+        self.record(result);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
