@@ -108,7 +108,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/fine_tuning/jobs/{id}/events").route(web::get().to(fine_tuning::events)))
         .service(resource("/v1/fine_tuning/jobs/{id}/checkpoints").route(web::get().to(fine_tuning::checkpoints)));
     // The deprecated fine-tunes API, at its `/v1` path and at the bare path older clients used.
-    for prefix in ["/v1/fine-tunes", "/fine_tunes", "/v1/fine_tunes"] {
+    for prefix in ["/v1/fine-tunes", "/fine_tunes"] {
         cfg.service(resource(prefix).route(web::get().to(legacy_fine_tunes::list)).route(web::post().to(legacy_fine_tunes::create)))
             .service(resource(&format!("{prefix}/{{id}}")).route(web::get().to(legacy_fine_tunes::retrieve)))
             .service(resource(&format!("{prefix}/{{id}}/cancel")).route(web::post().to(legacy_fine_tunes::cancel)))

@@ -9,8 +9,6 @@ use crate::cli::progress::StepProgress;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 
-/// Held-out chat text (a slice of the MIT-licensed chitchat dataset never used for training).
-const HELDOUT: &str = include_str!("../../tests/fixtures/chitchat_heldout.jsonl");
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -40,7 +38,7 @@ fn tokenize_all(loaded: &LoadedModel, examples: &[data::Example], max_len: usize
 fn heldout(path: Option<&Path>) -> Result<Vec<data::Example>> {
     match path {
         Some(p) => data::read_jsonl(p),
-        None => data::parse_jsonl(HELDOUT).map_err(|e| anyhow::anyhow!("built-in held-out data: {e:?}")),
+        None => data::parse_jsonl(eval::HELDOUT_CHITCHAT).map_err(|e| anyhow::anyhow!("built-in held-out data: {e:?}")),
     }
 }
 

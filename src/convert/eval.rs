@@ -16,6 +16,10 @@ use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
+/// Held-out chat text: the last conversations of the MIT-licensed chitchat dataset, which
+/// conversion never trains on (`provision::CHITCHAT_HELD_OUT`; licence beside this file).
+pub const HELDOUT_CHITCHAT: &str = include_str!("heldout_chitchat.jsonl");
+
 /// Prompts whose greedy answers are compared.
 pub const PROMPTS: [&str; 3] = ["What is the capital of France?", "Write a haiku about the sea.", "Give me three tips for staying healthy."];
 
