@@ -1,0 +1,428 @@
+//! Black-box tests of the fine-tuning service: files, jobs, the legacy fine-tunes views, and
+//! persistence across a restart. Each starts the real server on port 0 with a temporary data
+//! directory; jobs train a tiny random model (2 layers, d = 64, SmolLM2's tokenizer) so the
+//! whole file runs in well under a minute on two cores.
+
+mod common;
+
+use rewind::api::RunningServer;
+use rewind::model::chat_template::ChatTemplate;
+use rewind::model::config::ModelConfig;
+use rewind::model::loader::random::RandomSource;
+use rewind::model::loader::save::save_model;
+use rewind::model::loader::{build_model, WeightFormat};
+use rewind::model::reversible::ReversibleConfig;
+use rewind::model::tokenizer::TextTokenizer;
+use rewind::settings::{ModelSettings, Settings};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const TINY: &str = "tiny";
+const CHATML: &str = "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}";
+
+/// The tiny model's directory, written once per test run.
+fn tiny_model() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let gguf = common::default_model();
+        let mut file = std::fs::File::open(&gguf).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let tokenizer = TextTokenizer::from_gguf_metadata(&content.metadata).unwrap();
+        let template = ChatTemplate::new("chatml", CHATML, "<|im_start|>", "<|im_end|>").unwrap();
+        let config: ModelConfig = serde_json::from_value(json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": tokenizer.vocab_size(),
+            "max_position_embeddings": 4096, "tie_word_embeddings": true
+        }))
+        .unwrap();
+        let src = RandomSource { seed: 7, separate_head: false };
+        let model = build_model(&config, ReversibleConfig::euler(), &src, WeightFormat::F32, &candle_core::Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("tiny");
+        save_model(&model, &tokenizer, &template, &dir, candle_core::DType::F32).unwrap();
+        (tmp, dir)
+    })
+    .1
+}
+
+struct App {
+    server: RunningServer,
+}
+
+impl App {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url())
+    }
+}
+
+/// Starts a server on `data` (port 0) serving the tiny model and waits until it is healthy.
+fn spawn_app(data: &Path) -> App {
+    let mut settings = Settings::default();
+    settings.server.port = 0;
+    settings.server.workers = 2;
+    settings.data_dir = data.to_path_buf();
+    settings.fine_tuning.max_file_bytes = 64 << 10;
+    settings.models =
+        vec![ModelSettings { id: Some(TINY.into()), source: tiny_model().to_str().unwrap().into(), scheme: None, format: WeightFormat::F32 }];
+    let app = App { server: rewind::api::start(settings).unwrap() };
+    let started = Instant::now();
+    while client().get(app.url("/health")).send().unwrap().status() != 200 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the model did not load");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    app
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+fn get(app: &App, path: &str) -> (u16, Value) {
+    let res = client().get(app.url(path)).send().unwrap();
+    (res.status().as_u16(), res.json().unwrap_or(Value::Null))
+}
+
+fn post(app: &App, path: &str, body: &Value) -> (u16, Value) {
+    let res = client().post(app.url(path)).json(body).send().unwrap();
+    (res.status().as_u16(), res.json().unwrap_or(Value::Null))
+}
+
+fn upload(app: &App, name: &str, content: Vec<u8>, purpose: &str) -> (u16, Value) {
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("purpose", purpose.to_string())
+        .part("file", reqwest::blocking::multipart::Part::bytes(content).file_name(name.to_string()));
+    let res = client().post(app.url("/v1/files")).multipart(form).send().unwrap();
+    (res.status().as_u16(), res.json().unwrap_or(Value::Null))
+}
+
+fn training_data() -> Vec<u8> {
+    std::fs::read(common::fixture("facts_train.jsonl")).unwrap()
+}
+
+/// Polls a job until it reaches a terminal status.
+fn wait_for(app: &App, id: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, job) = get(app, &format!("/v1/fine_tuning/jobs/{id}"));
+        assert_eq!(status, 200, "{job}");
+        if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap()) {
+            return job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "job still {} after 90 s", job["status"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn all_events(app: &App, id: &str) -> Vec<Value> {
+    let (status, page) = get(app, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"));
+    assert_eq!(status, 200);
+    page["data"].as_array().unwrap().clone()
+}
+
+#[test]
+fn files_are_validated_listed_and_deleted() {
+    let data = tempfile::tempdir().unwrap();
+    let app = spawn_app(data.path());
+
+    let (status, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
+    assert_eq!(status, 200, "{file}");
+    assert_eq!((file["object"].as_str(), file["status"].as_str(), file["purpose"].as_str()), (Some("file"), Some("processed"), Some("fine-tune")));
+    assert_eq!(file["filename"], "facts.jsonl");
+    assert_eq!(file["bytes"].as_u64(), Some(training_data().len() as u64));
+    let id = file["id"].as_str().unwrap();
+    assert!(id.starts_with("file-"));
+
+    let content = client().get(app.url(&format!("/v1/files/{id}/content"))).send().unwrap().bytes().unwrap();
+    assert_eq!(content.as_ref(), training_data().as_slice());
+    let (_, other) = upload(&app, "two.jsonl", training_data(), "fine-tune");
+    let (status, list) = get(&app, "/v1/files?limit=1");
+    assert_eq!(status, 200);
+    assert_eq!((list["data"][0]["id"].as_str(), list["has_more"].as_bool()), (other["id"].as_str(), Some(true)));
+    let (_, rest) = get(&app, &format!("/v1/files?limit=1&after={}", other["id"].as_str().unwrap()));
+    assert_eq!((rest["data"][0]["id"].as_str(), rest["has_more"].as_bool()), (Some(id), Some(false)));
+
+    // Bad JSONL: each rule is named with its line.
+    for (bad, expect) in [
+        ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n{not json\n", "line 2"),
+        ("{\"prompt\": 1}\n", "line 1"),
+        ("{\"messages\": [{\"role\": \"wizard\", \"content\": \"x\"}]}\n", "wizard"),
+        ("{\"messages\": [{\"role\": \"user\", \"content\": \"only a question\"}]}\n", "assistant"),
+        ("[1, 2]\n", "JSON object"),
+    ] {
+        let (status, body) = upload(&app, "bad.jsonl", bad.as_bytes().to_vec(), "fine-tune");
+        assert_eq!(status, 400, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expect), "{message}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+    let (status, body) = upload(&app, "big.jsonl", vec![b' '; 100 << 10], "fine-tune");
+    assert_eq!(status, 413, "{body}");
+    let (status, _) = upload(&app, "x.jsonl", training_data(), "homework");
+    assert_eq!(status, 400);
+
+    let res = client().delete(app.url(&format!("/v1/files/{id}"))).send().unwrap();
+    assert_eq!(res.status(), 200);
+    let (status, body) = get(&app, &format!("/v1/files/{id}"));
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(client().delete(app.url(&format!("/v1/files/{id}"))).send().unwrap().status(), 404);
+}
+
+#[test]
+fn a_job_trains_serves_its_model_and_survives_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let app = spawn_app(data.path());
+    let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
+    let file_id = file["id"].as_str().unwrap().to_string();
+
+    // Bad requests.
+    let (status, body) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": "gpt-9", "training_file": file_id}));
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found");
+    let (status, body) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": "file-nope"}));
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["param"], "training_file");
+    let (status, body) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": file_id, "hyperparameters": {"n_epochs": 0}}));
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("hyperparameters.n_epochs")), "{body}");
+    let (status, _) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": file_id, "suffix": "x".repeat(65)}));
+    assert_eq!(status, 400);
+
+    let (status, job) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({
+            "model": TINY, "training_file": file_id, "suffix": "facts", "seed": 3, "metadata": {"k": "v"},
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 30}}}
+        }),
+    );
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["object"], "fine_tuning.job");
+    assert!(["queued", "running"].contains(&job["status"].as_str().unwrap()), "{job}");
+    let job_id = job["id"].as_str().unwrap().to_string();
+    assert!(job_id.starts_with("ftjob-"));
+
+    let job = wait_for(&app, &job_id);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["hyperparameters"], json!({"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 30.0}));
+    assert!(job["trained_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(job["metadata"], json!({"k": "v"}));
+    let model = job["fine_tuned_model"].as_str().unwrap().to_string();
+    assert!(model.starts_with("ft:tiny:rewind:facts:"), "{model}");
+
+    // Events (newest first), with a falling loss curve.
+    let events = all_events(&app, &job_id);
+    assert_eq!(events[0]["message"], "The job has successfully completed");
+    let losses: Vec<f64> = events.iter().rev().filter(|e| e["type"] == "metrics").filter_map(|e| e["data"]["train_loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 6, "2 steps per epoch, 3 epochs");
+    assert!(losses[5] < losses[0], "the loss did not fall: {losses:?}");
+    let (_, page) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/events?limit=2"));
+    assert_eq!(page["has_more"], true);
+    let (_, next) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/events?limit=2&after={}", page["data"][1]["id"].as_str().unwrap()));
+    assert_eq!(next["data"][0]["id"], events[2]["id"]);
+
+    // One checkpoint per epoch.
+    let (_, checkpoints) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/checkpoints"));
+    let steps: Vec<u64> = checkpoints["data"].as_array().unwrap().iter().map(|c| c["step_number"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [6, 4, 2]);
+    assert!(checkpoints["data"][0]["fine_tuned_model_checkpoint"].as_str().unwrap().ends_with(":ckpt-step-6"));
+
+    // Result files: the metrics CSV and the loss plot.
+    let results = job["result_files"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    let csv = client().get(app.url(&format!("/v1/files/{}/content", results[0].as_str().unwrap()))).send().unwrap().text().unwrap();
+    assert!(csv.starts_with("step,epoch,train_loss"), "{csv}");
+    assert_eq!(csv.lines().count(), 7);
+    let svg = client().get(app.url(&format!("/v1/files/{}/content", results[1].as_str().unwrap()))).send().unwrap().text().unwrap();
+    assert!(svg.starts_with("<svg"));
+
+    // The model is served at once.
+    let (status, models) = get(&app, "/v1/models");
+    assert_eq!(status, 200);
+    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == model.as_str()));
+    let chat = json!({"model": model, "messages": [{"role": "user", "content": "What is the capital of Zorblax?"}], "max_tokens": 4});
+    let (status, reply) = post(&app, "/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{reply}");
+
+    // Cancelling a finished job is refused.
+    let (status, body) = post(&app, &format!("/v1/fine_tuning/jobs/{job_id}/cancel"), &json!({}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(post(&app, "/v1/fine_tuning/jobs/ftjob-nope/cancel", &json!({})).0, 404);
+
+    // The legacy API shows the same job.
+    let (status, legacy) = get(&app, &format!("/v1/fine-tunes/{job_id}"));
+    assert_eq!(status, 200, "{legacy}");
+    assert_eq!((legacy["object"].as_str(), legacy["status"].as_str()), (Some("fine-tune"), Some("succeeded")));
+    assert_eq!(legacy["training_files"][0]["id"], file_id.as_str());
+    assert_eq!(legacy["result_files"].as_array().unwrap().len(), 2);
+    let (status, list) = get(&app, "/fine_tunes");
+    assert_eq!((status, list["data"].as_array().map(Vec::len)), (200, Some(1)));
+    let text = client().get(app.url(&format!("/v1/fine-tunes/{job_id}/events?stream=true"))).send().unwrap().text().unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(text.contains("\"object\":\"fine-tune-event\""));
+
+    // Restart on the same data directory: everything is still there, the model is served again.
+    app.server.stop();
+    let app = spawn_app(data.path());
+    assert_eq!(get(&app, &format!("/v1/files/{file_id}")).0, 200);
+    let (_, again) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}"));
+    assert_eq!((again["status"].as_str(), again["fine_tuned_model"].as_str()), (Some("succeeded"), Some(model.as_str())));
+    assert_eq!(all_events(&app, &job_id).len(), events.len());
+    let (_, checkpoints) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/checkpoints"));
+    assert_eq!(checkpoints["data"].as_array().unwrap().len(), 3);
+    let started = Instant::now();
+    loop {
+        let (status, reply) = post(&app, "/v1/chat/completions", &chat);
+        if status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{reply}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Deleting the model stops serving it.
+    let res = client().delete(app.url(&format!("/v1/models/{model}"))).send().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(post(&app, "/v1/chat/completions", &chat).0, 404);
+}
+
+#[test]
+fn a_reversible_lora_job_through_the_legacy_api_can_be_cancelled() {
+    let data = tempfile::tempdir().unwrap();
+    let app = spawn_app(data.path());
+    let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
+    let (status, job) = post(
+        &app,
+        "/v1/fine-tunes",
+        &json!({"training_file": file["id"], "model": TINY, "n_epochs": 2, "batch_size": 8, "suffix": "rev",
+                "rewind": {"scheme": "midpoint", "lora_rank": 4}}),
+    );
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["object"], "fine-tune");
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = wait_for(&app, &id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let messages: Vec<String> = all_events(&app, &id).iter().map(|e| e["message"].as_str().unwrap().to_string()).collect();
+    assert!(messages.iter().any(|m| m.contains("strategy reversible") && m.contains("LoRA rank 4")), "{messages:?}");
+
+    // A long job, cancelled while it runs (or still queued).
+    let (status, long) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 50, "batch_size": 1}}),
+    );
+    assert_eq!(status, 200, "{long}");
+    let long_id = long["id"].as_str().unwrap();
+    let (status, cancelled) = post(&app, &format!("/v1/fine_tuning/jobs/{long_id}/cancel"), &json!({}));
+    assert_eq!((status, cancelled["status"].as_str()), (200, Some("cancelled")), "{cancelled}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, after) = get(&app, &format!("/v1/fine_tuning/jobs/{long_id}"));
+    assert_eq!((after["status"].as_str(), after["fine_tuned_model"].as_str()), (Some("cancelled"), None));
+    assert_eq!(post(&app, &format!("/v1/fine_tuning/jobs/{long_id}/cancel"), &json!({})).0, 400);
+}
+
+/// A free port on localhost (bound, read and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `rewind serve` as a child process, so it can be killed with SIGKILL.
+struct Process {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Process {
+    fn start(data: &Path) -> Self {
+        let port = free_port();
+        let config = data.join("config.toml");
+        let text = format!(
+            "data_dir = {:?}\n[server]\nworkers = 2\nport = {port}\n[[models]]\nid = \"{TINY}\"\nsource = {:?}\n",
+            data.to_str().unwrap(),
+            tiny_model().to_str().unwrap()
+        );
+        std::fs::write(&config, text).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rewind"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let process = Self { child, url: format!("http://127.0.0.1:{port}") };
+        let started = Instant::now();
+        while !client().get(format!("{}/health", process.url)).send().is_ok_and(|r| r.status() == 200) {
+            assert!(started.elapsed() < Duration::from_secs(60), "the server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        process
+    }
+
+    fn get(&self, path: &str) -> Value {
+        client().get(format!("{}{path}", self.url)).send().unwrap().json().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Process::start(data.path());
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part("file", reqwest::blocking::multipart::Part::bytes(training_data()).file_name("facts.jsonl"));
+    let file: Value = client().post(format!("{}/v1/files", server.url)).multipart(form).send().unwrap().json().unwrap();
+    let body = json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 40, "batch_size": 1}});
+    let job: Value = client().post(format!("{}/v1/fine_tuning/jobs", server.url)).json(&body).send().unwrap().json().unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let events_path = format!("/v1/fine_tuning/jobs/{id}/events?limit=10000");
+
+    // Kill -9 once the first epoch's checkpoint is written.
+    let started = Instant::now();
+    loop {
+        let events = server.get(&events_path);
+        if events["data"].as_array().unwrap().iter().any(|e| e["message"].as_str().unwrap().starts_with("Checkpoint created")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint: {events}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(server);
+    let before: Vec<Value> = Process::start(data.path()).get(&events_path)["data"].as_array().unwrap().clone();
+    // (That server instance is dropped at once too: the second restart must resume as well.)
+    let server = Process::start(data.path());
+    let started = Instant::now();
+    let job = loop {
+        let job = server.get(&format!("/v1/fine_tuning/jobs/{id}"));
+        if job["status"] != "running" && job["status"] != "queued" {
+            break job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{job}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let events = server.get(&events_path)["data"].as_array().unwrap().clone();
+    // Nothing recorded before the kills is lost.
+    for e in &before {
+        assert!(events.iter().any(|x| x["id"] == e["id"]), "lost event {e}");
+    }
+    assert!(events.iter().any(|e| e["message"].as_str().unwrap().contains("resuming from the last checkpoint")));
+    // Steps trained twice (after the checkpoint, before a kill) reproduce the same loss.
+    let mut seen = std::collections::HashMap::new();
+    for e in events.iter().filter(|e| e["type"] == "metrics") {
+        if let (Some(step), Some(loss)) = (e["data"]["step"].as_u64(), e["data"]["train_loss"].as_f64()) {
+            if let Some(previous) = seen.insert(step, loss) {
+                assert!((previous - loss).abs() < 1e-4 * previous.abs().max(1.0), "step {step}: {previous} then {loss}");
+            }
+        }
+    }
+    assert_eq!(seen.len(), 320, "every step has metrics");
+    let checkpoints = server.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100"));
+    assert_eq!(checkpoints["data"].as_array().unwrap().len(), 40);
+}
