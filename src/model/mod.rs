@@ -2,16 +2,16 @@
 //! generate from it. Knows nothing of HTTP, jobs or storage.
 
 pub mod block;
+pub mod chat_template;
 pub mod config;
 pub mod decoder;
+pub mod generate;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;
 pub mod ops;
 pub mod reversible;
 pub mod rope;
-pub mod generate;
 pub mod sampling;
 pub mod stop;
 pub mod tokenizer;
-pub mod chat_template;

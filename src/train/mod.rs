@@ -3,11 +3,11 @@
 //! optimizer, data and checkpoints. Knows nothing of HTTP or jobs.
 
 pub mod backward;
+pub mod checkpoint;
+pub mod data;
+pub mod exact;
 pub mod grads;
 pub mod loss;
-pub mod trainable;
 pub mod optimizer;
-pub mod data;
-pub mod checkpoint;
+pub mod trainable;
 pub mod trainer;
-pub mod exact;
