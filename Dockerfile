@@ -49,6 +49,8 @@ RUN apt-get update \
     && useradd --system --uid 10001 --create-home --home-dir /app rewind
 COPY --from=builder /usr/local/bin/rewind /usr/local/bin/rewind
 COPY --from=builder --chown=rewind:rewind /models /app/models
+# rewind's converted model: a small delta over the base GGUF.
+COPY --chown=rewind:rewind models/smollm2-135m-instruct-rewind.delta /app/models/smollm2-135m-instruct-rewind.delta
 COPY --chown=rewind:rewind config.toml /app/config.toml
 WORKDIR /app
 ENV REWIND_MODELS_DIR=/app/models \

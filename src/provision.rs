@@ -110,6 +110,17 @@ pub fn models_dir() -> PathBuf {
     std::env::var_os("REWIND_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"))
 }
 
+/// A converted model shipped as a delta directory in `models/` over a known base model.
+pub struct KnownDelta {
+    pub name: &'static str,
+    pub dir_name: &'static str,
+    pub base: &'static str,
+}
+
+/// SmolLM2 converted to midpoint(a = -1/8) by `rewind convert` (distilled RMSNorm gains).
+pub const CONVERTED_MODEL: KnownDelta =
+    KnownDelta { name: "smollm2-135m-instruct-rewind", dir_name: "smollm2-135m-instruct-rewind.delta", base: BASE_MODEL };
+
 /// Resolves a `--model` argument: a path that exists, or a known model name (fetched if absent).
 pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
     let name = model.unwrap_or(DEFAULT_MODEL);
@@ -117,10 +128,21 @@ pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
+    if name.eq_ignore_ascii_case(CONVERTED_MODEL.name) {
+        let dir = models_dir().join(CONVERTED_MODEL.dir_name);
+        if !dir.exists() {
+            bail!("{} is missing: it ships with rewind's repository under models/ (set REWIND_MODELS_DIR to that folder)", dir.display());
+        }
+        if let Some(base) = find_known(CONVERTED_MODEL.base) {
+            ensure(base, &models_dir())?;
+        }
+        return Ok(dir);
+    }
     match find_known(name) {
         Some(known) => ensure(known, &models_dir()),
         None => {
-            let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+            let mut names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+            names.push(CONVERTED_MODEL.name);
             bail!("model `{name}` is neither a file, a directory nor a known model ({})", names.join(", "))
         }
     }

@@ -107,7 +107,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
 }
 
 pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let page = state.fine_tuning.store.list_jobs(None, usize::MAX - 1).map_err(internal)?;
+    let page = state.fine_tuning.store.list_jobs(None, crate::store::ALL).map_err(internal)?;
     let data = page.data.iter().map(|j| fine_tune_object(&state, j, false)).collect::<Result<Vec<_>, _>>()?;
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }

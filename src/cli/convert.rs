@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The model to compare against (default: the original default model).
+    /// The model to compare against (default: the original default model). Without --model,
+    /// the model evaluated is the converted default model.
     #[arg(long)]
     pub reference: Option<String>,
     /// Held-out chat JSONL (default: rewind's held-out chitchat slice).
@@ -66,7 +67,9 @@ pub fn print_report(report: &EvalReport, json: bool) -> Result<()> {
 }
 
 pub fn run_eval(args: EvalArgs) -> Result<()> {
-    let model = args.model.load()?;
+    // With no --model, the converted default model is compared with the original.
+    let model_args = ModelArgs { model: Some(args.model.model.clone().unwrap_or_else(|| crate::provision::CONVERTED_MODEL.name.into())), ..args.model.clone() };
+    let model = model_args.load()?;
     let reference = ModelArgs { model: Some(args.reference.clone().unwrap_or_else(|| crate::provision::BASE_MODEL.into())), scheme: None, ..args.model.clone() }.load()?;
     let examples = tokenize_all(&reference, &heldout(args.data.as_deref())?, 1024)?;
     let report = eval::compare(&model, &reference, &examples, args.answer_tokens)?;

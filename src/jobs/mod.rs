@@ -88,8 +88,9 @@ impl FineTuning {
         })
     }
 
-    /// Applies `change` to the stored job (unless it is terminal and `change` would not be
-    /// allowed to touch it) and returns the result.
+    /// Applies `change` to the freshly read job record, stores it and returns it. Callers that
+    /// must not overwrite a terminal status (a cancel that raced them) check `is_terminal` inside
+    /// `change`.
     pub fn update(&self, id: &str, change: impl FnOnce(&mut JobRecord)) -> Result<JobRecord> {
         let _guard = self.updates.lock().unwrap_or_else(|e| e.into_inner());
         let mut job = self.store.job(id)?.ok_or_else(|| anyhow!("no fine-tuning job `{id}`"))?;

@@ -106,6 +106,9 @@ pub struct CheckpointRecord {
     pub metrics: Value,
 }
 
+/// A `limit` that means "everything" (the largest SQLite accepts once the look-ahead row is added).
+pub const ALL: usize = (i64::MAX - 1) as usize;
+
 /// One page of a newest-first listing.
 pub struct Page<T> {
     pub data: Vec<T>,
@@ -234,7 +237,7 @@ impl Store {
     /// Jobs that had not finished when the server last stopped, oldest first.
     pub fn unfinished_jobs(&self) -> Result<Vec<JobRecord>> {
         let sql = "SELECT body FROM jobs WHERE status IN ('validating_files', 'queued', 'running') ORDER BY seq ASC";
-        Ok(self.page(sql, [], usize::MAX - 1)?.data)
+        Ok(self.page(sql, [], ALL)?.data)
     }
 
     pub fn insert_event(&self, event: &EventRecord) -> Result<()> {
@@ -252,7 +255,7 @@ impl Store {
     /// A job's events oldest first, starting after the `skip` first ones (for streaming).
     pub fn events_since(&self, job_id: &str, skip: usize) -> Result<Vec<EventRecord>> {
         let sql = "SELECT body FROM events WHERE job_id = ?1 ORDER BY seq ASC LIMIT -1 OFFSET ?2";
-        Ok(self.page(sql, params![job_id, skip as i64], usize::MAX - 1)?.data)
+        Ok(self.page(sql, params![job_id, skip as i64], ALL)?.data)
     }
 
     pub fn insert_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<()> {
@@ -271,7 +274,7 @@ impl Store {
 
     /// Whether a checkpoint for this step is already recorded (a resumed job replays none twice).
     pub fn has_checkpoint(&self, job_id: &str, step: u64) -> Result<bool> {
-        Ok(self.list_checkpoints(job_id, None, usize::MAX - 1)?.data.iter().any(|c| c.step_number == step))
+        Ok(self.list_checkpoints(job_id, None, ALL)?.data.iter().any(|c| c.step_number == step))
     }
 }
 
