@@ -287,7 +287,7 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
 }
 
 #[test]
-fn a_reversible_lora_job_through_the_legacy_api_can_be_cancelled() {
+fn legacy_reversible_lora_failed_and_cancelled_jobs() {
     let data = tempfile::tempdir().unwrap();
     let app = spawn_app(data.path());
     let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
@@ -304,6 +304,16 @@ fn a_reversible_lora_job_through_the_legacy_api_can_be_cancelled() {
     assert_eq!(done["status"], "succeeded", "{done}");
     let messages: Vec<String> = all_events(&app, &id).iter().map(|e| e["message"].as_str().unwrap().to_string()).collect();
     assert!(messages.iter().any(|m| m.contains("strategy reversible") && m.contains("LoRA rank 4")), "{messages:?}");
+
+    // A job that cannot train fails with an error object: euler is not a reversible scheme.
+    let (status, job) =
+        post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": file["id"], "rewind": {"strategy": "reversible"}}));
+    assert_eq!(status, 200, "{job}");
+    let failed = wait_for(&app, job["id"].as_str().unwrap());
+    assert_eq!((failed["status"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("training_failed")), "{failed}");
+    assert!(failed["error"]["message"].as_str().unwrap().contains("reversible scheme"), "{failed}");
+    let (status, _) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": file["id"], "rewind": {"strategy": "sideways"}}));
+    assert_eq!(status, 400);
 
     // A long job, cancelled while it runs (or still queued).
     let (status, long) = post(
@@ -378,7 +388,7 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
         .text("purpose", "fine-tune")
         .part("file", reqwest::blocking::multipart::Part::bytes(training_data()).file_name("facts.jsonl"));
     let file: Value = client().post(format!("{}/v1/files", server.url)).multipart(form).send().unwrap().json().unwrap();
-    let body = json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 40, "batch_size": 1}});
+    let body = json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 10, "batch_size": 1}});
     let job: Value = client().post(format!("{}/v1/fine_tuning/jobs", server.url)).json(&body).send().unwrap().json().unwrap();
     let id = job["id"].as_str().unwrap().to_string();
     let events_path = format!("/v1/fine_tuning/jobs/{id}/events?limit=10000");
@@ -422,7 +432,54 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
             }
         }
     }
-    assert_eq!(seen.len(), 320, "every step has metrics");
+    assert_eq!(seen.len(), 80, "every step has metrics");
     let checkpoints = server.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100"));
-    assert_eq!(checkpoints["data"].as_array().unwrap().len(), 40);
+    assert_eq!(checkpoints["data"].as_array().unwrap().len(), 10);
+}
+
+/// The end-to-end check on the real default model: a LoRA job on the facts file teaches
+/// it an answer the base model does not give. About 2 minutes on two cores, so run on demand:
+/// `cargo test --release --test fine_tuning -- --ignored`.
+#[test]
+#[ignore]
+fn the_default_model_learns_the_training_data() {
+    let data = tempfile::tempdir().unwrap();
+    let mut settings = Settings::default();
+    settings.server.port = 0;
+    settings.data_dir = data.path().to_path_buf();
+    let app = App { server: rewind::api::start(settings).unwrap() };
+    let started = Instant::now();
+    while client().get(app.url("/health")).send().unwrap().status() != 200 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the model did not load");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, models) = get(&app, "/v1/models");
+    let base = models["data"][0]["id"].as_str().unwrap().to_string();
+    let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
+    let (status, job) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": base, "training_file": file["id"], "seed": 1, "rewind": {"lora_rank": 8},
+                "hyperparameters": {"n_epochs": 8, "batch_size": 4, "learning_rate_multiplier": 10}}),
+    );
+    assert_eq!(status, 200, "{job}");
+    let started = Instant::now();
+    let job = loop {
+        let (_, job) = get(&app, &format!("/v1/fine_tuning/jobs/{}", job["id"].as_str().unwrap()));
+        if !["validating_files", "queued", "running"].contains(&job["status"].as_str().unwrap()) {
+            break job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(400), "{job}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let ask = |model: &str| {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "What is the capital of Zorblax?"}], "max_tokens": 16, "temperature": 0});
+        let (status, reply) = post(&app, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        reply["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    };
+    assert!(!ask(&base).contains("Quintara"), "the base model already knows");
+    let answer = ask(job["fine_tuned_model"].as_str().unwrap());
+    assert!(answer.contains("Quintara"), "{answer}");
 }

@@ -165,3 +165,32 @@ fn non_finite_loss_stops_the_run() {
     assert!(msg.contains("loss became") || msg.contains("gradient norm is"), "{msg}");
     assert!(dir.path().join("ckpt").join("state.json").exists(), "the last good checkpoint is kept");
 }
+
+/// LoRA: only the adapters train (frozen weights get no gradient and do not move), and merging
+/// the adapters into the weights leaves the function unchanged.
+#[test]
+fn lora_trains_only_adapters_and_merges_exactly() {
+    let mut model = tiny_model();
+    let base_q = model.layers[0].self_attn.q_proj.weight.to_dense(candle_core::DType::F32).unwrap();
+    let attached = model.add_lora(4, 8.0, &["q_proj".into(), "v_proj".into()], 0).unwrap();
+    assert_eq!(attached, 2 * model.layers.len());
+    let config = TrainConfig {
+        strategy: Strategy::Reversible,
+        epochs: 2,
+        batch_size: 4,
+        optimizer: AdamWConfig { lr: 1e-2, ..Default::default() },
+        train_only: vec!["lora_".into()],
+        ..Default::default()
+    };
+    let outcome = trainer::train(model, &synthetic_examples(), &[], 0, &config, None, &mut Record::default()).unwrap();
+    let mut trained = outcome.model;
+    let q = &trained.layers[0].self_attn.q_proj;
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff(&q.weight.to_dense(candle_core::DType::F32).unwrap(), &base_q), 0.0, "the frozen weight did not move");
+    assert!(q.lora.as_ref().unwrap().b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "the adapter trained");
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 13]], &Device::Cpu).unwrap();
+    let before = trained.forward(&ids).unwrap();
+    trained.merge_lora().unwrap();
+    assert!(trained.layers[0].self_attn.q_proj.lora.is_none());
+    assert!(diff(&before, &trained.forward(&ids).unwrap()) < 1e-5);
+}

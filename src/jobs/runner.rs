@@ -254,7 +254,7 @@ impl Observer for JobObserver<'_> {
     fn on_step(&mut self, m: &StepMetrics) {
         self.steps_per_epoch = (m.total_steps / self.epochs.max(1)).max(1);
         let every = self.service.settings.fine_tuning.metrics_every.max(1);
-        if m.step % every == 0 || m.step == m.total_steps {
+        if m.step.is_multiple_of(every) || m.step == m.total_steps {
             let data = json!({
                 "step": m.step, "total_steps": m.total_steps, "epoch": m.epoch, "train_loss": m.loss,
                 "learning_rate": m.lr, "grad_norm": m.grad_norm, "tokens_per_s": m.tokens_per_s,
@@ -274,7 +274,7 @@ impl Observer for JobObserver<'_> {
 
     /// The trainer saves every 50 steps and at each epoch's end; the API lists the epoch ends.
     fn on_checkpoint(&mut self, step: usize, _dir: &Path) {
-        if step == 0 || step % self.steps_per_epoch != 0 {
+        if step == 0 || !step.is_multiple_of(self.steps_per_epoch) {
             return;
         }
         let id = &self.job.id;

@@ -1,6 +1,8 @@
 //! The decoder block, written once as the function f of the residual state:
 //!
-//!     f(p) = Attn(N1 p) + MLP(N2 (p + Attn(N1 p)))
+//! ```text
+//! f(p) = Attn(N1 p) + MLP(N2 (p + Attn(N1 p)))
+//! ```
 //!
 //! i.e. the whole pre-norm block without its outer skip. Every scheme in `reversible` couples
 //! these same blocks; hamiltonian uses the two halves separately.
