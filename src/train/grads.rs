@@ -17,9 +17,12 @@ impl Grads {
     pub fn absorb(&mut self, store: &GradStore, vars: &[Var]) -> Result<()> {
         for (slot, var) in self.grads.iter_mut().zip(vars) {
             if let Some(g) = store.get(var.as_tensor()) {
+                // candle records ops on gradients computed from variables; detaching drops that
+                // history, which would otherwise keep every local graph alive.
+                let g = g.detach();
                 *slot = Some(match slot.take() {
                     Some(acc) => (acc + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
@@ -57,10 +60,11 @@ impl Grads {
     }
 }
 
-/// The gradient of `t` in `store`, or zeros when nothing flowed into it.
+/// The gradient of `t` in `store` (detached from the backward's own graph), or zeros when
+/// nothing flowed into it.
 pub fn grad_or_zeros(store: &GradStore, t: &Tensor) -> Result<Tensor> {
     match store.get(t) {
-        Some(g) => Ok(g.clone()),
+        Some(g) => Ok(g.detach()),
         None => t.zeros_like(),
     }
 }
