@@ -28,9 +28,10 @@ pub enum BenchCommand {
 pub struct TrainBenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = vec![8, 16, 32, 64, 96])]
     pub depths: Vec<usize>,
-    #[arg(long, default_value_t = 4)]
+    /// Sequences per step (at least 2: memory per sample is measured from half to full batch).
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 64)]
     pub seq: usize,
     #[arg(long, default_value_t = 512)]
     pub d_model: usize,
@@ -173,10 +174,13 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
             runs.push((Strategy::Reversible, Some(FixedPoint::default())));
         }
         for (strategy, exact) in runs {
+            // Per-sample memory is the growth from half the batch to the full batch, so that
+            // costs independent of the batch (weights, gradients, one LM-head chunk) cancel.
+            let half_batch = (args.batch / 2).max(1);
             let full = random_batch(args.batch, args.seq, vocab, &device)?;
-            let single = random_batch(1, args.seq, vocab, &device)?;
-            measure(&t, &single, strategy, exact)?; // warm-up
-            let (peak_one, _) = measure(&t, &single, strategy, exact)?;
+            let half = random_batch(half_batch, args.seq, vocab, &device)?;
+            measure(&t, &half, strategy, exact)?; // warm-up
+            let (peak_half, _) = measure(&t, &half, strategy, exact)?;
             let mut peak_full = 0;
             let mut times = Vec::new();
             for _ in 0..args.steps.max(1) {
@@ -186,8 +190,12 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
             }
             times.sort_by(f64::total_cmp);
             let step_seconds = times[times.len() / 2];
-            let per_sample = if args.batch > 1 { peak_full.saturating_sub(peak_one) as f64 / (args.batch - 1) as f64 } else { peak_full as f64 };
-            let fixed = peak_one as f64 - per_sample;
+            let per_sample = if args.batch > half_batch {
+                peak_full.saturating_sub(peak_half) as f64 / (args.batch - half_batch) as f64
+            } else {
+                peak_full as f64
+            };
+            let fixed = peak_full as f64 - per_sample * args.batch as f64;
             // Weights, gradients and two AdamW moments: 16 bytes per f32 parameter.
             let budget = (args.budget_gib * (1u64 << 30) as f64) as u64;
             let available = budget as f64 - 16.0 * parameters as f64 - fixed.max(0.0);

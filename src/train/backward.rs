@@ -47,7 +47,7 @@ pub struct StepGrads {
 }
 
 /// Rows of the LM head computed at once.
-pub const HEAD_CHUNK_ROWS: usize = 1024;
+pub const HEAD_CHUNK_ROWS: usize = 256;
 
 /// Cotangents of the two carried states.
 struct Adjoint {
