@@ -6,13 +6,7 @@
 mod common;
 
 use rewind::api::RunningServer;
-use rewind::model::chat_template::ChatTemplate;
-use rewind::model::config::ModelConfig;
-use rewind::model::loader::random::RandomSource;
-use rewind::model::loader::save::save_model;
-use rewind::model::loader::{build_model, WeightFormat};
-use rewind::model::reversible::ReversibleConfig;
-use rewind::model::tokenizer::TextTokenizer;
+use rewind::model::loader::WeightFormat;
 use rewind::settings::{ModelSettings, Settings};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -25,25 +19,7 @@ const CHATML: &str = "{%- for message in messages %}{{ '<|im_start|>' + message[
 /// The tiny model's directory, written once per test run.
 fn tiny_model() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let gguf = common::default_model();
-        let mut file = std::fs::File::open(&gguf).unwrap();
-        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-        let tokenizer = TextTokenizer::from_gguf_metadata(&content.metadata).unwrap();
-        let template = ChatTemplate::new("chatml", CHATML, "<|im_start|>", "<|im_end|>").unwrap();
-        let config: ModelConfig = serde_json::from_value(json!({
-            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": tokenizer.vocab_size(),
-            "max_position_embeddings": 4096, "tie_word_embeddings": true
-        }))
-        .unwrap();
-        let src = RandomSource { seed: 7, separate_head: false };
-        let model = build_model(&config, ReversibleConfig::euler(), &src, WeightFormat::F32, &candle_core::Device::Cpu).unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("tiny");
-        save_model(&model, &tokenizer, &template, &dir, candle_core::DType::F32).unwrap();
-        (tmp, dir)
-    })
+    &DIR.get_or_init(|| common::write_tiny_model("chatml", CHATML))
     .1
 }
 
