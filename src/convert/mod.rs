@@ -74,6 +74,7 @@ fn take_tokens(data: &[TokenizedExample], offset: usize, tokens: usize) -> (Vec<
     (out, i)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Runs (or resumes) every stage; `work_dir` keeps per-stage checkpoints and results.
 /// `on_stage(k, model)` is called after each stage with its model.
 pub fn convert(

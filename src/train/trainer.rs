@@ -229,7 +229,7 @@ pub fn train(
                 trained_tokens: state.trained_tokens,
                 peak_memory_bytes: peak_memory_bytes(),
             });
-            if config.checkpoint_every > 0 && state.step % config.checkpoint_every == 0 {
+            if config.checkpoint_every > 0 && state.step.is_multiple_of(config.checkpoint_every) {
                 save(&state, &optimizer, observer)?;
             }
         }
