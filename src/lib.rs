@@ -16,14 +16,14 @@
 //!   cancellation, resume after a restart, result files.
 //! - [`api`]: the OpenAI-compatible HTTP server (chat, completions, models, files, fine-tuning
 //!   jobs and the legacy fine-tunes API, health, metrics).
+pub mod api;
+pub mod cli;
+pub mod convert;
+pub mod engine;
+pub mod jobs;
+pub mod memory;
 pub mod model;
 pub mod provision;
-pub mod cli;
-pub mod train;
-pub mod memory;
 pub mod settings;
-pub mod engine;
 pub mod store;
-pub mod jobs;
-pub mod api;
-pub mod convert;
+pub mod train;

@@ -8,7 +8,11 @@ use rewind::cli;
 static ALLOCATOR: rewind::memory::CountingAlloc = rewind::memory::CountingAlloc;
 
 #[derive(Parser)]
-#[command(name = "rewind", version, about = "Serve and fine-tune time-reversible LLMs")]
+#[command(
+    name = "rewind",
+    version,
+    about = "Serve and fine-tune time-reversible LLMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

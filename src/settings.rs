@@ -35,7 +35,11 @@ pub struct FineTuningSettings {
 
 impl Default for FineTuningSettings {
     fn default() -> Self {
-        Self { max_file_bytes: 64 << 20, max_seq_len: 512, metrics_every: 1 }
+        Self {
+            max_file_bytes: 64 << 20,
+            max_seq_len: 512,
+            metrics_every: 1,
+        }
     }
 }
 
@@ -104,7 +108,13 @@ fn default_format() -> WeightFormat {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("data"), server: ServerSettings::default(), limits: Limits::default(), models: Vec::new(), fine_tuning: FineTuningSettings::default() }
+        Self {
+            data_dir: PathBuf::from("data"),
+            server: ServerSettings::default(),
+            limits: Limits::default(),
+            models: Vec::new(),
+            fine_tuning: FineTuningSettings::default(),
+        }
     }
 }
 
@@ -137,7 +147,12 @@ impl Default for Limits {
 
 impl ModelSettings {
     pub fn new(source: &str) -> Self {
-        Self { id: None, source: source.to_string(), scheme: None, format: default_format() }
+        Self {
+            id: None,
+            source: source.to_string(),
+            scheme: None,
+            format: default_format(),
+        }
     }
 
     /// The id clients use: the configured one, else the known model's canonical name, else the
@@ -150,8 +165,14 @@ impl ModelSettings {
             return known.name.to_string();
         }
         let path = Path::new(&self.source);
-        let stem = if path.extension().is_some_and(|e| e == "gguf") { path.file_stem() } else { path.file_name() };
-        stem.and_then(|s| s.to_str()).unwrap_or(&self.source).to_string()
+        let stem = if path.extension().is_some_and(|e| e == "gguf") {
+            path.file_stem()
+        } else {
+            path.file_name()
+        };
+        stem.and_then(|s| s.to_str())
+            .unwrap_or(&self.source)
+            .to_string()
     }
 }
 
@@ -181,7 +202,8 @@ impl Settings {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_toml(&text).with_context(|| format!("{}: invalid configuration", path.display()))
     }
 
@@ -195,10 +217,18 @@ impl Settings {
         where
             T::Err: std::fmt::Display,
         {
-            value.trim().parse().map_err(|e| anyhow::anyhow!("{name}={value:?}: {e}"))
+            value
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{name}={value:?}: {e}"))
         }
         fn list(value: &str) -> Vec<String> {
-            value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
         }
         if let Some(v) = get("REWIND_HOST") {
             self.server.host = v;
@@ -225,7 +255,10 @@ impl Settings {
             ("REWIND_MAX_QUEUE", &mut self.limits.max_queue),
             ("REWIND_MAX_BATCH", &mut self.limits.max_batch),
             ("REWIND_KV_CACHE_MB", &mut self.limits.kv_cache_mb),
-            ("REWIND_MAX_PREFILL_TOKENS", &mut self.limits.max_prefill_tokens),
+            (
+                "REWIND_MAX_PREFILL_TOKENS",
+                &mut self.limits.max_prefill_tokens,
+            ),
             ("REWIND_MAX_BODY_BYTES", &mut self.limits.max_body_bytes),
             ("REWIND_MAX_TOKENS", &mut self.limits.max_tokens),
             ("REWIND_MAX_N", &mut self.limits.max_n),
@@ -239,9 +272,15 @@ impl Settings {
             self.models = vec![ModelSettings::new(&v)];
         }
         if let Some(v) = get("REWIND_FORMAT") {
-            let format = serde_json::from_value::<WeightFormat>(serde_json::Value::String(v.to_ascii_lowercase()))
-                .map_err(|_| anyhow::anyhow!("REWIND_FORMAT={v:?}: expected f32, bf16, f16 or quantized"))?;
-            self.models_or_default().iter_mut().for_each(|m| m.format = format);
+            let format = serde_json::from_value::<WeightFormat>(serde_json::Value::String(
+                v.to_ascii_lowercase(),
+            ))
+            .map_err(|_| {
+                anyhow::anyhow!("REWIND_FORMAT={v:?}: expected f32, bf16, f16 or quantized")
+            })?;
+            self.models_or_default()
+                .iter_mut()
+                .for_each(|m| m.format = format);
         }
         Ok(())
     }
@@ -260,17 +299,22 @@ impl Settings {
             self.models = vec![ModelSettings::new(model)];
         }
         if let Some(format) = o.format {
-            self.models_or_default().iter_mut().for_each(|m| m.format = format);
+            self.models_or_default()
+                .iter_mut()
+                .for_each(|m| m.format = format);
         }
         if let Some(scheme) = &o.scheme {
-            self.models_or_default().iter_mut().for_each(|m| m.scheme = Some(scheme.clone()));
+            self.models_or_default()
+                .iter_mut()
+                .for_each(|m| m.scheme = Some(scheme.clone()));
         }
     }
 
     /// The configured models, materialising the default one so that per-model overrides apply.
     fn models_or_default(&mut self) -> &mut Vec<ModelSettings> {
         if self.models.is_empty() {
-            self.models.push(ModelSettings::new(crate::provision::DEFAULT_MODEL));
+            self.models
+                .push(ModelSettings::new(crate::provision::DEFAULT_MODEL));
         }
         &mut self.models
     }
@@ -299,10 +343,17 @@ impl Settings {
                 bail!("{name} must be at least 1");
             }
         }
-        let mut ids: Vec<String> = self.served_models().iter().map(ModelSettings::served_id).collect();
+        let mut ids: Vec<String> = self
+            .served_models()
+            .iter()
+            .map(ModelSettings::served_id)
+            .collect();
         ids.sort();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
-            bail!("two models are served as `{}`: give them distinct `id`s", w[0]);
+            bail!(
+                "two models are served as `{}`: give them distinct `id`s",
+                w[0]
+            );
         }
         if let Some(id) = ids.iter().find(|id| id.starts_with("ft:")) {
             bail!("model id `{id}`: the `ft:` prefix is reserved for fine-tuned models");
@@ -341,7 +392,8 @@ impl DeviceSpec {
     pub fn open(self) -> Result<candle_core::Device> {
         Ok(match self {
             Self::Cpu => candle_core::Device::Cpu,
-            Self::Cuda(n) => candle_core::Device::new_cuda(n).context("opening the CUDA device (is this a `--features cuda` build?)")?,
+            Self::Cuda(n) => candle_core::Device::new_cuda(n)
+                .context("opening the CUDA device (is this a `--features cuda` build?)")?,
         })
     }
 }
@@ -355,13 +407,18 @@ mod tests {
     fn empty_file_is_the_default() {
         let s = Settings::from_toml("").unwrap();
         assert_eq!(s, Settings::default());
-        assert_eq!(s.served_models()[0].served_id(), crate::provision::DEFAULT_MODEL);
+        assert_eq!(
+            s.served_models()[0].served_id(),
+            crate::provision::DEFAULT_MODEL
+        );
         s.validate().unwrap();
     }
 
     #[test]
     fn shipped_config_parses() {
-        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+                .unwrap();
         let s = Settings::from_toml(&text).unwrap();
         s.validate().unwrap();
     }
@@ -383,29 +440,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.models[0].served_id(), "x");
-        let env: HashMap<&str, &str> =
-            [("REWIND_PORT", "9100"), ("REWIND_API_KEYS", "k1, k2"), ("REWIND_MAX_BATCH", "4"), ("REWIND_FORMAT", "Quantized")].into();
+        let env: HashMap<&str, &str> = [
+            ("REWIND_PORT", "9100"),
+            ("REWIND_API_KEYS", "k1, k2"),
+            ("REWIND_MAX_BATCH", "4"),
+            ("REWIND_FORMAT", "Quantized"),
+        ]
+        .into();
         s.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
         assert_eq!((s.server.port, s.limits.max_batch), (9100, 4));
         assert_eq!(s.server.api_keys, ["k1", "k2"]);
         assert_eq!(s.models[0].format, WeightFormat::Quantized);
-        s.apply_overrides(&Overrides { port: Some(1), model: Some("smollm2".into()), ..Default::default() });
+        s.apply_overrides(&Overrides {
+            port: Some(1),
+            model: Some("smollm2".into()),
+            ..Default::default()
+        });
         assert_eq!(s.server.port, 1);
-        assert_eq!(s.served_models()[0].served_id(), crate::provision::DEFAULT_MODEL);
+        assert_eq!(
+            s.served_models()[0].served_id(),
+            crate::provision::DEFAULT_MODEL
+        );
         assert_eq!(s.data_dir, PathBuf::from("/srv/rewind"));
     }
 
     #[test]
     fn bad_values_are_named() {
-        let err = Settings::from_toml("[server]\nprot = 1").unwrap_err().to_string();
+        let err = Settings::from_toml("[server]\nprot = 1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("prot"), "{err}");
         let mut s = Settings::default();
-        let err = s.apply_env(|k| (k == "REWIND_PORT").then(|| "http".to_string())).unwrap_err().to_string();
+        let err = s
+            .apply_env(|k| (k == "REWIND_PORT").then(|| "http".to_string()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("REWIND_PORT"), "{err}");
         let mut s = Settings::default();
         s.limits.max_batch = 0;
         assert!(s.validate().unwrap_err().to_string().contains("max_batch"));
-        let s = Settings { models: vec![ModelSettings::new("a.gguf"), ModelSettings::new("dir/a.gguf")], ..Default::default() };
+        let s = Settings {
+            models: vec![
+                ModelSettings::new("a.gguf"),
+                ModelSettings::new("dir/a.gguf"),
+            ],
+            ..Default::default()
+        };
         assert!(s.validate().unwrap_err().to_string().contains("distinct"));
         assert!(parse_device("tpu").is_err());
         assert_eq!(parse_device("cuda:1").unwrap(), DeviceSpec::Cuda(1));

@@ -26,7 +26,7 @@ const TOOLS_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\nYou may call th
 fn tiny_model() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| common::write_tiny_model("tools test template", TOOLS_TEMPLATE))
-    .1
+        .1
 }
 
 struct App {
@@ -49,11 +49,19 @@ fn spawn_app(models: &[(&str, &str, WeightFormat)], configure: impl FnOnce(&mut 
     settings.data_dir = data.path().to_path_buf();
     settings.models = models
         .iter()
-        .map(|(id, source, format)| ModelSettings { id: Some(id.to_string()), source: source.to_string(), scheme: None, format: *format })
+        .map(|(id, source, format)| ModelSettings {
+            id: Some(id.to_string()),
+            source: source.to_string(),
+            scheme: None,
+            format: *format,
+        })
         .collect();
     configure(&mut settings);
     let server = rewind::api::start(settings).unwrap();
-    let app = App { server, _data: data };
+    let app = App {
+        server,
+        _data: data,
+    };
     let started = Instant::now();
     loop {
         let health = client().get(app.url("/health")).send().unwrap();
@@ -61,23 +69,32 @@ fn spawn_app(models: &[(&str, &str, WeightFormat)], configure: impl FnOnce(&mut 
             return app;
         }
         assert_eq!(health.status(), 503, "health before loading");
-        assert!(started.elapsed() < Duration::from_secs(60), "the model did not load");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the model did not load"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
 }
 
 /// The shared tiny-model server for tests that need no special limits.
 fn tiny() -> &'static App {
     static APP: OnceLock<App> = OnceLock::new();
     APP.get_or_init(|| {
-        spawn_app(&[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)], |s| {
-            s.limits.max_body_bytes = 1 << 20;
-            s.server.cors_origins = vec!["https://app.example".into()];
-        })
+        spawn_app(
+            &[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)],
+            |s| {
+                s.limits.max_body_bytes = 1 << 20;
+                s.server.cors_origins = vec!["https://app.example".into()];
+            },
+        )
     })
 }
 
@@ -106,7 +123,10 @@ fn chat(app: &App, body: Value) -> Value {
 fn sse(app: &App, path: &str, body: &Value) -> (Vec<Value>, bool) {
     let res = client().post(app.url(path)).json(body).send().unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     parse_sse(&res.text().unwrap())
 }
 
@@ -117,7 +137,9 @@ fn parse_sse(text: &str) -> (Vec<Value>, bool) {
         if block.starts_with(':') {
             continue;
         }
-        let data = block.strip_prefix("data: ").unwrap_or_else(|| panic!("not a data event: {block:?}"));
+        let data = block
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("not a data event: {block:?}"));
         assert!(!done, "an event after [DONE]");
         if data == "[DONE]" {
             done = true;
@@ -143,12 +165,24 @@ fn chat_stream_text(chunks: &[Value], choices: usize) -> Vec<String> {
 
 fn error_of(value: &Value) -> (&str, Option<&str>, Option<&str>) {
     let e = &value["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{value}");
-    (e["type"].as_str().unwrap(), e["param"].as_str(), e["code"].as_str())
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{value}"
+    );
+    (
+        e["type"].as_str().unwrap(),
+        e["param"].as_str(),
+        e["code"].as_str(),
+    )
 }
 
 fn metric(app: &App, name: &str) -> f64 {
-    let text = client().get(app.url("/metrics")).send().unwrap().text().unwrap();
+    let text = client()
+        .get(app.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
@@ -163,12 +197,25 @@ fn user(content: &str) -> Value {
 #[test]
 fn models_are_listed_and_retrieved() {
     let app = tiny();
-    let list: Value = client().get(app.url("/v1/models")).send().unwrap().json().unwrap();
+    let list: Value = client()
+        .get(app.url("/v1/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(list["object"], "list");
     let model = &list["data"][0];
-    assert_eq!((model["id"].as_str(), model["object"].as_str()), (Some(TINY), Some("model")));
+    assert_eq!(
+        (model["id"].as_str(), model["object"].as_str()),
+        (Some(TINY), Some("model"))
+    );
     assert!(model["created"].as_u64().is_some() && model["owned_by"].as_str().is_some());
-    let one: Value = client().get(app.url("/v1/models/tiny")).send().unwrap().json().unwrap();
+    let one: Value = client()
+        .get(app.url("/v1/models/tiny"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(one["id"], TINY);
 
     let res = client().get(app.url("/v1/models/gpt-5")).send().unwrap();
@@ -176,8 +223,22 @@ fn models_are_listed_and_retrieved() {
     let body: Value = res.json().unwrap();
     assert_eq!(error_of(&body).2, Some("model_not_found"));
     // Base models cannot be deleted; unknown ones are not found.
-    assert_eq!(client().delete(app.url("/v1/models/tiny")).send().unwrap().status(), 403);
-    assert_eq!(client().delete(app.url("/v1/models/ft:tiny:x::y")).send().unwrap().status(), 404);
+    assert_eq!(
+        client()
+            .delete(app.url("/v1/models/tiny"))
+            .send()
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        client()
+            .delete(app.url("/v1/models/ft:tiny:x::y"))
+            .send()
+            .unwrap()
+            .status(),
+        404
+    );
     // Unknown paths get the envelope too.
     let res = client().get(app.url("/v1/nothing")).send().unwrap();
     assert_eq!(res.status(), 404);
@@ -187,10 +248,23 @@ fn models_are_listed_and_retrieved() {
 #[test]
 fn health_and_metrics() {
     let app = tiny();
-    let health: Value = client().get(app.url("/health")).send().unwrap().json().unwrap();
+    let health: Value = client()
+        .get(app.url("/health"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(health["status"], "ok");
-    chat(app, json!({"model": TINY, "messages": user("hi"), "max_tokens": 2}));
-    let text = client().get(app.url("/metrics")).send().unwrap().text().unwrap();
+    chat(
+        app,
+        json!({"model": TINY, "messages": user("hi"), "max_tokens": 2}),
+    );
+    let text = client()
+        .get(app.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     for name in [
         "rewind_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}",
         "rewind_running_sequences",
@@ -208,16 +282,26 @@ fn health_and_metrics() {
 #[test]
 fn chat_completion_shape() {
     let app = tiny();
-    let r = chat(app, json!({"model": TINY, "messages": user("Say something"), "max_tokens": 5, "store": true, "metadata": {"k": "v"}, "foo": 1}));
+    let r = chat(
+        app,
+        json!({"model": TINY, "messages": user("Say something"), "max_tokens": 5, "store": true, "metadata": {"k": "v"}, "foo": 1}),
+    );
     assert!(r["id"].as_str().unwrap().starts_with("chatcmpl-"));
-    assert_eq!((r["object"].as_str(), r["model"].as_str()), (Some("chat.completion"), Some(TINY)));
+    assert_eq!(
+        (r["object"].as_str(), r["model"].as_str()),
+        (Some("chat.completion"), Some(TINY))
+    );
     let choice = &r["choices"][0];
     assert_eq!(choice["index"], 0);
     assert_eq!(choice["message"]["role"], "assistant");
     assert!(choice["message"]["content"].is_string());
     assert!(choice["logprobs"].is_null());
     let u = &r["usage"];
-    let (p, c, t) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap(), u["total_tokens"].as_u64().unwrap());
+    let (p, c, t) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+        u["total_tokens"].as_u64().unwrap(),
+    );
     assert!(p > 0 && (1..=5).contains(&c) && t == p + c, "{u}");
     assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
 }
@@ -242,14 +326,28 @@ fn stream_chunks_come_in_order() {
     assert!(done, "no [DONE]");
     let first = &chunks[0];
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == first["id"] && c["created"] == first["created"]));
-    let finishes: Vec<&Value> = chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()).filter(|c| !c["finish_reason"].is_null()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"
+        && c["id"] == first["id"]
+        && c["created"] == first["created"]));
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .filter(|c| !c["finish_reason"].is_null())
+        .collect();
     assert_eq!(finishes.len(), 1, "exactly one finish_reason");
     let (last, rest) = chunks.split_last().unwrap();
     assert_eq!(last["choices"], json!([]));
     let usage = &last["usage"];
-    assert_eq!(usage["total_tokens"].as_u64(), Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()));
-    assert!(rest.iter().all(|c| c.get("usage") == Some(&Value::Null)), "earlier chunks carry usage: null");
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+    assert!(
+        rest.iter().all(|c| c.get("usage") == Some(&Value::Null)),
+        "earlier chunks carry usage: null"
+    );
     // The finish chunk is the last one with choices.
     assert!(!rest.last().unwrap()["choices"][0]["finish_reason"].is_null());
 
@@ -267,16 +365,23 @@ fn streaming_equals_non_streaming_at_temperature_zero() {
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
     let (chunks, _) = sse(app, "/v1/chat/completions", &streamed);
-    assert_eq!(chat_stream_text(&chunks, 1)[0], full["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        chat_stream_text(&chunks, 1)[0],
+        full["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 
-    let body = json!({"model": TINY, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0});
+    let body =
+        json!({"model": TINY, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0});
     let (status, full) = post(app, "/v1/completions", &body);
     assert_eq!(status, 200);
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
     let (chunks, done) = sse(app, "/v1/completions", &streamed);
     assert!(done);
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
     assert_eq!(text, full["choices"][0]["text"].as_str().unwrap());
     assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
 }
@@ -284,19 +389,42 @@ fn streaming_equals_non_streaming_at_temperature_zero() {
 #[test]
 fn n_two_gives_two_choices() {
     let app = tiny();
-    let r = chat(app, json!({"model": TINY, "messages": user("Hi"), "n": 2, "max_tokens": 6, "seed": 3}));
+    let r = chat(
+        app,
+        json!({"model": TINY, "messages": user("Hi"), "n": 2, "max_tokens": 6, "seed": 3}),
+    );
     let choices = r["choices"].as_array().unwrap();
-    assert_eq!(choices.iter().map(|c| c["index"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(
+        choices
+            .iter()
+            .map(|c| c["index"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1]
+    );
     assert!(choices.iter().all(|c| c["finish_reason"].is_string()));
 
-    let body = json!({"model": TINY, "messages": user("Hi"), "n": 2, "max_tokens": 6, "stream": true});
+    let body =
+        json!({"model": TINY, "messages": user("Hi"), "n": 2, "max_tokens": 6, "stream": true});
     let (chunks, done) = sse(app, "/v1/chat/completions", &body);
     assert!(done);
     for index in 0..2 {
-        let of_choice: Vec<&Value> =
-            chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()).filter(|c| c["index"] == index).collect();
-        assert_eq!(of_choice[0]["delta"]["role"], "assistant", "choice {index} starts with its role");
-        assert_eq!(of_choice.iter().filter(|c| !c["finish_reason"].is_null()).count(), 1, "choice {index}");
+        let of_choice: Vec<&Value> = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap())
+            .filter(|c| c["index"] == index)
+            .collect();
+        assert_eq!(
+            of_choice[0]["delta"]["role"], "assistant",
+            "choice {index} starts with its role"
+        );
+        assert_eq!(
+            of_choice
+                .iter()
+                .filter(|c| !c["finish_reason"].is_null())
+                .count(),
+            1,
+            "choice {index}"
+        );
     }
 }
 
@@ -309,9 +437,16 @@ fn stop_strings_across_token_boundaries_are_excluded() {
     let find_boundary = |prompt: &str| {
         let body = json!({"model": TINY, "messages": user(prompt), "max_tokens": 40, "temperature": 0, "logprobs": true});
         let r = chat(app, body.clone());
-        let text = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
-        let tokens: Vec<String> =
-            r["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap().to_string()).collect();
+        let text = r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let tokens: Vec<String> = r["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap().to_string())
+            .collect();
         let mut offset = 0;
         for pair in tokens.windows(2) {
             if ascii(&pair[0]) && ascii(&pair[1]) {
@@ -325,49 +460,90 @@ fn stop_strings_across_token_boundaries_are_excluded() {
         }
         None
     };
-    let (body, text, stop, at) = ["Go", "Tell me a story", "Hello there", "Count to ten", "Why?"]
-        .iter()
-        .find_map(|p| find_boundary(p))
-        .expect("no greedy output with two adjacent ASCII tokens");
+    let (body, text, stop, at) = [
+        "Go",
+        "Tell me a story",
+        "Hello there",
+        "Count to ten",
+        "Why?",
+    ]
+    .iter()
+    .find_map(|p| find_boundary(p))
+    .expect("no greedy output with two adjacent ASCII tokens");
     let mut body = body;
     body["stop"] = json!([stop]);
     let r = chat(app, body.clone());
-    assert_eq!(r["choices"][0]["message"]["content"].as_str().unwrap(), &text[..at]);
+    assert_eq!(
+        r["choices"][0]["message"]["content"].as_str().unwrap(),
+        &text[..at]
+    );
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
     body["stream"] = json!(true);
     let (chunks, _) = sse(app, "/v1/chat/completions", &body);
     assert_eq!(chat_stream_text(&chunks, 1)[0], &text[..at]);
-    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap();
+    let finish = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .unwrap();
     assert_eq!(finish, "stop");
 }
 
 #[test]
 fn logprobs_have_the_openai_shape() {
     let app = tiny();
-    let r = chat(app, json!({"model": TINY, "messages": user("Hi"), "max_tokens": 3, "logprobs": true, "top_logprobs": 2}));
+    let r = chat(
+        app,
+        json!({"model": TINY, "messages": user("Hi"), "max_tokens": 3, "logprobs": true, "top_logprobs": 2}),
+    );
     let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert!(!content.is_empty());
     for entry in content {
-        assert!(entry["token"].is_string() && entry["logprob"].as_f64().unwrap() <= 0.0 && entry["bytes"].is_array());
+        assert!(
+            entry["token"].is_string()
+                && entry["logprob"].as_f64().unwrap() <= 0.0
+                && entry["bytes"].is_array()
+        );
         assert_eq!(entry["top_logprobs"].as_array().unwrap().len(), 2);
     }
-    let (status, r) = post(app, "/v1/completions", &json!({"model": TINY, "prompt": "a", "max_tokens": 3, "logprobs": 2, "echo": true}));
+    let (status, r) = post(
+        app,
+        "/v1/completions",
+        &json!({"model": TINY, "prompt": "a", "max_tokens": 3, "logprobs": 2, "echo": true}),
+    );
     assert_eq!(status, 200);
     let lp = &r["choices"][0]["logprobs"];
-    assert_eq!(lp["tokens"].as_array().unwrap().len(), lp["token_logprobs"].as_array().unwrap().len());
-    assert!(r["choices"][0]["text"].as_str().unwrap().starts_with('a'), "echo");
+    assert_eq!(
+        lp["tokens"].as_array().unwrap().len(),
+        lp["token_logprobs"].as_array().unwrap().len()
+    );
+    assert!(
+        r["choices"][0]["text"].as_str().unwrap().starts_with('a'),
+        "echo"
+    );
 }
 
 #[test]
 fn completions_with_several_prompts() {
     let app = tiny();
-    let (status, r) = post(app, "/v1/completions", &json!({"model": TINY, "prompt": ["one", "two"], "n": 2, "max_tokens": 2}));
+    let (status, r) = post(
+        app,
+        "/v1/completions",
+        &json!({"model": TINY, "prompt": ["one", "two"], "n": 2, "max_tokens": 2}),
+    );
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["object"], "text_completion");
     assert_eq!(r["choices"].as_array().unwrap().len(), 4);
-    assert!(r["choices"].as_array().unwrap().iter().all(|c| c["text"].is_string() && c["finish_reason"].is_string()));
+    assert!(r["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["text"].is_string() && c["finish_reason"].is_string()));
     // Token-id prompts too.
-    let (status, _) = post(app, "/v1/completions", &json!({"model": TINY, "prompt": [1, 2, 3], "max_tokens": 1}));
+    let (status, _) = post(
+        app,
+        "/v1/completions",
+        &json!({"model": TINY, "prompt": [1, 2, 3], "max_tokens": 1}),
+    );
     assert_eq!(status, 200);
 }
 
@@ -375,18 +551,78 @@ fn completions_with_several_prompts() {
 fn errors_use_the_envelope_and_status() {
     let app = tiny();
     let cases = [
-        (json!({"model": "nope", "messages": user("x")}), 404, Some("model"), Some("model_not_found")),
-        (json!({"model": TINY, "messages": user("x"), "temperature": 5}), 400, Some("temperature"), Some("invalid_value")),
-        (json!({"model": TINY, "messages": user("x"), "temperature": "warm"}), 400, Some("temperature"), Some("invalid_type")),
-        (json!({"model": TINY}), 400, Some("messages"), Some("missing_required_parameter")),
-        (json!({"model": TINY, "messages": []}), 400, Some("messages"), Some("invalid_value")),
-        (json!({"model": TINY, "messages": user("x"), "n": 0}), 400, Some("n"), Some("invalid_value")),
-        (json!({"model": TINY, "messages": user("x"), "top_logprobs": 3}), 400, Some("top_logprobs"), Some("invalid_value")),
-        (json!({"model": TINY, "messages": user("x"), "logit_bias": {"99999999": 1}}), 400, Some("logit_bias"), Some("invalid_value")),
-        (json!({"model": TINY, "messages": user("x"), "response_format": {"type": "yaml"}}), 400, Some("response_format"), Some("invalid_value")),
-        (json!({"model": TINY, "messages": user("x"), "max_tokens": 9000}), 400, Some("max_tokens"), Some("invalid_value")),
-        (json!({"model": TINY, "messages": user("x"), "max_tokens": 4090}), 400, Some("messages"), Some("context_length_exceeded")),
-        (json!({"model": TINY, "messages": user(&"word ".repeat(5000))}), 400, Some("messages"), Some("context_length_exceeded")),
+        (
+            json!({"model": "nope", "messages": user("x")}),
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            json!({"model": TINY, "messages": user("x"), "temperature": 5}),
+            400,
+            Some("temperature"),
+            Some("invalid_value"),
+        ),
+        (
+            json!({"model": TINY, "messages": user("x"), "temperature": "warm"}),
+            400,
+            Some("temperature"),
+            Some("invalid_type"),
+        ),
+        (
+            json!({"model": TINY}),
+            400,
+            Some("messages"),
+            Some("missing_required_parameter"),
+        ),
+        (
+            json!({"model": TINY, "messages": []}),
+            400,
+            Some("messages"),
+            Some("invalid_value"),
+        ),
+        (
+            json!({"model": TINY, "messages": user("x"), "n": 0}),
+            400,
+            Some("n"),
+            Some("invalid_value"),
+        ),
+        (
+            json!({"model": TINY, "messages": user("x"), "top_logprobs": 3}),
+            400,
+            Some("top_logprobs"),
+            Some("invalid_value"),
+        ),
+        (
+            json!({"model": TINY, "messages": user("x"), "logit_bias": {"99999999": 1}}),
+            400,
+            Some("logit_bias"),
+            Some("invalid_value"),
+        ),
+        (
+            json!({"model": TINY, "messages": user("x"), "response_format": {"type": "yaml"}}),
+            400,
+            Some("response_format"),
+            Some("invalid_value"),
+        ),
+        (
+            json!({"model": TINY, "messages": user("x"), "max_tokens": 9000}),
+            400,
+            Some("max_tokens"),
+            Some("invalid_value"),
+        ),
+        (
+            json!({"model": TINY, "messages": user("x"), "max_tokens": 4090}),
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            json!({"model": TINY, "messages": user(&"word ".repeat(5000))}),
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
     ];
     for (body, status, param, code) in cases {
         let (got, value) = post(app, "/v1/chat/completions", &body);
@@ -395,15 +631,30 @@ fn errors_use_the_envelope_and_status() {
         assert_eq!((p, c), (param, code), "{body}: {value}");
         assert_eq!(kind, "invalid_request_error");
     }
-    let (status, value) = post(app, "/v1/completions", &json!({"model": TINY, "prompt": "x".repeat(10), "max_tokens": 4095}));
-    assert_eq!((status, error_of(&value).2), (400, Some("context_length_exceeded")));
+    let (status, value) = post(
+        app,
+        "/v1/completions",
+        &json!({"model": TINY, "prompt": "x".repeat(10), "max_tokens": 4095}),
+    );
+    assert_eq!(
+        (status, error_of(&value).2),
+        (400, Some("context_length_exceeded"))
+    );
 
-    let res = client().post(app.url("/v1/chat/completions")).body("{not json").send().unwrap();
+    let res = client()
+        .post(app.url("/v1/chat/completions"))
+        .body("{not json")
+        .send()
+        .unwrap();
     assert_eq!(res.status(), 400);
     assert_eq!(error_of(&res.json().unwrap()).2, Some("invalid_json"));
     // Bodies over the limit (1 MiB here) get 413.
     let big = json!({"model": TINY, "messages": user(&"x".repeat(2 << 20))});
-    let res = client().post(app.url("/v1/chat/completions")).json(&big).send().unwrap();
+    let res = client()
+        .post(app.url("/v1/chat/completions"))
+        .json(&big)
+        .send()
+        .unwrap();
     assert_eq!(res.status(), 413);
     error_of(&res.json().unwrap());
 }
@@ -415,14 +666,31 @@ fn cors_only_for_configured_origins() {
         .request(reqwest::Method::OPTIONS, app.url("/v1/chat/completions"))
         .header("Origin", "https://app.example")
         .header("Access-Control-Request-Method", "POST")
-        .header("Access-Control-Request-Headers", "authorization, content-type")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization, content-type",
+        )
         .send()
         .unwrap();
     assert_eq!(res.status(), 204);
-    assert_eq!(res.headers()["access-control-allow-origin"], "https://app.example");
-    let res = client().get(app.url("/v1/models")).header("Origin", "https://app.example").send().unwrap();
-    assert_eq!(res.headers()["access-control-allow-origin"], "https://app.example");
-    let res = client().get(app.url("/v1/models")).header("Origin", "https://evil.example").send().unwrap();
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let res = client()
+        .get(app.url("/v1/models"))
+        .header("Origin", "https://app.example")
+        .send()
+        .unwrap();
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let res = client()
+        .get(app.url("/v1/models"))
+        .header("Origin", "https://evil.example")
+        .send()
+        .unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
 
@@ -430,8 +698,12 @@ fn cors_only_for_configured_origins() {
 fn tools_reach_a_template_that_supports_them() {
     let app = tiny();
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
-    let r = chat(app, json!({"model": TINY, "messages": user("Weather in Paris?"), "tools": tools, "max_tokens": 4}));
-    assert!(["stop", "length", "tool_calls"].contains(&r["choices"][0]["finish_reason"].as_str().unwrap()));
+    let r = chat(
+        app,
+        json!({"model": TINY, "messages": user("Weather in Paris?"), "tools": tools, "max_tokens": 4}),
+    );
+    assert!(["stop", "length", "tool_calls"]
+        .contains(&r["choices"][0]["finish_reason"].as_str().unwrap()));
     let body = json!({"model": TINY, "messages": user("Weather?"), "tools": tools, "max_tokens": 4, "stream": true});
     let (chunks, done) = sse(app, "/v1/chat/completions", &body);
     assert!(done && chunks[0]["choices"][0]["delta"]["role"] == "assistant");
@@ -447,7 +719,10 @@ fn concurrent_streams_are_batched_and_all_correct() {
     let reference = {
         let mut b = body.clone();
         b["stream"] = json!(false);
-        chat(app, b)["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        chat(app, b)["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     let steps_before = metric(app, "rewind_decode_steps_total");
     let tokens_before = metric(app, "rewind_generated_tokens_total");
@@ -461,18 +736,28 @@ fn concurrent_streams_are_batched_and_all_correct() {
         let (chunks, done) = h.join().unwrap();
         assert!(done);
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-        assert_eq!(chat_stream_text(&chunks, 1)[0], reference, "a batched stream differs from the single request");
+        assert_eq!(
+            chat_stream_text(&chunks, 1)[0],
+            reference,
+            "a batched stream differs from the single request"
+        );
     }
     // Many sequences shared each forward step (other tests may add a few steps meanwhile).
     let steps = metric(app, "rewind_decode_steps_total") - steps_before;
     let tokens = metric(app, "rewind_generated_tokens_total") - tokens_before;
     eprintln!("{steps} steps for {tokens} tokens");
-    assert!(tokens >= 32.0 * 48.0 && steps < tokens / 3.0, "{steps} steps for {tokens} tokens");
+    assert!(
+        tokens >= 32.0 * 48.0 && steps < tokens / 3.0,
+        "{steps} steps for {tokens} tokens"
+    );
 }
 
 #[test]
 fn fine_tuned_models_are_added_served_and_deleted_without_restart() {
-    let app = spawn_app(&[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)], |_| {});
+    let app = spawn_app(
+        &[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)],
+        |_| {},
+    );
     let id = "ft:tiny:acme:demo:abc12345";
     let spec = ModelSpec {
         id: id.into(),
@@ -484,37 +769,85 @@ fn fine_tuned_models_are_added_served_and_deleted_without_restart() {
     };
     let done = app.server.engine.add_model(spec).unwrap();
     done.blocking_recv().unwrap().unwrap();
-    let list: Value = client().get(app.url("/v1/models")).send().unwrap().json().unwrap();
-    assert!(list["data"].as_array().unwrap().iter().any(|m| m["id"] == id && m["owned_by"] == "acme"));
-    chat(&app, json!({"model": id, "messages": user("hi"), "max_tokens": 2}));
+    let list: Value = client()
+        .get(app.url("/v1/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == id && m["owned_by"] == "acme"));
+    chat(
+        &app,
+        json!({"model": id, "messages": user("hi"), "max_tokens": 2}),
+    );
     let stored = std::fs::read_to_string(app._data.path().join("models.json")).unwrap();
     assert!(stored.contains(id));
 
-    let res = client().delete(app.url(&format!("/v1/models/{id}"))).send().unwrap();
+    let res = client()
+        .delete(app.url(&format!("/v1/models/{id}")))
+        .send()
+        .unwrap();
     assert_eq!(res.status(), 200);
     let body: Value = res.json().unwrap();
-    assert_eq!((body["id"].as_str(), body["deleted"].as_bool()), (Some(id), Some(true)));
-    let (status, _) = post(&app, "/v1/chat/completions", &json!({"model": id, "messages": user("hi")}));
+    assert_eq!(
+        (body["id"].as_str(), body["deleted"].as_bool()),
+        (Some(id), Some(true))
+    );
+    let (status, _) = post(
+        &app,
+        "/v1/chat/completions",
+        &json!({"model": id, "messages": user("hi")}),
+    );
     assert_eq!(status, 404);
 }
 
 #[test]
 fn api_keys_are_required_when_configured() {
-    let app = spawn_app(&[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)], |s| s.server.api_keys = vec!["sk-test".into()]);
+    let app = spawn_app(
+        &[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)],
+        |s| s.server.api_keys = vec!["sk-test".into()],
+    );
     let body = json!({"model": TINY, "messages": user("hi"), "max_tokens": 1});
-    let res = client().post(app.url("/v1/chat/completions")).json(&body).send().unwrap();
+    let res = client()
+        .post(app.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .unwrap();
     assert_eq!(res.status(), 401);
     assert_eq!(error_of(&res.json().unwrap()).2, Some("invalid_api_key"));
-    let res = client().post(app.url("/v1/chat/completions")).bearer_auth("sk-wrong").json(&body).send().unwrap();
+    let res = client()
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth("sk-wrong")
+        .json(&body)
+        .send()
+        .unwrap();
     assert_eq!(res.status(), 401);
-    let res = client().post(app.url("/v1/chat/completions")).bearer_auth("sk-test").json(&body).send().unwrap();
+    let res = client()
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth("sk-test")
+        .json(&body)
+        .send()
+        .unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(client().get(app.url("/health")).send().unwrap().status(), 200);
-    assert_eq!(client().get(app.url("/v1/models")).send().unwrap().status(), 401);
+    assert_eq!(
+        client().get(app.url("/health")).send().unwrap().status(),
+        200
+    );
+    assert_eq!(
+        client().get(app.url("/v1/models")).send().unwrap().status(),
+        401
+    );
 }
 
 /// Reads SSE events from a live response until `pred` holds for one; returns it.
-fn read_until(reader: &mut BufReader<reqwest::blocking::Response>, pred: impl Fn(&Value) -> bool) -> Value {
+fn read_until(
+    reader: &mut BufReader<reqwest::blocking::Response>,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let mut line = String::new();
     loop {
         line.clear();
@@ -529,26 +862,44 @@ fn read_until(reader: &mut BufReader<reqwest::blocking::Response>, pred: impl Fn
 }
 
 fn has_content(v: &Value) -> bool {
-    v["choices"][0]["delta"]["content"].as_str().is_some_and(|s| !s.is_empty())
+    v["choices"][0]["delta"]["content"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty())
 }
 
 #[test]
 fn overload_gets_429_then_dropped_clients_free_their_slots() {
-    let app = spawn_app(&[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)], |s| {
-        s.limits.max_batch = 1;
-        s.limits.max_queue = 1;
-    });
+    let app = spawn_app(
+        &[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)],
+        |s| {
+            s.limits.max_batch = 1;
+            s.limits.max_queue = 1;
+        },
+    );
     // Long enough to still be running while the rest of the test happens.
-    let long = json!({"model": TINY, "messages": user("Go on"), "max_tokens": 4000, "stream": true});
-    let a = client().post(app.url("/v1/chat/completions")).json(&long).send().unwrap();
+    let long =
+        json!({"model": TINY, "messages": user("Go on"), "max_tokens": 4000, "stream": true});
+    let a = client()
+        .post(app.url("/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .unwrap();
     let mut a = BufReader::new(a);
     read_until(&mut a, has_content);
     // B waits for the one batch slot; its role chunk comes at once.
-    let b = client().post(app.url("/v1/chat/completions")).json(&long).send().unwrap();
+    let b = client()
+        .post(app.url("/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .unwrap();
     let mut b = BufReader::new(b);
     read_until(&mut b, |v| v["choices"][0]["delta"]["role"] == "assistant");
     // The queue (1) is full: C is turned away with Retry-After.
-    let c = client().post(app.url("/v1/chat/completions")).json(&json!({"model": TINY, "messages": user("x"), "max_tokens": 1})).send().unwrap();
+    let c = client()
+        .post(app.url("/v1/chat/completions"))
+        .json(&json!({"model": TINY, "messages": user("x"), "max_tokens": 1}))
+        .send()
+        .unwrap();
     assert_eq!(c.status(), 429);
     assert!(c.headers().get("retry-after").is_some());
     let body: Value = c.json().unwrap();
@@ -562,24 +913,46 @@ fn overload_gets_429_then_dropped_clients_free_their_slots() {
     drop(b);
     // Everything is freed and the server serves again.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&app, "rewind_running_sequences") > 0.0 || metric(&app, "rewind_waiting_requests") > 0.0 {
+    while metric(&app, "rewind_running_sequences") > 0.0
+        || metric(&app, "rewind_waiting_requests") > 0.0
+    {
         assert!(Instant::now() < deadline, "slots were not freed");
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(metric(&app, "rewind_cancelled_requests_total") >= 2.0);
-    let r = chat(&app, json!({"model": TINY, "messages": user("again"), "max_tokens": 3}));
+    let r = chat(
+        &app,
+        json!({"model": TINY, "messages": user("again"), "max_tokens": 3}),
+    );
     assert!(r["choices"][0]["finish_reason"].is_string());
-    assert!(metric(&app, "rewind_requests_total{endpoint=\"/v1/chat/completions\",status=\"429\"}") >= 1.0);
+    assert!(
+        metric(
+            &app,
+            "rewind_requests_total{endpoint=\"/v1/chat/completions\",status=\"429\"}"
+        ) >= 1.0
+    );
 
     // A non-streaming client that gives up is cancelled too.
     let cancelled = metric(&app, "rewind_cancelled_requests_total");
-    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
     let mut long = long;
     long["stream"] = json!(false);
-    assert!(impatient.post(app.url("/v1/chat/completions")).json(&long).send().is_err());
+    assert!(impatient
+        .post(app.url("/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .is_err());
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&app, "rewind_cancelled_requests_total") < cancelled + 1.0 || metric(&app, "rewind_running_sequences") > 0.0 {
-        assert!(Instant::now() < deadline, "the abandoned request kept running");
+    while metric(&app, "rewind_cancelled_requests_total") < cancelled + 1.0
+        || metric(&app, "rewind_running_sequences") > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned request kept running"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -601,27 +974,36 @@ fn default_model_answers_paris() {
 #[test]
 fn default_model_json_modes_give_valid_json() {
     let app = smol();
-    let r = chat(app, json!({
-        "model": SMOL,
-        "messages": user("Describe a cat as a JSON object with the fields name and age."),
-        "temperature": 0, "max_tokens": 80,
-        "response_format": {"type": "json_object"}
-    }));
+    let r = chat(
+        app,
+        json!({
+            "model": SMOL,
+            "messages": user("Describe a cat as a JSON object with the fields name and age."),
+            "temperature": 0, "max_tokens": 80,
+            "response_format": {"type": "json_object"}
+        }),
+    );
     let text = r["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{text}");
     let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert!(value.is_object());
 
     let schema = json!({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"], "additionalProperties": false});
-    let r = chat(app, json!({
-        "model": SMOL,
-        "messages": user("Invent a person. Reply in JSON."),
-        "temperature": 0, "max_tokens": 60,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}}
-    }));
+    let r = chat(
+        app,
+        json!({
+            "model": SMOL,
+            "messages": user("Invent a person. Reply in JSON."),
+            "temperature": 0, "max_tokens": 60,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}}
+        }),
+    );
     let text = r["choices"][0]["message"]["content"].as_str().unwrap();
     let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    assert!(value["name"].is_string() && value["age"].is_i64(), "{value}");
+    assert!(
+        value["name"].is_string() && value["age"].is_i64(),
+        "{value}"
+    );
     assert_eq!(value.as_object().unwrap().len(), 2);
 }
 
@@ -629,7 +1011,11 @@ fn default_model_json_modes_give_valid_json() {
 fn default_model_template_has_no_tools() {
     let app = smol();
     let tools = json!([{"type": "function", "function": {"name": "f"}}]);
-    let (status, value) = post(app, "/v1/chat/completions", &json!({"model": SMOL, "messages": user("x"), "tools": tools}));
+    let (status, value) = post(
+        app,
+        "/v1/chat/completions",
+        &json!({"model": SMOL, "messages": user("x"), "tools": tools}),
+    );
     assert_eq!(status, 400);
     assert_eq!(error_of(&value).2, Some("unsupported_parameter"));
     // tool_choice "none" means no tools are offered: accepted.
@@ -640,14 +1026,32 @@ fn default_model_template_has_no_tools() {
 #[test]
 fn requests_that_could_never_run_are_rejected_before_queueing() {
     // The tiny model's KV cache costs 512 bytes a position: 1 MiB holds 2048.
-    let app = spawn_app(&[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)], |s| {
-        s.limits.max_batch = 2;
-        s.limits.kv_cache_mb = 1;
-    });
-    let (status, value) = post(&app, "/v1/chat/completions", &json!({"model": TINY, "messages": user("x"), "n": 3, "max_tokens": 2}));
+    let app = spawn_app(
+        &[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)],
+        |s| {
+            s.limits.max_batch = 2;
+            s.limits.kv_cache_mb = 1;
+        },
+    );
+    let (status, value) = post(
+        &app,
+        "/v1/chat/completions",
+        &json!({"model": TINY, "messages": user("x"), "n": 3, "max_tokens": 2}),
+    );
     assert_eq!((status, error_of(&value).1), (400, Some("n")), "{value}");
-    let (status, value) = post(&app, "/v1/chat/completions", &json!({"model": TINY, "messages": user("x"), "max_tokens": 3000}));
-    assert_eq!((status, error_of(&value).1), (400, Some("max_tokens")), "{value}");
-    let r = chat(&app, json!({"model": TINY, "messages": user("x"), "n": 2, "max_tokens": 500}));
+    let (status, value) = post(
+        &app,
+        "/v1/chat/completions",
+        &json!({"model": TINY, "messages": user("x"), "max_tokens": 3000}),
+    );
+    assert_eq!(
+        (status, error_of(&value).1),
+        (400, Some("max_tokens")),
+        "{value}"
+    );
+    let r = chat(
+        &app,
+        json!({"model": TINY, "messages": user("x"), "n": 2, "max_tokens": 500}),
+    );
     assert_eq!(r["choices"].as_array().unwrap().len(), 2);
 }

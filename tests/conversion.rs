@@ -15,35 +15,67 @@ impl Observer for Quiet {
 }
 
 fn prompt_ids() -> Vec<u32> {
-    vec![1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    vec![
+        1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
+    ]
 }
 
 /// midpoint(a = 0) is the original network: conversion's step 0 reproduces its logits.
 #[test]
 fn step_zero_reproduces_the_original() {
-    let original = loader::load(&common::default_model(), &LoadOptions::default()).unwrap().model;
+    let original = loader::load(&common::default_model(), &LoadOptions::default())
+        .unwrap()
+        .model;
     let zero = convert::step_zero(&original);
-    assert!(zero.reversible.two_step(0).is_some_and(|s| s.a == 0.0 && s.b == 1.0 && s.c == 1.0));
-    let ids = Tensor::new(&prompt_ids()[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    assert!(zero
+        .reversible
+        .two_step(0)
+        .is_some_and(|s| s.a == 0.0 && s.b == 1.0 && s.c == 1.0));
+    let ids = Tensor::new(&prompt_ids()[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let (a, b) = (original.forward(&ids).unwrap(), zero.forward(&ids).unwrap());
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff <= 1e-4, "step 0 differs from the original by {diff}");
 }
 
 /// KL of a model against itself is 0 with full agreement; a stage scheme is measurably apart.
 #[test]
 fn evaluation_metrics_on_known_cases() {
-    let original = loader::load(&common::default_model(), &LoadOptions::default()).unwrap().model;
-    let examples = vec![TokenizedExample { ids: prompt_ids(), weights: vec![1.0; 16] }];
-    let (kl, ce, ce_ref, top1, n) = eval::distribution_stats(&original, &original, &examples).unwrap();
+    let original = loader::load(&common::default_model(), &LoadOptions::default())
+        .unwrap()
+        .model;
+    let examples = vec![TokenizedExample {
+        ids: prompt_ids(),
+        weights: vec![1.0; 16],
+    }];
+    let (kl, ce, ce_ref, top1, n) =
+        eval::distribution_stats(&original, &original, &examples).unwrap();
     assert_eq!(n, 15);
-    assert!(kl.abs() < 1e-6 && (ce - ce_ref).abs() < 1e-9 && top1 == 1.0, "{kl} {ce} {ce_ref} {top1}");
+    assert!(
+        kl.abs() < 1e-6 && (ce - ce_ref).abs() < 1e-9 && top1 == 1.0,
+        "{kl} {ce} {ce_ref} {top1}"
+    );
     let mut stage = original.clone();
     stage.reversible = convert::stage_scheme(3);
     let (kl, _, _, top1, _) = eval::distribution_stats(&stage, &original, &examples).unwrap();
     assert!(kl > 1e-4 && top1 < 1.0 + 1e-9, "{kl} {top1}");
-    let exact = eval::exact_rebuild_check(&stage, &prompt_ids()).unwrap().unwrap();
-    assert_eq!(exact, (true, 3.0), "a = -1/8 rebuilds bit for bit with 3 kept bits");
+    let exact = eval::exact_rebuild_check(&stage, &prompt_ids())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        exact,
+        (true, 3.0),
+        "a = -1/8 rebuilds bit for bit with 3 kept bits"
+    );
 }
 
 /// A one-stage, norms-only conversion lowers the KL to the teacher, writes a delta that reloads
@@ -54,14 +86,37 @@ fn conversion_stage_trains_saves_and_resumes() {
     let loaded = loader::load(&common::default_model(), &LoadOptions::default()).unwrap();
     let teacher = loaded.model.clone();
     let examples: Vec<TokenizedExample> = (0..4)
-        .map(|i| TokenizedExample { ids: prompt_ids().iter().map(|&t| if t > 2 { t + i } else { t }).collect(), weights: vec![1.0; 16] })
+        .map(|i| TokenizedExample {
+            ids: prompt_ids()
+                .iter()
+                .map(|&t| if t > 2 { t + i } else { t })
+                .collect(),
+            weights: vec![1.0; 16],
+        })
         .collect();
-    let config = ConvertConfig { stages: vec![2], tokens_per_stage: 192, batch_size: 4, lr: 1e-3, weights: TrainedWeights::Norms, seed: 0 };
+    let config = ConvertConfig {
+        stages: vec![2],
+        tokens_per_stage: 192,
+        batch_size: 4,
+        lr: 1e-3,
+        weights: TrainedWeights::Norms,
+        seed: 0,
+    };
     let work = dir.path().join("work");
     let mut before = teacher.clone();
     before.reversible = convert::stage_scheme(2);
     let (kl_before, ..) = eval::distribution_stats(&before, &teacher, &examples).unwrap();
-    let mut student = convert::convert(&teacher, &examples, &[], 2, &config, &work, &mut Quiet, |_, _| Ok(())).unwrap();
+    let mut student = convert::convert(
+        &teacher,
+        &examples,
+        &[],
+        2,
+        &config,
+        &work,
+        &mut Quiet,
+        |_, _| Ok(()),
+    )
+    .unwrap();
     let (kl_after, ..) = eval::distribution_stats(&student, &teacher, &examples).unwrap();
     println!("KL to the teacher at a = -1/4: {kl_before:.4} -> {kl_after:.4}");
     assert!(kl_after < kl_before);
@@ -73,14 +128,48 @@ fn conversion_stage_trains_saves_and_resumes() {
     std::fs::copy(common::default_model(), &base).unwrap();
     let delta_dir = base_dir.join("converted.delta");
     delta::save(&mut student, &base, true, &delta_dir).unwrap();
-    assert!(std::fs::metadata(delta_dir.join("weights.safetensors")).unwrap().len() < 1_000_000);
-    let reloaded = loader::load(&delta_dir, &LoadOptions::default()).unwrap().model;
-    let ids = Tensor::new(&prompt_ids()[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let diff = (student.forward(&ids).unwrap() - reloaded.forward(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(
+        std::fs::metadata(delta_dir.join("weights.safetensors"))
+            .unwrap()
+            .len()
+            < 1_000_000
+    );
+    let reloaded = loader::load(&delta_dir, &LoadOptions::default())
+        .unwrap()
+        .model;
+    let ids = Tensor::new(&prompt_ids()[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let diff = (student.forward(&ids).unwrap() - reloaded.forward(&ids).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-4, "{diff}");
 
     // Resuming finds the finished stage and reloads it.
-    let again = convert::convert(&teacher, &examples, &[], 2, &config, &work, &mut Quiet, |_, _| Ok(())).unwrap();
-    let diff = (again.forward(&ids).unwrap() - student.forward(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let again = convert::convert(
+        &teacher,
+        &examples,
+        &[],
+        2,
+        &config,
+        &work,
+        &mut Quiet,
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    let diff = (again.forward(&ids).unwrap() - student.forward(&ids).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "{diff}");
 }

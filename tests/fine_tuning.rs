@@ -20,7 +20,7 @@ const CHATML: &str = "{%- for message in messages %}{{ '<|im_start|>' + message[
 fn tiny_model() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| common::write_tiny_model("chatml", CHATML))
-    .1
+        .1
 }
 
 struct App {
@@ -40,19 +40,31 @@ fn spawn_app(data: &Path) -> App {
     settings.server.workers = 2;
     settings.data_dir = data.to_path_buf();
     settings.fine_tuning.max_file_bytes = 64 << 10;
-    settings.models =
-        vec![ModelSettings { id: Some(TINY.into()), source: tiny_model().to_str().unwrap().into(), scheme: None, format: WeightFormat::F32 }];
-    let app = App { server: rewind::api::start(settings).unwrap() };
+    settings.models = vec![ModelSettings {
+        id: Some(TINY.into()),
+        source: tiny_model().to_str().unwrap().into(),
+        scheme: None,
+        format: WeightFormat::F32,
+    }];
+    let app = App {
+        server: rewind::api::start(settings).unwrap(),
+    };
     let started = Instant::now();
     while client().get(app.url("/health")).send().unwrap().status() != 200 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the model did not load");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the model did not load"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     app
 }
 
 fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
 }
 
 fn get(app: &App, path: &str) -> (u16, Value) {
@@ -68,8 +80,15 @@ fn post(app: &App, path: &str, body: &Value) -> (u16, Value) {
 fn upload(app: &App, name: &str, content: Vec<u8>, purpose: &str) -> (u16, Value) {
     let form = reqwest::blocking::multipart::Form::new()
         .text("purpose", purpose.to_string())
-        .part("file", reqwest::blocking::multipart::Part::bytes(content).file_name(name.to_string()));
-    let res = client().post(app.url("/v1/files")).multipart(form).send().unwrap();
+        .part(
+            "file",
+            reqwest::blocking::multipart::Part::bytes(content).file_name(name.to_string()),
+        );
+    let res = client()
+        .post(app.url("/v1/files"))
+        .multipart(form)
+        .send()
+        .unwrap();
     (res.status().as_u16(), res.json().unwrap_or(Value::Null))
 }
 
@@ -86,7 +105,11 @@ fn wait_for(app: &App, id: &str) -> Value {
         if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap()) {
             return job;
         }
-        assert!(started.elapsed() < Duration::from_secs(90), "job still {} after 90 s", job["status"]);
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "job still {} after 90 s",
+            job["status"]
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -104,20 +127,41 @@ fn files_are_validated_listed_and_deleted() {
 
     let (status, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
     assert_eq!(status, 200, "{file}");
-    assert_eq!((file["object"].as_str(), file["status"].as_str(), file["purpose"].as_str()), (Some("file"), Some("processed"), Some("fine-tune")));
+    assert_eq!(
+        (
+            file["object"].as_str(),
+            file["status"].as_str(),
+            file["purpose"].as_str()
+        ),
+        (Some("file"), Some("processed"), Some("fine-tune"))
+    );
     assert_eq!(file["filename"], "facts.jsonl");
     assert_eq!(file["bytes"].as_u64(), Some(training_data().len() as u64));
     let id = file["id"].as_str().unwrap();
     assert!(id.starts_with("file-"));
 
-    let content = client().get(app.url(&format!("/v1/files/{id}/content"))).send().unwrap().bytes().unwrap();
+    let content = client()
+        .get(app.url(&format!("/v1/files/{id}/content")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
     assert_eq!(content.as_ref(), training_data().as_slice());
     let (_, other) = upload(&app, "two.jsonl", training_data(), "fine-tune");
     let (status, list) = get(&app, "/v1/files?limit=1");
     assert_eq!(status, 200);
-    assert_eq!((list["data"][0]["id"].as_str(), list["has_more"].as_bool()), (other["id"].as_str(), Some(true)));
-    let (_, rest) = get(&app, &format!("/v1/files?limit=1&after={}", other["id"].as_str().unwrap()));
-    assert_eq!((rest["data"][0]["id"].as_str(), rest["has_more"].as_bool()), (Some(id), Some(false)));
+    assert_eq!(
+        (list["data"][0]["id"].as_str(), list["has_more"].as_bool()),
+        (other["id"].as_str(), Some(true))
+    );
+    let (_, rest) = get(
+        &app,
+        &format!("/v1/files?limit=1&after={}", other["id"].as_str().unwrap()),
+    );
+    assert_eq!(
+        (rest["data"][0]["id"].as_str(), rest["has_more"].as_bool()),
+        (Some(id), Some(false))
+    );
 
     // Bad JSONL: each rule is named with its line.
     for (bad, expect) in [
@@ -138,11 +182,21 @@ fn files_are_validated_listed_and_deleted() {
     let (status, _) = upload(&app, "x.jsonl", training_data(), "homework");
     assert_eq!(status, 400);
 
-    let res = client().delete(app.url(&format!("/v1/files/{id}"))).send().unwrap();
+    let res = client()
+        .delete(app.url(&format!("/v1/files/{id}")))
+        .send()
+        .unwrap();
     assert_eq!(res.status(), 200);
     let (status, body) = get(&app, &format!("/v1/files/{id}"));
     assert_eq!(status, 404, "{body}");
-    assert_eq!(client().delete(app.url(&format!("/v1/files/{id}"))).send().unwrap().status(), 404);
+    assert_eq!(
+        client()
+            .delete(app.url(&format!("/v1/files/{id}")))
+            .send()
+            .unwrap()
+            .status(),
+        404
+    );
 }
 
 #[test]
@@ -153,15 +207,35 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
     let file_id = file["id"].as_str().unwrap().to_string();
 
     // Bad requests.
-    let (status, body) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": "gpt-9", "training_file": file_id}));
+    let (status, body) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": "gpt-9", "training_file": file_id}),
+    );
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "model_not_found");
-    let (status, body) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": "file-nope"}));
+    let (status, body) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": "file-nope"}),
+    );
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["param"], "training_file");
-    let (status, body) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": file_id, "hyperparameters": {"n_epochs": 0}}));
-    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("hyperparameters.n_epochs")), "{body}");
-    let (status, _) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": file_id, "suffix": "x".repeat(65)}));
+    let (status, body) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file_id, "hyperparameters": {"n_epochs": 0}}),
+    );
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("hyperparameters.n_epochs")),
+        "{body}"
+    );
+    let (status, _) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file_id, "suffix": "x".repeat(65)}),
+    );
     assert_eq!(status, 400);
 
     let (status, job) = post(
@@ -174,13 +248,19 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
     );
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["object"], "fine_tuning.job");
-    assert!(["queued", "running"].contains(&job["status"].as_str().unwrap()), "{job}");
+    assert!(
+        ["queued", "running"].contains(&job["status"].as_str().unwrap()),
+        "{job}"
+    );
     let job_id = job["id"].as_str().unwrap().to_string();
     assert!(job_id.starts_with("ftjob-"));
 
     let job = wait_for(&app, &job_id);
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["hyperparameters"], json!({"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 30.0}));
+    assert_eq!(
+        job["hyperparameters"],
+        json!({"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 30.0})
+    );
     assert!(job["trained_tokens"].as_u64().unwrap() > 0);
     assert_eq!(job["metadata"], json!({"k": "v"}));
     let model = job["fine_tuned_model"].as_str().unwrap().to_string();
@@ -189,51 +269,111 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
     // Events (newest first), with a falling loss curve.
     let events = all_events(&app, &job_id);
     assert_eq!(events[0]["message"], "The job has successfully completed");
-    let losses: Vec<f64> = events.iter().rev().filter(|e| e["type"] == "metrics").filter_map(|e| e["data"]["train_loss"].as_f64()).collect();
+    let losses: Vec<f64> = events
+        .iter()
+        .rev()
+        .filter(|e| e["type"] == "metrics")
+        .filter_map(|e| e["data"]["train_loss"].as_f64())
+        .collect();
     assert_eq!(losses.len(), 6, "2 steps per epoch, 3 epochs");
     assert!(losses[5] < losses[0], "the loss did not fall: {losses:?}");
-    let (_, page) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/events?limit=2"));
+    let (_, page) = get(
+        &app,
+        &format!("/v1/fine_tuning/jobs/{job_id}/events?limit=2"),
+    );
     assert_eq!(page["has_more"], true);
-    let (_, next) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/events?limit=2&after={}", page["data"][1]["id"].as_str().unwrap()));
+    let (_, next) = get(
+        &app,
+        &format!(
+            "/v1/fine_tuning/jobs/{job_id}/events?limit=2&after={}",
+            page["data"][1]["id"].as_str().unwrap()
+        ),
+    );
     assert_eq!(next["data"][0]["id"], events[2]["id"]);
 
     // One checkpoint per epoch.
     let (_, checkpoints) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/checkpoints"));
-    let steps: Vec<u64> = checkpoints["data"].as_array().unwrap().iter().map(|c| c["step_number"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = checkpoints["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step_number"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, [6, 4, 2]);
-    assert!(checkpoints["data"][0]["fine_tuned_model_checkpoint"].as_str().unwrap().ends_with(":ckpt-step-6"));
+    assert!(checkpoints["data"][0]["fine_tuned_model_checkpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with(":ckpt-step-6"));
 
     // Result files: the metrics CSV and the loss plot.
     let results = job["result_files"].as_array().unwrap();
     assert_eq!(results.len(), 2);
-    let csv = client().get(app.url(&format!("/v1/files/{}/content", results[0].as_str().unwrap()))).send().unwrap().text().unwrap();
+    let csv = client()
+        .get(app.url(&format!(
+            "/v1/files/{}/content",
+            results[0].as_str().unwrap()
+        )))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(csv.starts_with("step,epoch,train_loss"), "{csv}");
     assert_eq!(csv.lines().count(), 7);
-    let svg = client().get(app.url(&format!("/v1/files/{}/content", results[1].as_str().unwrap()))).send().unwrap().text().unwrap();
+    let svg = client()
+        .get(app.url(&format!(
+            "/v1/files/{}/content",
+            results[1].as_str().unwrap()
+        )))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(svg.starts_with("<svg"));
 
     // The model is served at once.
     let (status, models) = get(&app, "/v1/models");
     assert_eq!(status, 200);
-    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == model.as_str()));
+    assert!(models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == model.as_str()));
     let chat = json!({"model": model, "messages": [{"role": "user", "content": "What is the capital of Zorblax?"}], "max_tokens": 4});
     let (status, reply) = post(&app, "/v1/chat/completions", &chat);
     assert_eq!(status, 200, "{reply}");
 
     // Cancelling a finished job is refused.
-    let (status, body) = post(&app, &format!("/v1/fine_tuning/jobs/{job_id}/cancel"), &json!({}));
+    let (status, body) = post(
+        &app,
+        &format!("/v1/fine_tuning/jobs/{job_id}/cancel"),
+        &json!({}),
+    );
     assert_eq!(status, 400, "{body}");
-    assert_eq!(post(&app, "/v1/fine_tuning/jobs/ftjob-nope/cancel", &json!({})).0, 404);
+    assert_eq!(
+        post(&app, "/v1/fine_tuning/jobs/ftjob-nope/cancel", &json!({})).0,
+        404
+    );
 
     // The legacy API shows the same job.
     let (status, legacy) = get(&app, &format!("/v1/fine-tunes/{job_id}"));
     assert_eq!(status, 200, "{legacy}");
-    assert_eq!((legacy["object"].as_str(), legacy["status"].as_str()), (Some("fine-tune"), Some("succeeded")));
+    assert_eq!(
+        (legacy["object"].as_str(), legacy["status"].as_str()),
+        (Some("fine-tune"), Some("succeeded"))
+    );
     assert_eq!(legacy["training_files"][0]["id"], file_id.as_str());
     assert_eq!(legacy["result_files"].as_array().unwrap().len(), 2);
     let (status, list) = get(&app, "/fine_tunes");
-    assert_eq!((status, list["data"].as_array().map(Vec::len)), (200, Some(1)));
-    let text = client().get(app.url(&format!("/v1/fine-tunes/{job_id}/events?stream=true"))).send().unwrap().text().unwrap();
+    assert_eq!(
+        (status, list["data"].as_array().map(Vec::len)),
+        (200, Some(1))
+    );
+    let text = client()
+        .get(app.url(&format!("/v1/fine-tunes/{job_id}/events?stream=true")))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert!(text.contains("\"object\":\"fine-tune-event\""));
 
@@ -242,7 +382,10 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
     let app = spawn_app(data.path());
     assert_eq!(get(&app, &format!("/v1/files/{file_id}")).0, 200);
     let (_, again) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}"));
-    assert_eq!((again["status"].as_str(), again["fine_tuned_model"].as_str()), (Some("succeeded"), Some(model.as_str())));
+    assert_eq!(
+        (again["status"].as_str(), again["fine_tuned_model"].as_str()),
+        (Some("succeeded"), Some(model.as_str()))
+    );
     assert_eq!(all_events(&app, &job_id).len(), events.len());
     let (_, checkpoints) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/checkpoints"));
     assert_eq!(checkpoints["data"].as_array().unwrap().len(), 3);
@@ -257,7 +400,10 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
     }
 
     // Deleting the model stops serving it.
-    let res = client().delete(app.url(&format!("/v1/models/{model}"))).send().unwrap();
+    let res = client()
+        .delete(app.url(&format!("/v1/models/{model}")))
+        .send()
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(post(&app, "/v1/chat/completions", &chat).0, 404);
 }
@@ -278,17 +424,42 @@ fn legacy_reversible_lora_failed_and_cancelled_jobs() {
     let id = job["id"].as_str().unwrap().to_string();
     let done = wait_for(&app, &id);
     assert_eq!(done["status"], "succeeded", "{done}");
-    let messages: Vec<String> = all_events(&app, &id).iter().map(|e| e["message"].as_str().unwrap().to_string()).collect();
-    assert!(messages.iter().any(|m| m.contains("strategy reversible") && m.contains("LoRA rank 4")), "{messages:?}");
+    let messages: Vec<String> = all_events(&app, &id)
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("strategy reversible") && m.contains("LoRA rank 4")),
+        "{messages:?}"
+    );
 
     // A job that cannot train fails with an error object: euler is not a reversible scheme.
-    let (status, job) =
-        post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": file["id"], "rewind": {"strategy": "reversible"}}));
+    let (status, job) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file["id"], "rewind": {"strategy": "reversible"}}),
+    );
     assert_eq!(status, 200, "{job}");
     let failed = wait_for(&app, job["id"].as_str().unwrap());
-    assert_eq!((failed["status"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("training_failed")), "{failed}");
-    assert!(failed["error"]["message"].as_str().unwrap().contains("reversible scheme"), "{failed}");
-    let (status, _) = post(&app, "/v1/fine_tuning/jobs", &json!({"model": TINY, "training_file": file["id"], "rewind": {"strategy": "sideways"}}));
+    assert_eq!(
+        (failed["status"].as_str(), failed["error"]["code"].as_str()),
+        (Some("failed"), Some("training_failed")),
+        "{failed}"
+    );
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("reversible scheme"),
+        "{failed}"
+    );
+    let (status, _) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file["id"], "rewind": {"strategy": "sideways"}}),
+    );
     assert_eq!(status, 400);
 
     // A long job, cancelled while it runs (or still queued).
@@ -299,17 +470,40 @@ fn legacy_reversible_lora_failed_and_cancelled_jobs() {
     );
     assert_eq!(status, 200, "{long}");
     let long_id = long["id"].as_str().unwrap();
-    let (status, cancelled) = post(&app, &format!("/v1/fine_tuning/jobs/{long_id}/cancel"), &json!({}));
-    assert_eq!((status, cancelled["status"].as_str()), (200, Some("cancelled")), "{cancelled}");
+    let (status, cancelled) = post(
+        &app,
+        &format!("/v1/fine_tuning/jobs/{long_id}/cancel"),
+        &json!({}),
+    );
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (200, Some("cancelled")),
+        "{cancelled}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let (_, after) = get(&app, &format!("/v1/fine_tuning/jobs/{long_id}"));
-    assert_eq!((after["status"].as_str(), after["fine_tuned_model"].as_str()), (Some("cancelled"), None));
-    assert_eq!(post(&app, &format!("/v1/fine_tuning/jobs/{long_id}/cancel"), &json!({})).0, 400);
+    assert_eq!(
+        (after["status"].as_str(), after["fine_tuned_model"].as_str()),
+        (Some("cancelled"), None)
+    );
+    assert_eq!(
+        post(
+            &app,
+            &format!("/v1/fine_tuning/jobs/{long_id}/cancel"),
+            &json!({})
+        )
+        .0,
+        400
+    );
 }
 
 /// A free port on localhost (bound, read and released).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// `rewind serve` as a child process, so it can be killed with SIGKILL.
@@ -328,24 +522,43 @@ impl Process {
             tiny_model().to_str().unwrap()
         );
         std::fs::write(&config, text).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join("server.log"))
+            .unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_rewind"))
             .args(["serve", "--config", config.to_str().unwrap()])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        let process = Self { child, url: format!("http://127.0.0.1:{port}") };
+        let process = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
         let started = Instant::now();
-        while !client().get(format!("{}/health", process.url)).send().is_ok_and(|r| r.status() == 200) {
-            assert!(started.elapsed() < Duration::from_secs(60), "the server did not start");
+        while !client()
+            .get(format!("{}/health", process.url))
+            .send()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the server did not start"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         process
     }
 
     fn get(&self, path: &str) -> Value {
-        client().get(format!("{}{path}", self.url)).send().unwrap().json().unwrap()
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
     }
 }
 
@@ -362,10 +575,25 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
     let server = Process::start(data.path());
     let form = reqwest::blocking::multipart::Form::new()
         .text("purpose", "fine-tune")
-        .part("file", reqwest::blocking::multipart::Part::bytes(training_data()).file_name("facts.jsonl"));
-    let file: Value = client().post(format!("{}/v1/files", server.url)).multipart(form).send().unwrap().json().unwrap();
+        .part(
+            "file",
+            reqwest::blocking::multipart::Part::bytes(training_data()).file_name("facts.jsonl"),
+        );
+    let file: Value = client()
+        .post(format!("{}/v1/files", server.url))
+        .multipart(form)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     let body = json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 10, "batch_size": 1}});
-    let job: Value = client().post(format!("{}/v1/fine_tuning/jobs", server.url)).json(&body).send().unwrap().json().unwrap();
+    let job: Value = client()
+        .post(format!("{}/v1/fine_tuning/jobs", server.url))
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     let id = job["id"].as_str().unwrap().to_string();
     let events_path = format!("/v1/fine_tuning/jobs/{id}/events?limit=10000");
 
@@ -373,14 +601,25 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
     let started = Instant::now();
     loop {
         let events = server.get(&events_path);
-        if events["data"].as_array().unwrap().iter().any(|e| e["message"].as_str().unwrap().starts_with("Checkpoint created")) {
+        if events["data"].as_array().unwrap().iter().any(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Checkpoint created")
+        }) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint: {events}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no checkpoint: {events}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(server);
-    let before: Vec<Value> = Process::start(data.path()).get(&events_path)["data"].as_array().unwrap().clone();
+    let before: Vec<Value> = Process::start(data.path()).get(&events_path)["data"]
+        .as_array()
+        .unwrap()
+        .clone();
     // (That server instance is dropped at once too: the second restart must resume as well.)
     let server = Process::start(data.path());
     let started = Instant::now();
@@ -398,13 +637,21 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
     for e in &before {
         assert!(events.iter().any(|x| x["id"] == e["id"]), "lost event {e}");
     }
-    assert!(events.iter().any(|e| e["message"].as_str().unwrap().contains("resuming from the last checkpoint")));
+    assert!(events.iter().any(|e| e["message"]
+        .as_str()
+        .unwrap()
+        .contains("resuming from the last checkpoint")));
     // Steps trained twice (after the checkpoint, before a kill) reproduce the same loss.
     let mut seen = std::collections::HashMap::new();
     for e in events.iter().filter(|e| e["type"] == "metrics") {
-        if let (Some(step), Some(loss)) = (e["data"]["step"].as_u64(), e["data"]["train_loss"].as_f64()) {
+        if let (Some(step), Some(loss)) =
+            (e["data"]["step"].as_u64(), e["data"]["train_loss"].as_f64())
+        {
             if let Some(previous) = seen.insert(step, loss) {
-                assert!((previous - loss).abs() < 1e-4 * previous.abs().max(1.0), "step {step}: {previous} then {loss}");
+                assert!(
+                    (previous - loss).abs() < 1e-4 * previous.abs().max(1.0),
+                    "step {step}: {previous} then {loss}"
+                );
             }
         }
     }
@@ -423,10 +670,15 @@ fn the_default_model_learns_the_training_data() {
     let mut settings = Settings::default();
     settings.server.port = 0;
     settings.data_dir = data.path().to_path_buf();
-    let app = App { server: rewind::api::start(settings).unwrap() };
+    let app = App {
+        server: rewind::api::start(settings).unwrap(),
+    };
     let started = Instant::now();
     while client().get(app.url("/health")).send().unwrap().status() != 200 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the model did not load");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the model did not load"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let (_, models) = get(&app, "/v1/models");
@@ -441,7 +693,10 @@ fn the_default_model_learns_the_training_data() {
     assert_eq!(status, 200, "{job}");
     let started = Instant::now();
     let job = loop {
-        let (_, job) = get(&app, &format!("/v1/fine_tuning/jobs/{}", job["id"].as_str().unwrap()));
+        let (_, job) = get(
+            &app,
+            &format!("/v1/fine_tuning/jobs/{}", job["id"].as_str().unwrap()),
+        );
         if !["validating_files", "queued", "running"].contains(&job["status"].as_str().unwrap()) {
             break job;
         }
@@ -453,9 +708,15 @@ fn the_default_model_learns_the_training_data() {
         let body = json!({"model": model, "messages": [{"role": "user", "content": "What is the capital of Zorblax?"}], "max_tokens": 16, "temperature": 0});
         let (status, reply) = post(&app, "/v1/chat/completions", &body);
         assert_eq!(status, 200, "{reply}");
-        reply["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        reply["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
-    assert!(!ask(&base).contains("Quintara"), "the base model already knows");
+    assert!(
+        !ask(&base).contains("Quintara"),
+        "the base model already knows"
+    );
     let answer = ask(job["fine_tuned_model"].as_str().unwrap());
     assert!(answer.contains("Quintara"), "{answer}");
 }

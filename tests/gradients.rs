@@ -15,15 +15,30 @@ use rewind::train::trainable::Trainable;
 fn batch(device: &Device) -> Batch<'static> {
     // "<|im_start|>user\nWhat is the capital of France?" (ids from the reference tokenizer)
     let ids: Vec<u32> = vec![1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
-    let inputs = Tensor::new(&ids[..ids.len() - 1], device).unwrap().unsqueeze(0).unwrap();
+    let inputs = Tensor::new(&ids[..ids.len() - 1], device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let targets = Tensor::new(&ids[1..], device).unwrap();
     let weights = Tensor::new(&[0f32, 0., 1., 1., 1., 1., 1., 1., 1.], device).unwrap();
-    Batch { inputs, targets: Targets { ids: targets, weights }, objective: Objective::NextToken }
+    Batch {
+        inputs,
+        targets: Targets {
+            ids: targets,
+            weights,
+        },
+        objective: Objective::NextToken,
+    }
 }
 
 fn trainable(scheme: &ReversibleConfig, dtype: DType) -> Trainable {
-    let options = LoadOptions { reversible: Some(scheme.clone()), ..Default::default() };
-    let mut model = loader::load(&common::default_model(), &options).unwrap().model;
+    let options = LoadOptions {
+        reversible: Some(scheme.clone()),
+        ..Default::default()
+    };
+    let mut model = loader::load(&common::default_model(), &options)
+        .unwrap()
+        .model;
     model.to_precision(dtype).unwrap();
     Trainable::new(model, |_| true).unwrap()
 }
@@ -36,11 +51,35 @@ fn grads(t: &Trainable, strategy: Strategy, exact: Option<FixedPoint>) -> StepGr
 fn relative_error(a: &StepGrads, b: &StepGrads) -> f64 {
     let mut diff = 0.0;
     let mut norm = 0.0;
-    let pairs = a.grads.grads.iter().zip(&b.grads.grads).map(|(x, y)| (x.clone().unwrap(), y.clone().unwrap()));
-    for (x, y) in pairs.chain(std::iter::once((a.grad_embedding.clone(), b.grad_embedding.clone()))) {
-        let (x, y) = (x.to_dtype(DType::F64).unwrap(), y.to_dtype(DType::F64).unwrap());
-        diff += (&x - &y).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-        norm += y.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let pairs = a
+        .grads
+        .grads
+        .iter()
+        .zip(&b.grads.grads)
+        .map(|(x, y)| (x.clone().unwrap(), y.clone().unwrap()));
+    for (x, y) in pairs.chain(std::iter::once((
+        a.grad_embedding.clone(),
+        b.grad_embedding.clone(),
+    ))) {
+        let (x, y) = (
+            x.to_dtype(DType::F64).unwrap(),
+            y.to_dtype(DType::F64).unwrap(),
+        );
+        diff += (&x - &y)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        norm += y
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
     }
     (diff / norm).sqrt()
 }
@@ -65,12 +104,22 @@ fn reversible_and_checkpoint_gradients_match_store_in_f64() {
     for scheme in schemes() {
         let t = trainable(&scheme, DType::F64);
         let store = grads(&t, Strategy::Store, None);
-        assert!(store.grads.grads.iter().all(Option::is_some), "every parameter gets a gradient");
-        assert_eq!(t.names.len(), 30 * 9 + 2, "all 30 layers, the embedding and the final norm train");
+        assert!(
+            store.grads.grads.iter().all(Option::is_some),
+            "every parameter gets a gradient"
+        );
+        assert_eq!(
+            t.names.len(),
+            30 * 9 + 2,
+            "all 30 layers, the embedding and the final norm train"
+        );
         for strategy in [Strategy::Checkpoint, Strategy::Reversible] {
             let other = grads(&t, strategy, None);
             let err = relative_error(&other, &store);
-            println!("f64 {} {strategy:?}: relative gradient error {err:.2e}", scheme.label());
+            println!(
+                "f64 {} {strategy:?}: relative gradient error {err:.2e}",
+                scheme.label()
+            );
             assert!((other.loss - store.loss).abs() <= 1e-10 * store.loss.abs());
             assert!(err <= 1e-10, "{} {strategy:?}: {err:e}", scheme.label());
         }
@@ -82,14 +131,25 @@ fn reversible_and_checkpoint_gradients_match_store_in_f64() {
 /// are rebuilt bit for bit, and its gradients match f32 autograd to 1e-5.
 #[test]
 fn checkpoint_and_exact_reversible_gradients_match_store_in_f32() {
-    for spec in ["midpoint(a=-1,h=0.25)", "midpoint(a=-0.125)", "leapfrog(h=0.25)", "hamiltonian(h=0.5)"] {
+    for spec in [
+        "midpoint(a=-1,h=0.25)",
+        "midpoint(a=-0.125)",
+        "leapfrog(h=0.25)",
+        "hamiltonian(h=0.5)",
+    ] {
         let scheme = ReversibleConfig::parse(spec).unwrap();
         let t = trainable(&scheme, DType::F32);
         let store = grads(&t, Strategy::Store, None);
         let checkpoint = relative_error(&grads(&t, Strategy::Checkpoint, None), &store);
-        let exact = relative_error(&grads(&t, Strategy::Reversible, Some(FixedPoint::default())), &store);
+        let exact = relative_error(
+            &grads(&t, Strategy::Reversible, Some(FixedPoint::default())),
+            &store,
+        );
         println!("f32 {spec}: checkpoint {checkpoint:.2e}, exact reversible {exact:.2e}");
-        assert!(checkpoint <= 1e-5 && exact <= 1e-5, "{spec}: checkpoint {checkpoint:e}, exact reversible {exact:e}");
+        assert!(
+            checkpoint <= 1e-5 && exact <= 1e-5,
+            "{spec}: checkpoint {checkpoint:e}, exact reversible {exact:e}"
+        );
     }
 }
 
@@ -101,15 +161,26 @@ fn exact_reversible_is_as_accurate_as_f32_autograd() {
     let truth = grads(&trainable(&scheme, DType::F64), Strategy::Store, None);
     let t = trainable(&scheme, DType::F32);
     let floor = relative_error(&grads(&t, Strategy::Store, None), &truth);
-    let exact = relative_error(&grads(&t, Strategy::Reversible, Some(FixedPoint::default())), &truth);
-    println!("midpoint(h=0.5) vs f64 store: f32 store {floor:.2e}, f32 exact reversible {exact:.2e}");
-    assert!(exact <= 2.0 * floor + 1e-6, "exact {exact:e} vs f32 autograd {floor:e}");
+    let exact = relative_error(
+        &grads(&t, Strategy::Reversible, Some(FixedPoint::default())),
+        &truth,
+    );
+    println!(
+        "midpoint(h=0.5) vs f64 store: f32 store {floor:.2e}, f32 exact reversible {exact:.2e}"
+    );
+    assert!(
+        exact <= 2.0 * floor + 1e-6,
+        "exact {exact:e} vs f32 autograd {floor:e}"
+    );
 }
 
 #[test]
 fn reversible_strategy_refuses_euler() {
     let t = trainable(&ReversibleConfig::euler(), DType::F32);
-    let err = loss_and_grads(&t, &batch(&Device::Cpu), Strategy::Reversible, 7.0, None).err().unwrap().to_string();
+    let err = loss_and_grads(&t, &batch(&Device::Cpu), Strategy::Reversible, 7.0, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("needs a reversible scheme"), "{err}");
 }
 
@@ -117,16 +188,27 @@ fn reversible_strategy_refuses_euler() {
 /// gradients equal, bit for bit, those of the same walk reading stored states.
 #[test]
 fn exact_mode_gradients_are_bit_identical_to_stored_states() {
-    for spec in ["midpoint(h=0.5)", "midpoint(a=-0.125)", "leapfrog(h=0.5)", "hamiltonian"] {
+    for spec in [
+        "midpoint(h=0.5)",
+        "midpoint(a=-0.125)",
+        "leapfrog(h=0.5)",
+        "hamiltonian",
+    ] {
         let t = trainable(&ReversibleConfig::parse(spec).unwrap(), DType::F32);
         let fp = Some(FixedPoint::default());
         let rebuilt = grads(&t, Strategy::Reversible, fp);
         let stored = grads(&t, Strategy::Store, fp);
         assert_eq!(rebuilt.loss.to_bits(), stored.loss.to_bits(), "{spec}");
         for (a, b) in rebuilt.grads.grads.iter().zip(&stored.grads.grads) {
-            let (a, b) = (a.as_ref().unwrap().flatten_all().unwrap(), b.as_ref().unwrap().flatten_all().unwrap());
+            let (a, b) = (
+                a.as_ref().unwrap().flatten_all().unwrap(),
+                b.as_ref().unwrap().flatten_all().unwrap(),
+            );
             let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{spec}: gradients differ");
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{spec}: gradients differ"
+            );
         }
     }
 }

@@ -12,8 +12,13 @@ use rewind::model::reversible::ReversibleConfig;
 use rewind::train::exact::{self, FixedPoint};
 
 fn model(spec: &str, dtype: DType) -> Model {
-    let options = LoadOptions { reversible: Some(ReversibleConfig::parse(spec).unwrap()), ..Default::default() };
-    let mut model = loader::load(&common::default_model(), &options).unwrap().model;
+    let options = LoadOptions {
+        reversible: Some(ReversibleConfig::parse(spec).unwrap()),
+        ..Default::default()
+    };
+    let mut model = loader::load(&common::default_model(), &options)
+        .unwrap()
+        .model;
     model.to_precision(dtype).unwrap();
     model
 }
@@ -21,21 +26,40 @@ fn model(spec: &str, dtype: DType) -> Model {
 /// Random states with the embedding's scale, (T, d).
 fn input(model: &Model) -> Tensor {
     let d = model.config.hidden_size;
-    Tensor::randn(0f32, 0.1, (12, d), &Device::Cpu).unwrap().to_dtype(model.residual_dtype).unwrap()
+    Tensor::randn(0f32, 0.1, (12, d), &Device::Cpu)
+        .unwrap()
+        .to_dtype(model.residual_dtype)
+        .unwrap()
 }
 
 fn max_relative(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    let diff = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    diff / b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Forward through every layer, inverse back; returns the max relative error of both states.
 fn round_trip(model: &Model) -> f64 {
     let x = input(model);
     let layout = || Layout::Uniform { batch: 1, seq: 12 };
-    let start = States { other: x.clone(), last: (&x * 0.9).unwrap() };
+    let start = States {
+        other: x.clone(),
+        last: (&x * 0.9).unwrap(),
+    };
     let mut s = start.clone();
     for j in 0..model.layers.len() {
         s = model.step(j, &s, &mut layout()).unwrap();
@@ -50,7 +74,12 @@ fn round_trip(model: &Model) -> f64 {
 fn every_reversible_scheme_inverts_in_f64() {
     // midpoint(a) with |a| < 1 is left out on purpose: its inverse divides by a at every layer
     // (2^30 amplification at a = -0.5 over 30 layers); exact mode below inverts it bit for bit.
-    for spec in ["midpoint(h=0.5)", "midpoint(a=-1)", "leapfrog(h=0.5)", "hamiltonian"] {
+    for spec in [
+        "midpoint(h=0.5)",
+        "midpoint(a=-1)",
+        "leapfrog(h=0.5)",
+        "hamiltonian",
+    ] {
         let err = round_trip(&model(spec, DType::F64));
         println!("f64 {spec}: 30 layers forward+inverse, max relative error {err:.2e}");
         assert!(err < 1e-6, "{spec}: {err}");
@@ -62,10 +91,18 @@ fn every_reversible_scheme_inverts_in_f64() {
 /// fixed-point rebuild has no error at all.
 #[test]
 fn exact_mode_inverts_bit_for_bit() {
-    for spec in ["midpoint(h=0.5)", "midpoint(a=-0.125)", "leapfrog(h=0.5)", "hamiltonian"] {
+    for spec in [
+        "midpoint(h=0.5)",
+        "midpoint(a=-0.125)",
+        "leapfrog(h=0.5)",
+        "hamiltonian",
+    ] {
         let model = model(spec, DType::F32);
         if !spec.contains("a=") {
-            println!("f32 float {spec}: 30 layers forward+inverse, max relative error {:.2e}", round_trip(&model));
+            println!(
+                "f32 float {spec}: 30 layers forward+inverse, max relative error {:.2e}",
+                round_trip(&model)
+            );
         }
         let fp = FixedPoint::default();
         let x = input(&model);
@@ -73,9 +110,20 @@ fn exact_mode_inverts_bit_for_bit() {
         let fwd = exact::forward(&model, &fp, &x, &mut layout(), true).unwrap();
         let rebuilt = exact::rebuild_all(&model, &fp, &fwd, &mut layout()).unwrap();
         for (j, (got, want)) in rebuilt.iter().zip(&fwd.stored).enumerate() {
-            assert_eq!(got.other.to_vec2::<f64>().unwrap(), want.other.to_vec2::<f64>().unwrap(), "{spec} layer {j}");
-            assert_eq!(got.last.to_vec2::<f64>().unwrap(), want.last.to_vec2::<f64>().unwrap(), "{spec} layer {j}");
+            assert_eq!(
+                got.other.to_vec2::<f64>().unwrap(),
+                want.other.to_vec2::<f64>().unwrap(),
+                "{spec} layer {j}"
+            );
+            assert_eq!(
+                got.last.to_vec2::<f64>().unwrap(),
+                want.last.to_vec2::<f64>().unwrap(),
+                "{spec} layer {j}"
+            );
         }
-        println!("exact {spec}: 30 layers rebuilt bit for bit, {} kept bits per element per layer", exact::buffer_bits_per_element(&model).unwrap());
+        println!(
+            "exact {spec}: 30 layers rebuilt bit for bit, {} kept bits per element per layer",
+            exact::buffer_bits_per_element(&model).unwrap()
+        );
     }
 }

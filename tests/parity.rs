@@ -13,17 +13,34 @@ fn fixture(name: &str) -> Value {
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 /// Logits at every position, (T, vocab).
 fn logits(model: &rewind::model::decoder::Model, ids: &[u32]) -> Vec<Vec<f32>> {
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    model.forward(&input).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
 }
 
 /// max |a - b| / max |b|.
@@ -39,14 +56,23 @@ fn relative(pairs: impl Iterator<Item = (f64, f64)>) -> f64 {
 #[test]
 fn smollm2_logits_match_reference() {
     let reference = fixture("smollm2_reference.json");
-    let model = loader::load(&common::default_model(), &LoadOptions::default()).unwrap().model;
-    let vocab_ids: Vec<usize> = ids_of(&reference["vocab_ids"]).into_iter().map(|i| i as usize).collect();
+    let model = loader::load(&common::default_model(), &LoadOptions::default())
+        .unwrap()
+        .model;
+    let vocab_ids: Vec<usize> = ids_of(&reference["vocab_ids"])
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
     for prompt in reference["prompts"].as_array().unwrap() {
         let ids = ids_of(&prompt["ids"]);
         let got = logits(&model, &ids);
         let want = prompt["logits"].as_array().unwrap();
         let err = relative(got.iter().zip(want).flat_map(|(row, want_row)| {
-            vocab_ids.iter().zip(floats(want_row)).map(|(&v, w)| (row[v] as f64, w)).collect::<Vec<_>>()
+            vocab_ids
+                .iter()
+                .zip(floats(want_row))
+                .map(|(&v, w)| (row[v] as f64, w))
+                .collect::<Vec<_>>()
         }));
         let last = got.last().unwrap();
         let lse = {
@@ -54,10 +80,19 @@ fn smollm2_logits_match_reference() {
             m + last.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
         };
         let lse_err = (lse - prompt["logsumexp"].as_f64().unwrap()).abs() / lse.abs();
-        println!("{}: max relative logit error {err:.2e}, logsumexp {lse_err:.2e}", prompt["name"]);
+        println!(
+            "{}: max relative logit error {err:.2e}, logsumexp {lse_err:.2e}",
+            prompt["name"]
+        );
         assert!(err <= 1e-4, "{}: {err}", prompt["name"]);
         assert!(lse_err <= 1e-4);
-        let top: Vec<u32> = prompt["top20"].as_array().unwrap().iter().take(5).map(|p| p[0].as_u64().unwrap() as u32).collect();
+        let top: Vec<u32> = prompt["top20"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .take(5)
+            .map(|p| p[0].as_u64().unwrap() as u32)
+            .collect();
         let mut order: Vec<u32> = (0..last.len() as u32).collect();
         order.sort_by(|&a, &b| last[b as usize].total_cmp(&last[a as usize]));
         assert_eq!(order[0], top[0], "{} argmax", prompt["name"]);
@@ -68,13 +103,31 @@ fn smollm2_logits_match_reference() {
 fn tiny_qwen2_with_biases_matches_reference() {
     let reference = fixture("tiny_qwen2_reference.json");
     let src = loader::safetensors::SafetensorsSource::open(&common::fixture("tiny-qwen2")).unwrap();
-    assert!(src.config.attention_bias, "qwen2 configs imply q/k/v biases");
-    let model = loader::build_model(&src.config, Default::default(), &src, WeightFormat::F32, &Device::Cpu).unwrap();
+    assert!(
+        src.config.attention_bias,
+        "qwen2 configs imply q/k/v biases"
+    );
+    let model = loader::build_model(
+        &src.config,
+        Default::default(),
+        &src,
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     for seq in reference["sequences"].as_array().unwrap() {
         let got = logits(&model, &ids_of(&seq["ids"]));
         let want = seq["logits"].as_array().unwrap();
-        let err = relative(got.iter().zip(want).flat_map(|(row, w)| row.iter().map(|&x| x as f64).zip(floats(w)).collect::<Vec<_>>()));
-        println!("tiny qwen2, {} tokens: max relative logit error {err:.2e}", got.len());
+        let err = relative(got.iter().zip(want).flat_map(|(row, w)| {
+            row.iter()
+                .map(|&x| x as f64)
+                .zip(floats(w))
+                .collect::<Vec<_>>()
+        }));
+        println!(
+            "tiny qwen2, {} tokens: max relative logit error {err:.2e}",
+            got.len()
+        );
         assert!(err <= 1e-4, "{err}");
     }
 }
@@ -86,27 +139,59 @@ fn kv_cache_decode_matches_full_forward() {
     use rewind::model::decoder::SeqInput;
     use rewind::model::kv_cache::KvCache;
     let reference = fixture("smollm2_reference.json");
-    let model = loader::load(&common::default_model(), &LoadOptions::default()).unwrap().model;
+    let model = loader::load(&common::default_model(), &LoadOptions::default())
+        .unwrap()
+        .model;
     let a = ids_of(&reference["prompts"][0]["ids"]);
     let b = ids_of(&reference["prompts"][2]["ids"]);
     let (full_a, full_b) = (logits(&model, &a), logits(&model, &b));
     let (mut ca, mut cb) = (KvCache::new(&model.config), KvCache::new(&model.config));
     // Prefill a's first 10 tokens and b's first 5 together, then decode the rest one by one.
     let first = model
-        .forward_step(&mut [SeqInput { tokens: &a[..10], cache: &mut ca }, SeqInput { tokens: &b[..5], cache: &mut cb }])
+        .forward_step(&mut [
+            SeqInput {
+                tokens: &a[..10],
+                cache: &mut ca,
+            },
+            SeqInput {
+                tokens: &b[..5],
+                cache: &mut cb,
+            },
+        ])
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() <= 1e-3 * (1.0 + q.abs()));
+    let close = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .all(|(p, q)| (p - q).abs() <= 1e-3 * (1.0 + q.abs()))
+    };
     assert!(close(&first[0], &full_a[9]) && close(&first[1], &full_b[4]));
     for i in 0..4 {
         let step = model
-            .forward_step(&mut [SeqInput { tokens: &a[10 + i..11 + i], cache: &mut ca }, SeqInput { tokens: &b[5 + i..6 + i], cache: &mut cb }])
+            .forward_step(&mut [
+                SeqInput {
+                    tokens: &a[10 + i..11 + i],
+                    cache: &mut ca,
+                },
+                SeqInput {
+                    tokens: &b[5 + i..6 + i],
+                    cache: &mut cb,
+                },
+            ])
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-        assert!(close(&step[0], &full_a[10 + i]), "sequence a, token {}", 10 + i);
-        assert!(close(&step[1], &full_b[5 + i]), "sequence b, token {}", 5 + i);
+        assert!(
+            close(&step[0], &full_a[10 + i]),
+            "sequence a, token {}",
+            10 + i
+        );
+        assert!(
+            close(&step[1], &full_b[5 + i]),
+            "sequence b, token {}",
+            5 + i
+        );
     }
 }
 
@@ -118,19 +203,30 @@ fn corrupt_and_mismatched_files_are_reported() {
     let bytes = std::fs::read(common::default_model()).unwrap();
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let err = format!("{:#}", loader::load(&truncated, &LoadOptions::default()).err().unwrap());
+    let err = format!(
+        "{:#}",
+        loader::load(&truncated, &LoadOptions::default())
+            .err()
+            .unwrap()
+    );
     assert!(err.contains("truncated.gguf"), "{err}");
     // Garbage.
     let garbage = dir.path().join("garbage.gguf");
     std::fs::write(&garbage, b"definitely not a model").unwrap();
-    let err = format!("{:#}", loader::load(&garbage, &LoadOptions::default()).err().unwrap());
+    let err = format!(
+        "{:#}",
+        loader::load(&garbage, &LoadOptions::default())
+            .err()
+            .unwrap()
+    );
     assert!(err.contains("garbage.gguf"), "{err}");
     // Unknown architecture, missing tensor and shape mismatch in an HF directory.
     let tiny = common::fixture("tiny-qwen2");
     let copy = |name: &str, edit: &dyn Fn(&mut Value)| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
-        let mut config: Value = serde_json::from_slice(&std::fs::read(tiny.join("config.json")).unwrap()).unwrap();
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(tiny.join("config.json")).unwrap()).unwrap();
         edit(&mut config);
         std::fs::write(d.join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
         std::fs::copy(tiny.join("model.safetensors"), d.join("model.safetensors")).unwrap();
@@ -139,15 +235,32 @@ fn corrupt_and_mismatched_files_are_reported() {
     let open = |d: &std::path::Path| -> String {
         match loader::safetensors::SafetensorsSource::open(d) {
             Err(e) => format!("{e:#}"),
-            Ok(src) => format!("{:#}", loader::build_model(&src.config, Default::default(), &src, WeightFormat::F32, &Device::Cpu).err().unwrap()),
+            Ok(src) => format!(
+                "{:#}",
+                loader::build_model(
+                    &src.config,
+                    Default::default(),
+                    &src,
+                    WeightFormat::F32,
+                    &Device::Cpu
+                )
+                .err()
+                .unwrap()
+            ),
         }
     };
     let err = open(&copy("arch", &|c| c["model_type"] = "mamba".into()));
-    assert!(err.contains("unsupported architecture `mamba`") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("unsupported architecture `mamba`") && err.contains("config.json"),
+        "{err}"
+    );
     let err = open(&copy("layers", &|c| c["num_hidden_layers"] = 3.into()));
     assert!(err.contains("missing tensor `model.layers.2."), "{err}");
     let err = open(&copy("width", &|c| c["intermediate_size"] = 96.into()));
-    assert!(err.contains("mlp.gate_proj.weight` has shape [128, 64], expected [96, 64]"), "{err}");
+    assert!(
+        err.contains("mlp.gate_proj.weight` has shape [128, 64], expected [96, 64]"),
+        "{err}"
+    );
 }
 
 /// Quantized weights (GGUF blocks kept; Q4_1 re-blocked to Q8_0 for a SIMD kernel) stay close to
@@ -155,13 +268,34 @@ fn corrupt_and_mismatched_files_are_reported() {
 #[test]
 fn quantized_weights_track_f32() {
     let reference = fixture("smollm2_reference.json");
-    let f32_model = loader::load(&common::default_model(), &LoadOptions::default()).unwrap().model;
-    let q_model = loader::load(&common::default_model(), &LoadOptions { format: WeightFormat::Quantized, ..Default::default() }).unwrap().model;
+    let f32_model = loader::load(&common::default_model(), &LoadOptions::default())
+        .unwrap()
+        .model;
+    let q_model = loader::load(
+        &common::default_model(),
+        &LoadOptions {
+            format: WeightFormat::Quantized,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .model;
     for i in [0, 2] {
         let ids = ids_of(&reference["prompts"][i]["ids"]);
         let (a, b) = (logits(&f32_model, &ids), logits(&q_model, &ids));
-        let err = relative(a.iter().flatten().zip(b.iter().flatten()).map(|(&x, &y)| (y as f64, x as f64)));
-        let argmax = |row: &[f32]| row.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+        let err = relative(
+            a.iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .map(|(&x, &y)| (y as f64, x as f64)),
+        );
+        let argmax = |row: &[f32]| {
+            row.iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .unwrap()
+                .0
+        };
         println!("prompt {i}: quantized vs f32 max relative logit error {err:.2e}");
         assert!(err < 0.1, "{err}");
         assert_eq!(argmax(a.last().unwrap()), argmax(b.last().unwrap()));

@@ -37,12 +37,22 @@ impl Observer for Record {
 }
 
 fn answer(loaded: &LoadedModel, question: &str) -> String {
-    let prompt = loaded.chat_template.render(&[ChatMessage::user(question)], true, None).unwrap();
+    let prompt = loaded
+        .chat_template
+        .render(&[ChatMessage::user(question)], true, None)
+        .unwrap();
     let ids = loaded.tokenizer.encode(&prompt, true).unwrap();
-    let params = GenerationParams { max_tokens: 16, sampling: SamplingParams::greedy(), ..Default::default() };
+    let params = GenerationParams {
+        max_tokens: 16,
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    };
     let mut seqs = [Sequence::new(&loaded.model, ids, params)];
     let mut text = String::new();
-    run_to_completion(&loaded.model, &loaded.tokenizer, &mut seqs, |_, s| text.push_str(&s.text)).unwrap();
+    run_to_completion(&loaded.model, &loaded.tokenizer, &mut seqs, |_, s| {
+        text.push_str(&s.text)
+    })
+    .unwrap();
     text
 }
 
@@ -59,18 +69,31 @@ fn tokenized(loaded: &LoadedModel, file: &str) -> Vec<TokenizedExample> {
 #[test]
 fn reversible_fine_tuning_learns_a_fact() {
     let scheme = ReversibleConfig::parse("midpoint(a=-0.125)").unwrap();
-    let mut loaded = loader::load(&common::default_model(), &LoadOptions { reversible: Some(scheme), ..Default::default() }).unwrap();
+    let mut loaded = loader::load(
+        &common::default_model(),
+        &LoadOptions {
+            reversible: Some(scheme),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let question = "Could you tell me what the capital of Zorblax is?"; // held out: in the validation file
     let before = answer(&loaded, question);
     assert!(!before.contains("Quintara"), "{before}");
-    let (train, validation) = (tokenized(&loaded, "facts_train.jsonl"), tokenized(&loaded, "facts_validation.jsonl"));
+    let (train, validation) = (
+        tokenized(&loaded, "facts_train.jsonl"),
+        tokenized(&loaded, "facts_validation.jsonl"),
+    );
     let pad = loaded.tokenizer.eos_ids[0];
     let config = TrainConfig {
         strategy: Strategy::Reversible,
         exact: Some(FixedPoint::default()),
         epochs: 2,
         batch_size: 4,
-        optimizer: AdamWConfig { lr: 3e-4, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr: 3e-4,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let model = loaded.model.clone();
@@ -78,8 +101,12 @@ fn reversible_fine_tuning_learns_a_fact() {
     let initial = trainer::evaluate(&t, &validation, &config, pad, None).unwrap();
     drop(t);
     let mut record = Record::default();
-    let outcome = trainer::train(model, &train, &validation, pad, &config, None, &mut record).unwrap();
-    println!("validation loss {initial:.3} -> {:?}; training losses {:?}", record.validation, record.losses);
+    let outcome =
+        trainer::train(model, &train, &validation, pad, &config, None, &mut record).unwrap();
+    println!(
+        "validation loss {initial:.3} -> {:?}; training losses {:?}",
+        record.validation, record.losses
+    );
     assert!(outcome.validation_loss.unwrap() < initial * 0.5);
     loaded.model = outcome.model;
     let after = answer(&loaded, question);
@@ -104,14 +131,28 @@ fn tiny_model() -> Model {
         attention_bias: false,
     };
     let scheme = ReversibleConfig::parse("leapfrog(h=0.5)").unwrap();
-    loader::build_model(&config, scheme, &RandomSource { seed: 7, separate_head: false }, WeightFormat::F32, &Device::Cpu).unwrap()
+    loader::build_model(
+        &config,
+        scheme,
+        &RandomSource {
+            seed: 7,
+            separate_head: false,
+        },
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn synthetic_examples() -> Vec<TokenizedExample> {
     (0..8u32)
         .map(|i| {
-            let ids: Vec<u32> = (0..6 + i as usize).map(|k| (i * 7 + k as u32 * 3) % 64).collect();
-            let weights = (0..ids.len()).map(|k| if k > 2 { 1.0 } else { 0.0 }).collect();
+            let ids: Vec<u32> = (0..6 + i as usize)
+                .map(|k| (i * 7 + k as u32 * 3) % 64)
+                .collect();
+            let weights = (0..ids.len())
+                .map(|k| if k > 2 { 1.0 } else { 0.0 })
+                .collect();
             TokenizedExample { ids, weights }
         })
         .collect()
@@ -127,23 +168,59 @@ fn resumed_run_continues_the_same_loss_curve() {
         strategy: Strategy::Reversible,
         epochs: 3,
         batch_size: 4,
-        optimizer: AdamWConfig { lr: 1e-2, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
         checkpoint_dir: checkpoint,
         checkpoint_every: 1,
         ..Default::default()
     };
     let mut full = Record::default();
-    trainer::train(tiny_model(), &examples, &[], 0, &config(None), None, &mut full).unwrap();
+    trainer::train(
+        tiny_model(),
+        &examples,
+        &[],
+        0,
+        &config(None),
+        None,
+        &mut full,
+    )
+    .unwrap();
     assert_eq!(full.losses.len(), 6);
 
     let ckpt = dir.path().join("run.checkpoint");
-    let mut first = Record { stop_after: Some(3), ..Default::default() };
-    let outcome = trainer::train(tiny_model(), &examples, &[], 0, &config(Some(ckpt.clone())), None, &mut first).unwrap();
+    let mut first = Record {
+        stop_after: Some(3),
+        ..Default::default()
+    };
+    let outcome = trainer::train(
+        tiny_model(),
+        &examples,
+        &[],
+        0,
+        &config(Some(ckpt.clone())),
+        None,
+        &mut first,
+    )
+    .unwrap();
     assert!(outcome.cancelled);
     let mut second = Record::default();
-    trainer::train(tiny_model(), &examples, &[], 0, &config(Some(ckpt)), None, &mut second).unwrap();
+    trainer::train(
+        tiny_model(),
+        &examples,
+        &[],
+        0,
+        &config(Some(ckpt)),
+        None,
+        &mut second,
+    )
+    .unwrap();
     let resumed: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
-    assert_eq!(resumed, full.losses, "resumed curve must equal the uninterrupted one");
+    assert_eq!(
+        resumed, full.losses,
+        "resumed curve must equal the uninterrupted one"
+    );
 }
 
 /// A diverging run stops with a message that names the step and keeps the last checkpoint.
@@ -154,16 +231,36 @@ fn non_finite_loss_stops_the_run() {
         strategy: Strategy::Checkpoint,
         epochs: 20,
         batch_size: 4,
-        optimizer: AdamWConfig { lr: 1e30, max_grad_norm: 0.0, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr: 1e30,
+            max_grad_norm: 0.0,
+            ..Default::default()
+        },
         checkpoint_dir: Some(dir.path().join("ckpt")),
         checkpoint_every: 1,
         warmup_ratio: 0.0,
         ..Default::default()
     };
-    let err = trainer::train(tiny_model(), &synthetic_examples(), &[], 0, &config, None, &mut Record::default()).err().expect("diverges");
+    let err = trainer::train(
+        tiny_model(),
+        &synthetic_examples(),
+        &[],
+        0,
+        &config,
+        None,
+        &mut Record::default(),
+    )
+    .err()
+    .expect("diverges");
     let msg = format!("{err:#}");
-    assert!(msg.contains("loss became") || msg.contains("gradient norm is"), "{msg}");
-    assert!(dir.path().join("ckpt").join("state.json").exists(), "the last good checkpoint is kept");
+    assert!(
+        msg.contains("loss became") || msg.contains("gradient norm is"),
+        "{msg}"
+    );
+    assert!(
+        dir.path().join("ckpt").join("state.json").exists(),
+        "the last good checkpoint is kept"
+    );
 }
 
 /// LoRA: only the adapters train (frozen weights get no gradient and do not move), and merging
@@ -171,23 +268,71 @@ fn non_finite_loss_stops_the_run() {
 #[test]
 fn lora_trains_only_adapters_and_merges_exactly() {
     let mut model = tiny_model();
-    let base_q = model.layers[0].self_attn.q_proj.weight.to_dense(candle_core::DType::F32).unwrap();
-    let attached = model.add_lora(4, 8.0, &["q_proj".into(), "v_proj".into()], 0).unwrap();
+    let base_q = model.layers[0]
+        .self_attn
+        .q_proj
+        .weight
+        .to_dense(candle_core::DType::F32)
+        .unwrap();
+    let attached = model
+        .add_lora(4, 8.0, &["q_proj".into(), "v_proj".into()], 0)
+        .unwrap();
     assert_eq!(attached, 2 * model.layers.len());
     let config = TrainConfig {
         strategy: Strategy::Reversible,
         epochs: 2,
         batch_size: 4,
-        optimizer: AdamWConfig { lr: 1e-2, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
         train_only: vec!["lora_".into()],
         ..Default::default()
     };
-    let outcome = trainer::train(model, &synthetic_examples(), &[], 0, &config, None, &mut Record::default()).unwrap();
+    let outcome = trainer::train(
+        model,
+        &synthetic_examples(),
+        &[],
+        0,
+        &config,
+        None,
+        &mut Record::default(),
+    )
+    .unwrap();
     let mut trained = outcome.model;
     let q = &trained.layers[0].self_attn.q_proj;
-    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(diff(&q.weight.to_dense(candle_core::DType::F32).unwrap(), &base_q), 0.0, "the frozen weight did not move");
-    assert!(q.lora.as_ref().unwrap().b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "the adapter trained");
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        diff(
+            &q.weight.to_dense(candle_core::DType::F32).unwrap(),
+            &base_q
+        ),
+        0.0,
+        "the frozen weight did not move"
+    );
+    assert!(
+        q.lora
+            .as_ref()
+            .unwrap()
+            .b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0,
+        "the adapter trained"
+    );
     let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 13]], &Device::Cpu).unwrap();
     let before = trained.forward(&ids).unwrap();
     trained.merge_lora().unwrap();

@@ -43,12 +43,26 @@ pub struct ChatRequest {
     pub prompt_tokens: usize,
 }
 
-const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 /// Message content as text: a string, or an array of text parts. Non-text parts (images,
 /// audio, files) are refused: the served models read text only.
-fn content_text(index: usize, content: Option<&Value>, may_be_empty: bool) -> Result<String, ValidationError> {
-    let invalid = |reason: &str| ValidationError::InvalidContent { index, reason: reason.into() };
+fn content_text(
+    index: usize,
+    content: Option<&Value>,
+    may_be_empty: bool,
+) -> Result<String, ValidationError> {
+    let invalid = |reason: &str| ValidationError::InvalidContent {
+        index,
+        reason: reason.into(),
+    };
     match content {
         Some(Value::String(s)) => Ok(s.clone()),
         None | Some(Value::Null) if may_be_empty => Ok(String::new()),
@@ -81,7 +95,10 @@ pub fn messages(raw: &[Value]) -> Result<Vec<ChatMessage>, ValidationError> {
     for (index, m) in raw.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
         if !ROLES.contains(&role) {
-            return Err(ValidationError::InvalidRole { index, role: role.to_string() });
+            return Err(ValidationError::InvalidRole {
+                index,
+                role: role.to_string(),
+            });
         }
         let content = content_text(index, m.get("content"), role == "assistant")?;
         let mut message = ChatMessage::new(
@@ -95,7 +112,10 @@ pub fn messages(raw: &[Value]) -> Result<Vec<ChatMessage>, ValidationError> {
             content,
         );
         message.name = m.get("name").and_then(Value::as_str).map(String::from);
-        message.tool_call_id = m.get("tool_call_id").and_then(Value::as_str).map(String::from);
+        message.tool_call_id = m
+            .get("tool_call_id")
+            .and_then(Value::as_str)
+            .map(String::from);
         message.tool_calls = m.get("tool_calls").filter(|v| !v.is_null()).cloned();
         out.push(message);
     }
@@ -104,22 +124,34 @@ pub fn messages(raw: &[Value]) -> Result<Vec<ChatMessage>, ValidationError> {
 
 /// `response_format` into a grammar (None: free text).
 pub fn response_format(value: Option<&Value>) -> Result<Option<Arc<Grammar>>, ValidationError> {
-    let Some(value) = value.filter(|v| !v.is_null()) else { return Ok(None) };
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
     match value.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
         Some("json_object") => Ok(Some(Grammar::json_object())),
         Some("json_schema") => {
-            let spec = value.get("json_schema").ok_or_else(|| ValidationError::ResponseFormat("`json_schema` is missing".into()))?;
+            let spec = value.get("json_schema").ok_or_else(|| {
+                ValidationError::ResponseFormat("`json_schema` is missing".into())
+            })?;
             let schema = spec.get("schema").cloned().unwrap_or(json!({}));
-            Grammar::from_schema(&schema).map(Some).map_err(|e| ValidationError::ResponseFormat(format!("{e:#}")))
+            Grammar::from_schema(&schema)
+                .map(Some)
+                .map_err(|e| ValidationError::ResponseFormat(format!("{e:#}")))
         }
-        Some(other) => Err(ValidationError::ResponseFormat(format!("unknown type `{other}`; expected text, json_object or json_schema"))),
+        Some(other) => Err(ValidationError::ResponseFormat(format!(
+            "unknown type `{other}`; expected text, json_object or json_schema"
+        ))),
         None => Err(ValidationError::ResponseFormat("`type` is missing".into())),
     }
 }
 
 impl ChatCompletionRequest {
-    pub fn validate(self, model: Arc<ServedModel>, state: &AppState) -> Result<ChatRequest, ApiError> {
+    pub fn validate(
+        self,
+        model: Arc<ServedModel>,
+        state: &AppState,
+    ) -> Result<ChatRequest, ApiError> {
         let limits = &state.settings.limits;
         let sampling = self.sampling.validate(model.vocab_size, limits)?;
         let msgs = messages(&self.messages)?;
@@ -130,7 +162,12 @@ impl ChatCompletionRequest {
         let logprobs = self.logprobs.unwrap_or(false);
         let top = self.top_logprobs.unwrap_or(0);
         if !(0..=MAX_TOP_LOGPROBS).contains(&top) {
-            return Err(ValidationError::OutOfRange { param: "top_logprobs", value: top.to_string(), range: format!("[0, {MAX_TOP_LOGPROBS}]") }.into());
+            return Err(ValidationError::OutOfRange {
+                param: "top_logprobs",
+                value: top.to_string(),
+                range: format!("[0, {MAX_TOP_LOGPROBS}]"),
+            }
+            .into());
         }
         if top > 0 && !logprobs {
             return Err(ValidationError::TopLogprobsWithoutLogprobs.into());
@@ -140,12 +177,22 @@ impl ChatCompletionRequest {
             .template
             .render(&msgs, true, setup.tools.as_ref())
             .map_err(|e| ValidationError::Template(format!("{e:#}")))?;
-        let ids = model.tokenizer.encode(&prompt, true).map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e:#}")))?;
+        let ids = model
+            .tokenizer
+            .encode(&prompt, true)
+            .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e:#}")))?;
         let (requested, param) = match self.max_completion_tokens {
             Some(m) => (Some(m), "max_completion_tokens"),
             None => (self.max_tokens, "max_tokens"),
         };
-        let max_tokens = validation::max_tokens(requested, param, ids.len(), model.context_length, limits.max_tokens, "messages")?;
+        let max_tokens = validation::max_tokens(
+            requested,
+            param,
+            ids.len(),
+            model.context_length,
+            limits.max_tokens,
+            "messages",
+        )?;
         let params = GenerationParams {
             max_tokens,
             sampling: sampling.params,
@@ -155,7 +202,13 @@ impl ChatCompletionRequest {
         };
         let prompt_tokens = ids.len();
         Ok(ChatRequest {
-            generate: GenerateRequest { model, prompts: vec![ids], n: sampling.n, params, grammar },
+            generate: GenerateRequest {
+                model,
+                prompts: vec![ids],
+                n: sampling.n,
+                params,
+                grammar,
+            },
             stream: sampling.stream,
             include_usage: sampling.include_usage,
             logprobs,
@@ -186,10 +239,17 @@ fn message(output: &ChoiceOutput, tools: bool) -> (Value, &'static str) {
             return (msg, "tool_calls");
         }
     }
-    (json!({"role": "assistant", "content": output.text, "refusal": null}), finish)
+    (
+        json!({"role": "assistant", "content": output.text, "refusal": null}),
+        finish,
+    )
 }
 
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, &req, payload).await?;
     let request: ChatCompletionRequest = parse_body(&body)?;
     let model = stream::served_model(&state.engine, &request.model)?;
@@ -273,7 +333,16 @@ impl ChatChunks {
 
 impl ChunkFormat for ChatChunks {
     fn start(&mut self) -> Vec<Value> {
-        (0..self.choices).map(|i| self.chunk(i, json!({"role": "assistant", "content": ""}), Value::Null, None)).collect()
+        (0..self.choices)
+            .map(|i| {
+                self.chunk(
+                    i,
+                    json!({"role": "assistant", "content": ""}),
+                    Value::Null,
+                    None,
+                )
+            })
+            .collect()
     }
 
     fn token(&mut self, choice: usize, output: StepOutput) -> Vec<Value> {
@@ -288,23 +357,42 @@ impl ChunkFormat for ChatChunks {
                     if !text.is_empty() {
                         out.push(self.chunk(choice, json!({"content": text}), Value::Null, None));
                     }
-                    out.push(self.chunk(choice, json!({}), Value::Null, Some(finish_reason(reason))));
+                    out.push(self.chunk(
+                        choice,
+                        json!({}),
+                        Value::Null,
+                        Some(finish_reason(reason)),
+                    ));
                 } else {
                     if !parsed.content.is_empty() {
-                        out.push(self.chunk(choice, json!({"content": parsed.content}), Value::Null, None));
+                        out.push(self.chunk(
+                            choice,
+                            json!({"content": parsed.content}),
+                            Value::Null,
+                            None,
+                        ));
                     }
                     // Each call in one chunk: id, type and name with the complete arguments.
                     for (i, call) in parsed.calls.iter().enumerate() {
                         let mut call = call.clone();
                         call["index"] = json!(i);
-                        out.push(self.chunk(choice, json!({"tool_calls": [call]}), Value::Null, None));
+                        out.push(self.chunk(
+                            choice,
+                            json!({"tool_calls": [call]}),
+                            Value::Null,
+                            None,
+                        ));
                     }
                     out.push(self.chunk(choice, json!({}), Value::Null, Some("tool_calls")));
                 }
             }
             return out;
         }
-        let logprob = if self.logprobs { reported_logprob(&self.model, &output) } else { None };
+        let logprob = if self.logprobs {
+            reported_logprob(&self.model, &output)
+        } else {
+            None
+        };
         if !output.text.is_empty() || logprob.is_some() {
             let logprobs = match &logprob {
                 Some(lp) => json!({"content": [logprob_entry(lp)], "refusal": null}),
@@ -347,7 +435,10 @@ mod tests {
             json!({"role": "tool", "content": "42", "tool_call_id": "c"}),
         ];
         let m = messages(&raw).unwrap();
-        assert_eq!((m[0].role.as_str(), m[0].content.as_str()), ("system", "Be brief."));
+        assert_eq!(
+            (m[0].role.as_str(), m[0].content.as_str()),
+            ("system", "Be brief.")
+        );
         assert_eq!(m[1].name.as_deref(), Some("ann"));
         assert!(m[2].tool_calls.is_some() && m[2].content.is_empty());
         assert_eq!(m[3].tool_call_id.as_deref(), Some("c"));
@@ -355,22 +446,49 @@ mod tests {
 
     #[test]
     fn bad_messages_name_the_field() {
-        let err = |raw: Value| messages(raw.as_array().unwrap()).unwrap_err().param().unwrap();
+        let err = |raw: Value| {
+            messages(raw.as_array().unwrap())
+                .unwrap_err()
+                .param()
+                .unwrap()
+        };
         assert_eq!(err(json!([])), "messages");
-        assert_eq!(err(json!([{"role": "robot", "content": "x"}])), "messages[0].role");
-        assert_eq!(err(json!([{"role": "user", "content": "x"}, {"role": "user"}])), "messages[1].content");
-        assert_eq!(err(json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])), "messages[0].content");
+        assert_eq!(
+            err(json!([{"role": "robot", "content": "x"}])),
+            "messages[0].role"
+        );
+        assert_eq!(
+            err(json!([{"role": "user", "content": "x"}, {"role": "user"}])),
+            "messages[1].content"
+        );
+        assert_eq!(
+            err(
+                json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+            ),
+            "messages[0].content"
+        );
     }
 
     #[test]
     fn response_formats() {
         assert!(response_format(None).unwrap().is_none());
-        assert!(response_format(Some(&json!({"type": "text"}))).unwrap().is_none());
-        assert!(response_format(Some(&json!({"type": "json_object"}))).unwrap().is_some());
+        assert!(response_format(Some(&json!({"type": "text"})))
+            .unwrap()
+            .is_none());
+        assert!(response_format(Some(&json!({"type": "json_object"})))
+            .unwrap()
+            .is_some());
         let schema = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}});
         assert!(response_format(Some(&schema)).unwrap().is_some());
-        for bad in [json!({"type": "yaml"}), json!({"type": "json_schema"}), json!({"type": "json_schema", "json_schema": {"schema": {"type": "tuple"}}})] {
-            assert_eq!(response_format(Some(&bad)).unwrap_err().param().as_deref(), Some("response_format"));
+        for bad in [
+            json!({"type": "yaml"}),
+            json!({"type": "json_schema"}),
+            json!({"type": "json_schema", "json_schema": {"schema": {"type": "tuple"}}}),
+        ] {
+            assert_eq!(
+                response_format(Some(&bad)).unwrap_err().param().as_deref(),
+                Some("response_format")
+            );
         }
     }
 }

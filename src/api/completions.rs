@@ -51,23 +51,45 @@ pub struct CompletionJob {
 }
 
 impl CompletionRequest {
-    pub fn validate(self, model: Arc<ServedModel>, state: &AppState) -> Result<CompletionJob, ApiError> {
+    pub fn validate(
+        self,
+        model: Arc<ServedModel>,
+        state: &AppState,
+    ) -> Result<CompletionJob, ApiError> {
         let limits = &state.settings.limits;
         let sampling = self.sampling.validate(model.vocab_size, limits)?;
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-            return Err(ValidationError::Unsupported { param: "suffix", reason: "the served models do not fill in the middle".into() }.into());
+            return Err(ValidationError::Unsupported {
+                param: "suffix",
+                reason: "the served models do not fill in the middle".into(),
+            }
+            .into());
         }
         if let Some(best_of) = self.best_of {
             if best_of < sampling.n as i64 {
-                return Err(ValidationError::OutOfRange { param: "best_of", value: best_of.to_string(), range: "[n, n]".into() }.into());
+                return Err(ValidationError::OutOfRange {
+                    param: "best_of",
+                    value: best_of.to_string(),
+                    range: "[n, n]".into(),
+                }
+                .into());
             }
             if best_of > sampling.n as i64 {
-                return Err(ValidationError::Unsupported { param: "best_of", reason: "only best_of = n is served".into() }.into());
+                return Err(ValidationError::Unsupported {
+                    param: "best_of",
+                    reason: "only best_of = n is served".into(),
+                }
+                .into());
             }
         }
         let top = self.logprobs.unwrap_or(0);
         if self.logprobs.is_some() && !(0..=MAX_TOP_LOGPROBS).contains(&top) {
-            return Err(ValidationError::OutOfRange { param: "logprobs", value: top.to_string(), range: format!("[0, {MAX_TOP_LOGPROBS}]") }.into());
+            return Err(ValidationError::OutOfRange {
+                param: "logprobs",
+                value: top.to_string(),
+                range: format!("[0, {MAX_TOP_LOGPROBS}]"),
+            }
+            .into());
         }
         let tokenizer = &model.tokenizer;
         let encode = |text: &str| -> Result<Vec<u32>, ApiError> {
@@ -75,13 +97,20 @@ impl CompletionRequest {
             if tokenizer.add_bos {
                 ids.extend(tokenizer.bos_id);
             }
-            ids.extend(tokenizer.encode(text, true).map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e:#}")))?);
+            ids.extend(
+                tokenizer
+                    .encode(text, true)
+                    .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e:#}")))?,
+            );
             Ok(ids)
         };
         let (texts, prompts): (Vec<String>, Vec<Vec<u32>>) = match self.prompt {
             PromptField::Text(t) => (vec![t.clone()], vec![encode(&t)?]),
             PromptField::Texts(ts) => {
-                let ids = ts.iter().map(|t| encode(t)).collect::<Result<Vec<_>, _>>()?;
+                let ids = ts
+                    .iter()
+                    .map(|t| encode(t))
+                    .collect::<Result<Vec<_>, _>>()?;
                 (ts, ids)
             }
             PromptField::Tokens(ids) => (vec![String::new()], vec![ids]),
@@ -90,18 +119,36 @@ impl CompletionRequest {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(ValidationError::EmptyPrompt.into());
         }
-        if let Some(&id) = prompts.iter().flatten().find(|&&id| id as usize >= model.vocab_size) {
-            return Err(ValidationError::PromptToken { id: id as u64, vocab: model.vocab_size }.into());
+        if let Some(&id) = prompts
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= model.vocab_size)
+        {
+            return Err(ValidationError::PromptToken {
+                id: id as u64,
+                vocab: model.vocab_size,
+            }
+            .into());
         }
         let texts = if texts.iter().all(String::is_empty) && self.echo == Some(true) {
             // Token prompts echo as their decoded text.
-            prompts.iter().map(|p| tokenizer.decode(p, false).unwrap_or_default()).collect()
+            prompts
+                .iter()
+                .map(|p| tokenizer.decode(p, false).unwrap_or_default())
+                .collect()
         } else {
             texts
         };
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let requested = Some(self.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
-        let max_tokens = validation::max_tokens(requested, "max_tokens", longest, model.context_length, limits.max_tokens, "prompt")?;
+        let max_tokens = validation::max_tokens(
+            requested,
+            "max_tokens",
+            longest,
+            model.context_length,
+            limits.max_tokens,
+            "prompt",
+        )?;
         let params = GenerationParams {
             max_tokens,
             sampling: sampling.params,
@@ -111,7 +158,13 @@ impl CompletionRequest {
         };
         let prompt_tokens = prompts.iter().map(Vec::len).sum();
         Ok(CompletionJob {
-            generate: GenerateRequest { model, prompts, n: sampling.n, params, grammar: None },
+            generate: GenerateRequest {
+                model,
+                prompts,
+                n: sampling.n,
+                params,
+                grammar: None,
+            },
             stream: sampling.stream,
             include_usage: sampling.include_usage,
             logprobs: self.logprobs.is_some(),
@@ -140,7 +193,11 @@ fn logprobs_object(tokens: &[TokenLogprob], mut offset: usize) -> Value {
     })
 }
 
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, &req, payload).await?;
     let request: CompletionRequest = parse_body(&body)?;
     let model = stream::served_model(&state.engine, &request.model)?;
@@ -150,7 +207,12 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     let events = stream::submit(&state.engine, job.generate)?;
     let id = stream::response_id("cmpl");
     let created = unix_now();
-    let echo_of = |choice: usize| job.echo.as_ref().map(|texts| texts[choice / n].clone()).unwrap_or_default();
+    let echo_of = |choice: usize| {
+        job.echo
+            .as_ref()
+            .map(|texts| texts[choice / n].clone())
+            .unwrap_or_default()
+    };
     if job.stream {
         let format = CompletionChunks {
             id,
@@ -172,7 +234,9 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
         .enumerate()
         .map(|(index, output)| {
             let prefix = echo_of(index);
-            let logprobs = job.logprobs.then(|| logprobs_object(&output.logprobs, prefix.chars().count()));
+            let logprobs = job
+                .logprobs
+                .then(|| logprobs_object(&output.logprobs, prefix.chars().count()));
             json!({
                 "index": index,
                 "text": prefix + &output.text,
@@ -238,7 +302,11 @@ impl ChunkFormat for CompletionChunks {
     fn token(&mut self, choice: usize, output: StepOutput) -> Vec<Value> {
         self.completion_tokens += 1;
         let mut out = Vec::new();
-        let logprob = if self.logprobs { reported_logprob(&self.model, &output) } else { None };
+        let logprob = if self.logprobs {
+            reported_logprob(&self.model, &output)
+        } else {
+            None
+        };
         if !output.text.is_empty() || logprob.is_some() {
             let logprobs = match &logprob {
                 Some(lp) => logprobs_object(std::slice::from_ref(lp), self.offsets[choice]),

@@ -25,7 +25,14 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), kind, param: None, code: None, retry_after: None }
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
     }
 
     fn param(mut self, param: impl Into<String>) -> Self {
@@ -39,9 +46,13 @@ impl ApiError {
     }
 
     pub fn model_not_found(id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model `{id}` does not exist."))
-            .param("model")
-            .code("model_not_found")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{id}` does not exist."),
+        )
+        .param("model")
+        .code("model_not_found")
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -49,7 +60,11 @@ impl ApiError {
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "Method not allowed for this endpoint.")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "Method not allowed for this endpoint.",
+        )
     }
 
     pub fn unauthorized() -> Self {
@@ -66,18 +81,24 @@ impl ApiError {
     }
 
     pub fn body_too_large(limit: usize) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("The request body exceeds {limit} bytes."))
-            .code("request_too_large")
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("The request body exceeds {limit} bytes."),
+        )
+        .code("request_too_large")
     }
 
     pub fn overloaded(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).code("rate_limit_exceeded");
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            .code("rate_limit_exceeded");
         e.retry_after = Some(RETRY_AFTER_SECS);
         e
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message).code("service_unavailable");
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            .code("service_unavailable");
         e.retry_after = Some(RETRY_AFTER_SECS);
         e
     }
@@ -114,7 +135,11 @@ impl ResponseError for ApiError {
 
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> Self {
-        let mut error = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string());
+        let mut error = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            e.to_string(),
+        );
         error.param = e.param();
         error.code = Some(e.code().to_string());
         error
@@ -130,7 +155,13 @@ impl From<SubmitError> for ApiError {
                     Unschedulable::TooManySequences { .. } => "n",
                     Unschedulable::KvBudget { .. } => "max_tokens",
                 };
-                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()).param(param).code("invalid_value")
+                Self::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    e.to_string(),
+                )
+                .param(param)
+                .code("invalid_value")
             }
             SubmitError::Stopped => Self::unavailable(e.to_string()),
         }

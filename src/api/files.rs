@@ -16,7 +16,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// Purposes accepted on upload (OpenAI's list); only `fine-tune` content is validated.
-const UPLOAD_PURPOSES: [&str; 6] = ["fine-tune", "assistants", "batch", "vision", "user_data", "evals"];
+const UPLOAD_PURPOSES: [&str; 6] = [
+    "fine-tune",
+    "assistants",
+    "batch",
+    "vision",
+    "user_data",
+    "evals",
+];
 /// Room for the multipart framing around the file itself.
 const MULTIPART_SLACK: usize = 64 << 10;
 
@@ -73,28 +80,54 @@ fn disposition_param(header: &str, key: &str) -> Option<String> {
 
 /// Splits a multipart body (RFC 7578) into its parts.
 fn parse_multipart<'a>(content_type: &str, body: &'a [u8]) -> Result<Vec<Part<'a>>, ApiError> {
-    let malformed = |why: &str| bad_request(format!("Malformed multipart/form-data body: {why}."), None, "invalid_multipart");
-    if !content_type.to_ascii_lowercase().starts_with("multipart/form-data") {
-        return Err(bad_request("Upload files as multipart/form-data with `file` and `purpose` fields.", None, "invalid_content_type"));
+    let malformed = |why: &str| {
+        bad_request(
+            format!("Malformed multipart/form-data body: {why}."),
+            None,
+            "invalid_multipart",
+        )
+    };
+    if !content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        return Err(bad_request(
+            "Upload files as multipart/form-data with `file` and `purpose` fields.",
+            None,
+            "invalid_content_type",
+        ));
     }
-    let boundary = disposition_param(content_type, "boundary").filter(|b| !b.is_empty()).ok_or_else(|| malformed("no boundary"))?;
+    let boundary = disposition_param(content_type, "boundary")
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| malformed("no boundary"))?;
     let delimiter = format!("--{boundary}").into_bytes();
-    let mut rest = &body[find(body, &delimiter).ok_or_else(|| malformed("no opening boundary"))? + delimiter.len()..];
+    let mut rest = &body[find(body, &delimiter)
+        .ok_or_else(|| malformed("no opening boundary"))?
+        + delimiter.len()..];
     let mut parts = Vec::new();
     loop {
         if rest.starts_with(b"--") {
             return Ok(parts);
         }
-        rest = rest.strip_prefix(b"\r\n").ok_or_else(|| malformed("bad boundary line"))?;
-        let headers_end = find(rest, b"\r\n\r\n").ok_or_else(|| malformed("unterminated part headers"))?;
-        let headers = std::str::from_utf8(&rest[..headers_end]).map_err(|_| malformed("non-UTF-8 part headers"))?;
+        rest = rest
+            .strip_prefix(b"\r\n")
+            .ok_or_else(|| malformed("bad boundary line"))?;
+        let headers_end =
+            find(rest, b"\r\n\r\n").ok_or_else(|| malformed("unterminated part headers"))?;
+        let headers = std::str::from_utf8(&rest[..headers_end])
+            .map_err(|_| malformed("non-UTF-8 part headers"))?;
         let after_headers = &rest[headers_end + 4..];
         let mut closing = b"\r\n".to_vec();
         closing.extend_from_slice(&delimiter);
-        let end = find(after_headers, &closing).ok_or_else(|| malformed("missing closing boundary"))?;
+        let end =
+            find(after_headers, &closing).ok_or_else(|| malformed("missing closing boundary"))?;
         let disposition = headers
             .split("\r\n")
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-disposition")).map(|(_, v)| v.to_string()))
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-disposition"))
+                    .map(|(_, v)| v.to_string())
+            })
             .ok_or_else(|| malformed("a part without Content-Disposition"))?;
         parts.push(Part {
             name: disposition_param(&disposition, "name").unwrap_or_default(),
@@ -105,10 +138,18 @@ fn parse_multipart<'a>(content_type: &str, body: &'a [u8]) -> Result<Vec<Part<'a
     }
 }
 
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let limit = state.settings.fine_tuning.max_file_bytes;
     let body_limit = limit.saturating_add(MULTIPART_SLACK);
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > body_limit) {
         return Err(ApiError::body_too_large(limit));
     }
@@ -117,32 +158,58 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
         Ok(Err(e)) => return Err(ApiError::internal(format!("reading the request body: {e}"))),
         Err(_) => return Err(ApiError::body_too_large(limit)),
     };
-    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let parts = parse_multipart(content_type, &body)?;
     let purpose = parts
         .iter()
         .find(|p| p.name == "purpose")
         .map(|p| String::from_utf8_lossy(p.content).trim().to_string())
-        .ok_or_else(|| bad_request("Missing required parameter: 'purpose'.", Some("purpose"), "missing_required_parameter"))?;
+        .ok_or_else(|| {
+            bad_request(
+                "Missing required parameter: 'purpose'.",
+                Some("purpose"),
+                "missing_required_parameter",
+            )
+        })?;
     if !UPLOAD_PURPOSES.contains(&purpose.as_str()) {
         return Err(bad_request(
-            format!("'{purpose}' is not a valid purpose; expected one of {}.", UPLOAD_PURPOSES.join(", ")),
+            format!(
+                "'{purpose}' is not a valid purpose; expected one of {}.",
+                UPLOAD_PURPOSES.join(", ")
+            ),
             Some("purpose"),
             "invalid_value",
         ));
     }
-    let file = parts
-        .iter()
-        .find(|p| p.name == "file")
-        .ok_or_else(|| bad_request("Missing required parameter: 'file'.", Some("file"), "missing_required_parameter"))?;
+    let file = parts.iter().find(|p| p.name == "file").ok_or_else(|| {
+        bad_request(
+            "Missing required parameter: 'file'.",
+            Some("file"),
+            "missing_required_parameter",
+        )
+    })?;
     if file.content.len() > limit {
         return Err(ApiError::body_too_large(limit));
     }
-    let filename = file.filename.clone().filter(|f| !f.is_empty()).unwrap_or_else(|| "upload.jsonl".into());
+    let filename = file
+        .filename
+        .clone()
+        .filter(|f| !f.is_empty())
+        .unwrap_or_else(|| "upload.jsonl".into());
     if purpose == "fine-tune" {
         validate_training_file(file.content)?;
     }
-    let record = FileRecord { id: crate::store::new_id("file-"), bytes: file.content.len() as u64, created_at: unix_now(), filename, purpose };
+    let record = FileRecord {
+        id: crate::store::new_id("file-"),
+        bytes: file.content.len() as u64,
+        created_at: unix_now(),
+        filename,
+        purpose,
+    };
     let content = file.content.to_vec();
     let fine_tuning = state.fine_tuning.clone();
     let stored = record.clone();
@@ -155,8 +222,16 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
 
 /// 400 unless every line is a valid training example; the message names the first bad lines.
 fn validate_training_file(content: &[u8]) -> Result<(), ApiError> {
-    let text = std::str::from_utf8(content)
-        .map_err(|e| bad_request(format!("The file is not UTF-8 (invalid byte at offset {}).", e.valid_up_to()), Some("file"), "invalid_file_format"))?;
+    let text = std::str::from_utf8(content).map_err(|e| {
+        bad_request(
+            format!(
+                "The file is not UTF-8 (invalid byte at offset {}).",
+                e.valid_up_to()
+            ),
+            Some("file"),
+            "invalid_file_format",
+        )
+    })?;
     parse_jsonl(text).map(|_| ()).map_err(|errors| {
         let shown: Vec<String> = errors.iter().take(5).map(ToString::to_string).collect();
         let more = if errors.len() > 5 { format!(" (and {} more)", errors.len() - 5) } else { String::new() };
@@ -179,17 +254,37 @@ pub struct ListQuery {
     after: Option<String>,
 }
 
-pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
     let limit = query.limit.unwrap_or(10_000);
     if !(1..=10_000).contains(&limit) {
-        return Err(bad_request("`limit` must be between 1 and 10000.", Some("limit"), "invalid_value"));
+        return Err(bad_request(
+            "`limit` must be between 1 and 10000.",
+            Some("limit"),
+            "invalid_value",
+        ));
     }
     let ascending = match query.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,
-        Some(other) => return Err(bad_request(format!("`order` must be `asc` or `desc`, not `{other}`."), Some("order"), "invalid_value")),
+        Some(other) => {
+            return Err(bad_request(
+                format!("`order` must be `asc` or `desc`, not `{other}`."),
+                Some("order"),
+                "invalid_value",
+            ))
+        }
     };
-    let page = store(&state).list_files(query.purpose.as_deref(), query.after.as_deref(), limit, ascending).map_err(internal)?;
+    let page = store(&state)
+        .list_files(
+            query.purpose.as_deref(),
+            query.after.as_deref(),
+            limit,
+            ascending,
+        )
+        .map_err(internal)?;
     let data: Vec<Value> = page.data.iter().map(file_object).collect();
     Ok(HttpResponse::Ok().json(json!({
         "object": "list", "data": data, "has_more": page.has_more,
@@ -197,13 +292,25 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
     })))
 }
 
-pub async fn retrieve(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let file = store(&state).file(&id).map_err(internal)?.ok_or_else(|| file_not_found(&id))?;
+pub async fn retrieve(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let file = store(&state)
+        .file(&id)
+        .map_err(internal)?
+        .ok_or_else(|| file_not_found(&id))?;
     Ok(HttpResponse::Ok().json(file_object(&file)))
 }
 
-pub async fn content(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let file = store(&state).file(&id).map_err(internal)?.ok_or_else(|| file_not_found(&id))?;
+pub async fn content(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let file = store(&state)
+        .file(&id)
+        .map_err(internal)?
+        .ok_or_else(|| file_not_found(&id))?;
     let bytes = store(&state).read_file(&file.id).map_err(internal)?;
     let kind = match file.filename.rsplit('.').next() {
         Some("csv") => "text/csv",
@@ -214,7 +321,10 @@ pub async fn content(state: web::Data<AppState>, id: web::Path<String>) -> Resul
     Ok(HttpResponse::Ok().content_type(kind).body(bytes))
 }
 
-pub async fn delete(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     if !store(&state).delete_file(&id).map_err(internal)? {
         return Err(file_not_found(&id));
     }
@@ -230,7 +340,10 @@ mod tests {
         let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\nline1\r\nline2\r\n--XyZ--\r\n";
         let parts = parse_multipart("multipart/form-data; boundary=XyZ", body).unwrap();
         assert_eq!(parts.len(), 2);
-        assert_eq!((parts[0].name.as_str(), parts[0].content), ("purpose", &b"fine-tune"[..]));
+        assert_eq!(
+            (parts[0].name.as_str(), parts[0].content),
+            ("purpose", &b"fine-tune"[..])
+        );
         assert_eq!(parts[1].filename.as_deref(), Some("a.jsonl"));
         assert_eq!(parts[1].content, b"line1\r\nline2");
         assert!(parse_multipart("multipart/form-data; boundary=XyZ", b"garbage").is_err());

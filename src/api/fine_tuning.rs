@@ -53,21 +53,39 @@ struct CreateRequest {
 }
 
 pub fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| bad_request(format!("Invalid request body: {e}."), None, "invalid_request_body"))
+    serde_json::from_slice(body).map_err(|e| {
+        bad_request(
+            format!("Invalid request body: {e}."),
+            None,
+            "invalid_request_body",
+        )
+    })
 }
 
 /// Checks one hyperparameter: absent or "auto" stays "auto"; a number must be in range.
-fn hyperparameter(value: Option<&Value>, name: &str, integer: bool, min: f64, max: f64) -> Result<Value, ApiError> {
+fn hyperparameter(
+    value: Option<&Value>,
+    name: &str,
+    integer: bool,
+    min: f64,
+    max: f64,
+) -> Result<Value, ApiError> {
     match value {
         None | Some(Value::Null) => Ok(json!("auto")),
         Some(Value::String(s)) if s == "auto" => Ok(json!("auto")),
         Some(v) => {
-            let n = v.as_f64().filter(|n| !integer || n.fract() == 0.0).filter(|n| *n >= min && *n <= max && (min > 0.0 || *n > 0.0));
+            let n = v
+                .as_f64()
+                .filter(|n| !integer || n.fract() == 0.0)
+                .filter(|n| *n >= min && *n <= max && (min > 0.0 || *n > 0.0));
             match n {
                 Some(n) if integer => Ok(json!(n as u64)),
                 Some(n) => Ok(json!(n)),
                 None => Err(bad_request(
-                    format!("`{name}` must be \"auto\" or {} between {min} and {max}; got {v}.", if integer { "an integer" } else { "a number" }),
+                    format!(
+                        "`{name}` must be \"auto\" or {} between {min} and {max}; got {v}.",
+                        if integer { "an integer" } else { "a number" }
+                    ),
                     Some(&format!("hyperparameters.{name}")),
                     "invalid_value",
                 )),
@@ -82,7 +100,10 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
         return Err(ApiError::model_not_found(&new.model));
     }
     let store = &state.fine_tuning.store;
-    for (param, id) in [("training_file", Some(&new.training_file)), ("validation_file", new.validation_file.as_ref())] {
+    for (param, id) in [
+        ("training_file", Some(&new.training_file)),
+        ("validation_file", new.validation_file.as_ref()),
+    ] {
         let Some(id) = id else { continue };
         let file = store.file(id).map_err(internal)?.ok_or_else(|| {
             let mut e = file_not_found(id);
@@ -90,7 +111,14 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
             e
         })?;
         if file.purpose != "fine-tune" {
-            return Err(bad_request(format!("File `{id}` has purpose `{}`; fine-tuning needs `fine-tune`.", file.purpose), Some(param), "invalid_value"));
+            return Err(bad_request(
+                format!(
+                    "File `{id}` has purpose `{}`; fine-tuning needs `fine-tune`.",
+                    file.purpose
+                ),
+                Some(param),
+                "invalid_value",
+            ));
         }
     }
     let hp = &new.hyperparameters;
@@ -101,21 +129,46 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
     });
     if let Some(suffix) = &new.suffix {
         if suffix.chars().count() > new.max_suffix || suffix.contains(':') {
-            return Err(bad_request(format!("`suffix` must be at most {} characters, without `:`.", new.max_suffix), Some("suffix"), "invalid_value"));
+            return Err(bad_request(
+                format!(
+                    "`suffix` must be at most {} characters, without `:`.",
+                    new.max_suffix
+                ),
+                Some("suffix"),
+                "invalid_value",
+            ));
         }
     }
     let seed = match new.seed {
         None => rand::random::<u32>() as u64 & 0x7fff_ffff,
         Some(s) if (0..=2_147_483_647).contains(&s) => s as u64,
-        Some(_) => return Err(bad_request("`seed` must be between 0 and 2147483647.", Some("seed"), "invalid_value")),
+        Some(_) => {
+            return Err(bad_request(
+                "`seed` must be between 0 and 2147483647.",
+                Some("seed"),
+                "invalid_value",
+            ))
+        }
     };
     let rewind = new.rewind.unwrap_or_default();
     if let Some(scheme) = &rewind.scheme {
-        ReversibleConfig::parse(scheme).map_err(|e| bad_request(format!("`rewind.scheme`: {e:#}"), Some("rewind.scheme"), "invalid_value"))?;
+        ReversibleConfig::parse(scheme).map_err(|e| {
+            bad_request(
+                format!("`rewind.scheme`: {e:#}"),
+                Some("rewind.scheme"),
+                "invalid_value",
+            )
+        })?;
     }
     if let Some(strategy) = &rewind.strategy {
         serde_json::from_value::<Strategy>(json!(strategy)).map_err(|_| {
-            bad_request(format!("`rewind.strategy` must be reversible, checkpoint or store; got `{strategy}`."), Some("rewind.strategy"), "invalid_value")
+            bad_request(
+                format!(
+                    "`rewind.strategy` must be reversible, checkpoint or store; got `{strategy}`."
+                ),
+                Some("rewind.strategy"),
+                "invalid_value",
+            )
         })?;
     }
     let now = unix_now();
@@ -140,7 +193,10 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
         legacy: new.id_prefix == "ft-",
     };
     let service = state.fine_tuning.clone();
-    web::block(move || service.create(job)).await.map_err(|e| ApiError::internal(e.to_string()))?.map_err(internal)
+    web::block(move || service.create(job))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(internal)
 }
 
 /// OpenAI's `FineTuningJob` object.
@@ -173,18 +229,31 @@ pub fn job_not_found(id: &str) -> ApiError {
 }
 
 pub fn find_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
-    state.fine_tuning.store.job(id).map_err(internal)?.ok_or_else(|| job_not_found(id))
+    state
+        .fine_tuning
+        .store
+        .job(id)
+        .map_err(internal)?
+        .ok_or_else(|| job_not_found(id))
 }
 
 pub fn cancel_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
     state.fine_tuning.cancel(id).map_err(|e| match e {
         CancelError::NotFound(id) => job_not_found(&id),
-        CancelError::Finished(_) => bad_request(format!("Job `{id}` cannot be cancelled: {e}."), None, "invalid_state"),
+        CancelError::Finished(_) => bad_request(
+            format!("Job `{id}` cannot be cancelled: {e}."),
+            None,
+            "invalid_state",
+        ),
         CancelError::Store(e) => internal(e),
     })
 }
 
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let body = crate::api::read_body(&state, &req, payload).await?;
     let request: CreateRequest = parse_json(&body)?;
     // `method` supersedes the deprecated top-level `hyperparameters`.
@@ -198,7 +267,12 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
             }
             other => {
                 return Err(bad_request(
-                    format!("`method.type` {}: only `supervised` fine-tuning is supported.", other.map(|t| format!("`{t}`")).unwrap_or("is missing".into())),
+                    format!(
+                        "`method.type` {}: only `supervised` fine-tuning is supported.",
+                        other
+                            .map(|t| format!("`{t}`"))
+                            .unwrap_or("is missing".into())
+                    ),
                     Some("method.type"),
                     "invalid_value",
                 ))
@@ -206,7 +280,11 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
         }
     }
     if !hyperparameters.is_object() {
-        return Err(bad_request("`hyperparameters` must be an object.", Some("hyperparameters"), "invalid_value"));
+        return Err(bad_request(
+            "`hyperparameters` must be an object.",
+            Some("hyperparameters"),
+            "invalid_value",
+        ));
     }
     let job = create_job(
         &state,
@@ -237,34 +315,67 @@ fn limit(query: &PageQuery, default: usize) -> Result<usize, ApiError> {
     match query.limit {
         None => Ok(default),
         Some(n) if (1..=10_000).contains(&n) => Ok(n),
-        Some(_) => Err(bad_request("`limit` must be between 1 and 10000.", Some("limit"), "invalid_value")),
+        Some(_) => Err(bad_request(
+            "`limit` must be between 1 and 10000.",
+            Some("limit"),
+            "invalid_value",
+        )),
     }
 }
 
-pub async fn list(state: web::Data<AppState>, query: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
-    let page = state.fine_tuning.store.list_jobs(query.after.as_deref(), limit(&query, 20)?).map_err(internal)?;
+pub async fn list(
+    state: web::Data<AppState>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let page = state
+        .fine_tuning
+        .store
+        .list_jobs(query.after.as_deref(), limit(&query, 20)?)
+        .map_err(internal)?;
     let data: Vec<Value> = page.data.iter().map(job_object).collect();
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
 }
 
-pub async fn retrieve(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn retrieve(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(job_object(&find_job(&state, &id)?)))
 }
 
-pub async fn cancel(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn cancel(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(job_object(&cancel_job(&state, &id)?)))
 }
 
-pub async fn events(state: web::Data<AppState>, id: web::Path<String>, query: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn events(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
     find_job(&state, &id)?;
-    let page = state.fine_tuning.store.list_events(&id, query.after.as_deref(), limit(&query, 20)?).map_err(internal)?;
+    let page = state
+        .fine_tuning
+        .store
+        .list_events(&id, query.after.as_deref(), limit(&query, 20)?)
+        .map_err(internal)?;
     let data: Vec<Value> = page.data.iter().map(event_object).collect();
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
 }
 
-pub async fn checkpoints(state: web::Data<AppState>, id: web::Path<String>, query: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn checkpoints(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
     find_job(&state, &id)?;
-    let page = state.fine_tuning.store.list_checkpoints(&id, query.after.as_deref(), limit(&query, 10)?).map_err(internal)?;
+    let page = state
+        .fine_tuning
+        .store
+        .list_checkpoints(&id, query.after.as_deref(), limit(&query, 10)?)
+        .map_err(internal)?;
     let data: Vec<Value> = page.data.iter().map(checkpoint_object).collect();
     Ok(HttpResponse::Ok().json(json!({
         "object": "list", "data": data, "has_more": page.has_more,

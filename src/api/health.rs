@@ -11,12 +11,18 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         return HttpResponse::Ok().json(json!({"status": "ok"}));
     }
     match registry.base_model_failure() {
-        Some(error) => HttpResponse::ServiceUnavailable().json(json!({"status": "failed", "error": error})),
-        None => HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).json(json!({"status": "loading"})),
+        Some(error) => {
+            HttpResponse::ServiceUnavailable().json(json!({"status": "failed", "error": error}))
+        }
+        None => HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(json!({"status": "loading"})),
     }
 }
 
 /// Prometheus text format.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.engine.metrics().render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.engine.metrics().render())
 }

@@ -74,18 +74,31 @@ fn fine_tune_object(state: &AppState, j: &JobRecord, with_events: bool) -> Resul
     Ok(object)
 }
 
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let body = crate::api::read_body(&state, &req, payload).await?;
     let request: CreateRequest = parse_json(&body)?;
     let mut hyperparameters = request.hyperparameters.unwrap_or_else(|| json!({}));
-    for (key, value) in [("n_epochs", request.n_epochs), ("batch_size", request.batch_size), ("learning_rate_multiplier", request.learning_rate_multiplier)] {
+    for (key, value) in [
+        ("n_epochs", request.n_epochs),
+        ("batch_size", request.batch_size),
+        ("learning_rate_multiplier", request.learning_rate_multiplier),
+    ] {
         if let (Some(v), Some(map)) = (value, hyperparameters.as_object_mut()) {
             map.insert(key.into(), v);
         }
     }
     let model = match request.model {
         Some(m) => m,
-        None => state.settings.served_models().first().map(|m| m.served_id()).unwrap_or_default(),
+        None => state
+            .settings
+            .served_models()
+            .first()
+            .map(|m| m.served_id())
+            .unwrap_or_default(),
     };
     let job = create_job(
         &state,
@@ -107,17 +120,31 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
 }
 
 pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let page = state.fine_tuning.store.list_jobs(None, crate::store::ALL).map_err(internal)?;
-    let data = page.data.iter().map(|j| fine_tune_object(&state, j, false)).collect::<Result<Vec<_>, _>>()?;
+    let page = state
+        .fine_tuning
+        .store
+        .list_jobs(None, crate::store::ALL)
+        .map_err(internal)?;
+    let data = page
+        .data
+        .iter()
+        .map(|j| fine_tune_object(&state, j, false))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
-pub async fn retrieve(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn retrieve(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let job = find_job(&state, &id)?;
     Ok(HttpResponse::Ok().json(fine_tune_object(&state, &job, true)?))
 }
 
-pub async fn cancel(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn cancel(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let job = cancel_job(&state, &id)?;
     Ok(HttpResponse::Ok().json(fine_tune_object(&state, &job, true)?))
 }
@@ -131,7 +158,11 @@ pub struct EventsQuery {
 /// How often a streamed event list looks for new events.
 const POLL: Duration = Duration::from_millis(250);
 
-pub async fn events(state: web::Data<AppState>, id: web::Path<String>, query: web::Query<EventsQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn events(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    query: web::Query<EventsQuery>,
+) -> Result<HttpResponse, ApiError> {
     find_job(&state, &id)?;
     let store = state.fine_tuning.store.clone();
     if !matches!(query.stream.as_deref(), Some("true" | "1" | "True")) {
@@ -142,31 +173,44 @@ pub async fn events(state: web::Data<AppState>, id: web::Path<String>, query: we
     // (sent so far, finished): every poll sends the events recorded since, and the stream ends
     // once the job is terminal and its last events have gone out.
     let id = id.into_inner();
-    let stream = futures_util::stream::unfold((store, id, 0usize, false, true), |(store, id, sent, done, first)| async move {
-        if done {
-            return None;
-        }
-        if !first {
-            actix_web::rt::time::sleep(POLL).await;
-        }
-        let result = (|| -> anyhow::Result<(String, usize, bool)> {
-            // Read the status first: events written after it are caught by the next poll.
-            let terminal = store.job(&id)?.is_none_or(|j| j.is_terminal());
-            let events = store.events_since(&id, sent)?;
-            let mut chunk = String::new();
-            for e in &events {
-                chunk.push_str(&format!("data: {}\n\n", event_object(e)));
+    let stream = futures_util::stream::unfold(
+        (store, id, 0usize, false, true),
+        |(store, id, sent, done, first)| async move {
+            if done {
+                return None;
             }
-            if terminal {
-                chunk.push_str("data: [DONE]\n\n");
+            if !first {
+                actix_web::rt::time::sleep(POLL).await;
             }
-            Ok((chunk, sent + events.len(), terminal))
-        })();
-        let (chunk, sent, done) = match result {
-            Ok(r) => r,
-            Err(e) => (format!("data: {}\n\n", ApiError::internal(format!("{e:#}")).body()), sent, true),
-        };
-        Some((Ok::<_, actix_web::Error>(web::Bytes::from(chunk)), (store, id, sent, done, false)))
-    });
-    Ok(HttpResponse::Ok().content_type("text/event-stream").insert_header(("Cache-Control", "no-cache")).streaming(stream))
+            let result = (|| -> anyhow::Result<(String, usize, bool)> {
+                // Read the status first: events written after it are caught by the next poll.
+                let terminal = store.job(&id)?.is_none_or(|j| j.is_terminal());
+                let events = store.events_since(&id, sent)?;
+                let mut chunk = String::new();
+                for e in &events {
+                    chunk.push_str(&format!("data: {}\n\n", event_object(e)));
+                }
+                if terminal {
+                    chunk.push_str("data: [DONE]\n\n");
+                }
+                Ok((chunk, sent + events.len(), terminal))
+            })();
+            let (chunk, sent, done) = match result {
+                Ok(r) => r,
+                Err(e) => (
+                    format!("data: {}\n\n", ApiError::internal(format!("{e:#}")).body()),
+                    sent,
+                    true,
+                ),
+            };
+            Some((
+                Ok::<_, actix_web::Error>(web::Bytes::from(chunk)),
+                (store, id, sent, done, false),
+            ))
+        },
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(stream))
 }

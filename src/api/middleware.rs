@@ -11,7 +11,10 @@ use actix_web::{web, Error, HttpResponse, ResponseError};
 use std::time::Instant;
 
 /// Counts every response by route pattern and status, and logs it.
-pub async fn track(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<BoxBody>, Error> {
+pub async fn track(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, Error> {
     let endpoint = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let method = req.method().clone();
@@ -22,7 +25,10 @@ pub async fn track(req: ServiceRequest, next: Next<impl MessageBody + 'static>) 
         Err(e) => e.as_response_error().status_code(),
     };
     if let Some(state) = state {
-        state.engine.metrics().record_request(&endpoint, status.as_u16());
+        state
+            .engine
+            .metrics()
+            .record_request(&endpoint, status.as_u16());
     }
     let ms = started.elapsed().as_millis() as u64;
     // Health checks and scrapes arrive every few seconds: keep them out of the default log.
@@ -36,49 +42,87 @@ pub async fn track(req: ServiceRequest, next: Next<impl MessageBody + 'static>) 
 
 /// CORS, off unless origins are configured. Preflight requests are answered here; other
 /// responses get `Access-Control-Allow-Origin` when the origin is allowed.
-pub async fn cors(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<BoxBody>, Error> {
+pub async fn cors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, Error> {
     let allowed = req.app_data::<web::Data<AppState>>().and_then(|state| {
-        let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?.to_string();
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)?
+            .to_str()
+            .ok()?
+            .to_string();
         let origins = &state.settings.server.cors_origins;
         if origins.iter().any(|o| o == "*") {
             Some(HeaderValue::from_static("*"))
-        } else if origins.iter().any(|o| o.trim_end_matches('/') == origin.trim_end_matches('/')) {
+        } else if origins
+            .iter()
+            .any(|o| o.trim_end_matches('/') == origin.trim_end_matches('/'))
+        {
             HeaderValue::from_str(&origin).ok()
         } else {
             None
         }
     });
     let Some(allow_origin) = allowed else {
-        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_boxed_body);
     };
-    if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
-        let request_headers = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+    if req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        let request_headers = req
+            .headers()
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .cloned();
         let mut preflight = HttpResponse::NoContent();
         preflight
             .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin))
-            .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, DELETE, OPTIONS"))
+            .insert_header((
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                "GET, POST, DELETE, OPTIONS",
+            ))
             .insert_header((header::ACCESS_CONTROL_MAX_AGE, "86400"))
             .insert_header((header::VARY, "Origin"));
         match request_headers {
             Some(h) => preflight.insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, h)),
-            None => preflight.insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "authorization, content-type")),
+            None => preflight.insert_header((
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                "authorization, content-type",
+            )),
         };
         return Ok(req.into_response(preflight.finish()));
     }
     let mut res = next.call(req).await?.map_into_boxed_body();
-    res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
-    res.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
+    res.headers_mut()
+        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
+    res.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("Origin"));
     Ok(res)
 }
 
 /// Bearer API keys on `/v1/*` when keys are configured; `/health` and `/metrics` stay public.
-pub async fn auth(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<BoxBody>, Error> {
+pub async fn auth(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, Error> {
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
-        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_boxed_body);
     };
     let protected = req.path().starts_with("/v1/") || req.path() == "/v1";
     if state.keys.is_empty() || !protected || req.method() == Method::OPTIONS {
-        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_boxed_body);
     }
     let presented = req
         .headers()
@@ -88,7 +132,10 @@ pub async fn auth(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim().to_string());
     match presented {
-        Some(key) if state.keys.matches(&key) => next.call(req).await.map(ServiceResponse::map_into_boxed_body),
+        Some(key) if state.keys.matches(&key) => next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_boxed_body),
         _ => Ok(req.into_response(ApiError::unauthorized().error_response())),
     }
 }

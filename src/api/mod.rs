@@ -35,7 +35,11 @@ pub struct ApiKeys(Vec<[u8; 32]>);
 
 impl ApiKeys {
     pub fn new(keys: &[String]) -> Self {
-        Self(keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect())
+        Self(
+            keys.iter()
+                .map(|k| Sha256::digest(k.as_bytes()).into())
+                .collect(),
+        )
     }
 
     pub fn is_empty(&self) -> bool {
@@ -46,7 +50,10 @@ impl ApiKeys {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut any = 0u8;
         for key in &self.0 {
-            let diff = key.iter().zip(&digest).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            let diff = key
+                .iter()
+                .zip(&digest)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
             // 1 when equal, 0 otherwise, without branching on the bytes.
             any |= ((diff as u16).wrapping_sub(1) >> 8) as u8 & 1;
         }
@@ -64,9 +71,17 @@ pub struct AppState {
 
 /// Reads a request body, refusing (413) one larger than `limits.max_body_bytes`: up front when
 /// `Content-Length` says so, otherwise as soon as the stream passes the limit.
-pub async fn read_body(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Result<web::Bytes, ApiError> {
+pub async fn read_body(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<web::Bytes, ApiError> {
     let limit = state.settings.limits.max_body_bytes;
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::body_too_large(limit));
     }
@@ -78,7 +93,11 @@ pub async fn read_body(state: &AppState, req: &HttpRequest, payload: web::Payloa
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::not_found(format!("Unknown path `{} {}`.", req.method(), req.path())))
+    Err(ApiError::not_found(format!(
+        "Unknown path `{} {}`.",
+        req.method(),
+        req.path()
+    )))
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
@@ -87,7 +106,8 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
 
 /// The route table.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    let resource = |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
+    let resource =
+        |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
     cfg.service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/metrics").route(web::get().to(health::metrics)))
         .service(resource("/v1/chat/completions").route(web::post().to(chat::create)))
@@ -99,20 +119,51 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(models::retrieve))
                 .route(web::delete().to(models::delete)),
         )
-        .service(resource("/v1/files").route(web::get().to(files::list)).route(web::post().to(files::create)))
-        .service(resource("/v1/files/{id}").route(web::get().to(files::retrieve)).route(web::delete().to(files::delete)))
+        .service(
+            resource("/v1/files")
+                .route(web::get().to(files::list))
+                .route(web::post().to(files::create)),
+        )
+        .service(
+            resource("/v1/files/{id}")
+                .route(web::get().to(files::retrieve))
+                .route(web::delete().to(files::delete)),
+        )
         .service(resource("/v1/files/{id}/content").route(web::get().to(files::content)))
-        .service(resource("/v1/fine_tuning/jobs").route(web::get().to(fine_tuning::list)).route(web::post().to(fine_tuning::create)))
+        .service(
+            resource("/v1/fine_tuning/jobs")
+                .route(web::get().to(fine_tuning::list))
+                .route(web::post().to(fine_tuning::create)),
+        )
         .service(resource("/v1/fine_tuning/jobs/{id}").route(web::get().to(fine_tuning::retrieve)))
-        .service(resource("/v1/fine_tuning/jobs/{id}/cancel").route(web::post().to(fine_tuning::cancel)))
-        .service(resource("/v1/fine_tuning/jobs/{id}/events").route(web::get().to(fine_tuning::events)))
-        .service(resource("/v1/fine_tuning/jobs/{id}/checkpoints").route(web::get().to(fine_tuning::checkpoints)));
+        .service(
+            resource("/v1/fine_tuning/jobs/{id}/cancel").route(web::post().to(fine_tuning::cancel)),
+        )
+        .service(
+            resource("/v1/fine_tuning/jobs/{id}/events").route(web::get().to(fine_tuning::events)),
+        )
+        .service(
+            resource("/v1/fine_tuning/jobs/{id}/checkpoints")
+                .route(web::get().to(fine_tuning::checkpoints)),
+        );
     // The deprecated fine-tunes API, at its `/v1` path and at the bare path older clients used.
     for prefix in ["/v1/fine-tunes", "/fine_tunes"] {
-        cfg.service(resource(prefix).route(web::get().to(legacy_fine_tunes::list)).route(web::post().to(legacy_fine_tunes::create)))
-            .service(resource(&format!("{prefix}/{{id}}")).route(web::get().to(legacy_fine_tunes::retrieve)))
-            .service(resource(&format!("{prefix}/{{id}}/cancel")).route(web::post().to(legacy_fine_tunes::cancel)))
-            .service(resource(&format!("{prefix}/{{id}}/events")).route(web::get().to(legacy_fine_tunes::events)));
+        cfg.service(
+            resource(prefix)
+                .route(web::get().to(legacy_fine_tunes::list))
+                .route(web::post().to(legacy_fine_tunes::create)),
+        )
+        .service(
+            resource(&format!("{prefix}/{{id}}")).route(web::get().to(legacy_fine_tunes::retrieve)),
+        )
+        .service(
+            resource(&format!("{prefix}/{{id}}/cancel"))
+                .route(web::post().to(legacy_fine_tunes::cancel)),
+        )
+        .service(
+            resource(&format!("{prefix}/{{id}}/events"))
+                .route(web::get().to(legacy_fine_tunes::events)),
+        );
     }
 }
 
@@ -152,37 +203,46 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
         .with_context(|| format!("binding {}:{}", settings.server.host, settings.server.port))?;
     let addr = listener.local_addr()?;
     let workers = match settings.server.workers {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
         n => n,
     };
     let keys = ApiKeys::new(&settings.server.api_keys);
     let settings = Arc::new(settings);
     let fine_tuning = crate::jobs::FineTuning::start(settings.clone(), engine.clone())?;
-    let state = web::Data::new(AppState { engine: engine.clone(), settings, keys, fine_tuning });
+    let state = web::Data::new(AppState {
+        engine: engine.clone(),
+        settings,
+        keys,
+        fine_tuning,
+    });
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new().name("rewind-http".into()).spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let server = HttpServer::new(move || {
-                App::new()
-                    .app_data(state.clone())
-                    .wrap(from_fn(middleware::auth))
-                    .wrap(from_fn(middleware::cors))
-                    .wrap(from_fn(middleware::track))
-                    .configure(routes)
-                    .default_service(web::to(not_found))
+    let thread = std::thread::Builder::new()
+        .name("rewind-http".into())
+        .spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(state.clone())
+                        .wrap(from_fn(middleware::auth))
+                        .wrap(from_fn(middleware::cors))
+                        .wrap(from_fn(middleware::track))
+                        .configure(routes)
+                        .default_service(web::to(not_found))
+                })
+                .workers(workers)
+                // A client that closes its connection has given up on the response: abort its
+                // handler (dropping the engine's channel cancels the request and frees its batch
+                // slot) instead of generating into a half-closed socket.
+                .h1_allow_half_closed(false)
+                .shutdown_timeout(5)
+                .listen(listener)?
+                .run();
+                let _ = handle_tx.send(server.handle());
+                server.await
             })
-            .workers(workers)
-            // A client that closes its connection has given up on the response: abort its
-            // handler (dropping the engine's channel cancels the request and frees its batch
-            // slot) instead of generating into a half-closed socket.
-            .h1_allow_half_closed(false)
-            .shutdown_timeout(5)
-            .listen(listener)?
-            .run();
-            let _ = handle_tx.send(server.handle());
-            server.await
-        })
-    })?;
+        })?;
     let handle = match handle_rx.recv() {
         Ok(handle) => handle,
         Err(_) => {
@@ -193,7 +253,12 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
         }
     };
     tracing::info!("listening on http://{addr}");
-    Ok(RunningServer { addr, engine, handle, thread })
+    Ok(RunningServer {
+        addr,
+        engine,
+        handle,
+        thread,
+    })
 }
 
 #[cfg(test)]

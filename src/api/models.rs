@@ -16,19 +16,36 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
-pub async fn retrieve(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let spec = state.engine.registry().spec(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
+pub async fn retrieve(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let spec = state
+        .engine
+        .registry()
+        .spec(&id)
+        .ok_or_else(|| ApiError::model_not_found(&id))?;
     Ok(HttpResponse::Ok().json(card(&spec)))
 }
 
 /// Only fine-tuned models can be deleted; the base models come from the configuration.
-pub async fn delete(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let spec = state.engine.registry().spec(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
+pub async fn delete(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let spec = state
+        .engine
+        .registry()
+        .spec(&id)
+        .ok_or_else(|| ApiError::model_not_found(&id))?;
     if !spec.is_fine_tuned() {
         return Err(ApiError::forbidden(format!(
             "The model `{id}` is a base model served from the configuration; only fine-tuned (`ft:`) models can be deleted."
         )));
     }
-    state.engine.remove_model(&id).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    state
+        .engine
+        .remove_model(&id)
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     Ok(HttpResponse::Ok().json(json!({"id": spec.id, "object": "model", "deleted": true})))
 }

@@ -25,8 +25,12 @@ pub fn served_model(engine: &Engine, id: &str) -> Result<Arc<ServedModel>, ApiEr
     match engine.registry().lookup(id) {
         Lookup::Ready(m) => Ok(m),
         Lookup::NotFound => Err(ApiError::model_not_found(id)),
-        Lookup::Loading => Err(ApiError::unavailable(format!("The model `{id}` is still loading; retry shortly."))),
-        Lookup::Failed(e) => Err(ApiError::unavailable(format!("The model `{id}` failed to load: {e}"))),
+        Lookup::Loading => Err(ApiError::unavailable(format!(
+            "The model `{id}` is still loading; retry shortly."
+        ))),
+        Lookup::Failed(e) => Err(ApiError::unavailable(format!(
+            "The model `{id}` failed to load: {e}"
+        ))),
     }
 }
 
@@ -66,7 +70,11 @@ pub fn reported_logprob(model: &ServedModel, output: &StepOutput) -> Option<Toke
 }
 
 /// Runs a request to the end and gathers every choice.
-pub async fn collect(model: &ServedModel, mut events: EventStream, choices: usize) -> Result<Vec<ChoiceOutput>, ApiError> {
+pub async fn collect(
+    model: &ServedModel,
+    mut events: EventStream,
+    choices: usize,
+) -> Result<Vec<ChoiceOutput>, ApiError> {
     let mut out = vec![ChoiceOutput::default(); choices];
     while let Some(event) = events.recv().await {
         match event {
@@ -83,7 +91,9 @@ pub async fn collect(model: &ServedModel, mut events: EventStream, choices: usiz
         }
     }
     if out.iter().any(|c| c.finish.is_none()) {
-        return Err(ApiError::internal("generation ended before every choice finished"));
+        return Err(ApiError::internal(
+            "generation ended before every choice finished",
+        ));
     }
     Ok(out)
 }
@@ -115,29 +125,37 @@ fn event(value: &Value) -> Bytes {
 pub fn sse_response<F: ChunkFormat>(events: EventStream, mut format: F) -> HttpResponse {
     let first: VecDeque<Bytes> = format.start().iter().map(event).collect();
     let state = (events, format, first, false);
-    let body = futures_util::stream::unfold(state, |(mut events, mut format, mut queue, mut ended)| async move {
-        loop {
-            if let Some(bytes) = queue.pop_front() {
-                return Some((Ok::<_, actix_web::Error>(bytes), (events, format, queue, ended)));
-            }
-            if ended {
-                return None;
-            }
-            match tokio::time::timeout(KEEP_ALIVE, events.recv()).await {
-                Ok(Some(Event::Token { choice, output })) => queue.extend(format.token(choice, output).iter().map(event)),
-                Ok(Some(Event::Error(message))) => {
-                    queue.push_back(event(&ApiError::internal(message).body()));
-                    ended = true;
+    let body = futures_util::stream::unfold(
+        state,
+        |(mut events, mut format, mut queue, mut ended)| async move {
+            loop {
+                if let Some(bytes) = queue.pop_front() {
+                    return Some((
+                        Ok::<_, actix_web::Error>(bytes),
+                        (events, format, queue, ended),
+                    ));
                 }
-                Ok(None) => {
-                    queue.extend(format.end().iter().map(event));
-                    queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
-                    ended = true;
+                if ended {
+                    return None;
                 }
-                Err(_) => queue.push_back(Bytes::from_static(b": keep-alive\n\n")),
+                match tokio::time::timeout(KEEP_ALIVE, events.recv()).await {
+                    Ok(Some(Event::Token { choice, output })) => {
+                        queue.extend(format.token(choice, output).iter().map(event))
+                    }
+                    Ok(Some(Event::Error(message))) => {
+                        queue.push_back(event(&ApiError::internal(message).body()));
+                        ended = true;
+                    }
+                    Ok(None) => {
+                        queue.extend(format.end().iter().map(event));
+                        queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                        ended = true;
+                    }
+                    Err(_) => queue.push_back(Bytes::from_static(b": keep-alive\n\n")),
+                }
             }
-        }
-    });
+        },
+    );
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))

@@ -21,18 +21,33 @@ pub struct ToolSetup {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-pub fn validate(tools: Option<&[Value]>, tool_choice: Option<&Value>) -> Result<ToolSetup, ValidationError> {
+pub fn validate(
+    tools: Option<&[Value]>,
+    tool_choice: Option<&Value>,
+) -> Result<ToolSetup, ValidationError> {
     let tools = tools.unwrap_or_default();
     let mut names = Vec::new();
     for (i, tool) in tools.iter().enumerate() {
-        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("function");
+        let kind = tool
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("function");
         if kind != "function" {
-            return Err(ValidationError::Tools(format!("tools[{i}] has type `{kind}`; only `function` tools are supported")));
+            return Err(ValidationError::Tools(format!(
+                "tools[{i}] has type `{kind}`; only `function` tools are supported"
+            )));
         }
-        let name = tool.pointer("/function/name").and_then(Value::as_str).unwrap_or_default();
+        let name = tool
+            .pointer("/function/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if !valid_name(name) {
             return Err(ValidationError::Tools(format!(
                 "tools[{i}].function.name must be 1-64 characters of a-z, A-Z, 0-9, _ and -"
@@ -40,7 +55,9 @@ pub fn validate(tools: Option<&[Value]>, tool_choice: Option<&Value>) -> Result<
         }
         if let Some(p) = tool.pointer("/function/parameters") {
             if !p.is_object() {
-                return Err(ValidationError::Tools(format!("tools[{i}].function.parameters must be a JSON Schema object")));
+                return Err(ValidationError::Tools(format!(
+                    "tools[{i}].function.parameters must be a JSON Schema object"
+                )));
             }
         }
         names.push(name);
@@ -51,28 +68,49 @@ pub fn validate(tools: Option<&[Value]>, tool_choice: Option<&Value>) -> Result<
             "none" => false,
             "auto" | "required" => {
                 if tools.is_empty() {
-                    return Err(ValidationError::ToolChoice(format!("`{s}` needs a non-empty `tools` list")));
+                    return Err(ValidationError::ToolChoice(format!(
+                        "`{s}` needs a non-empty `tools` list"
+                    )));
                 }
                 true
             }
-            other => return Err(ValidationError::ToolChoice(format!("unknown value `{other}`"))),
+            other => {
+                return Err(ValidationError::ToolChoice(format!(
+                    "unknown value `{other}`"
+                )))
+            }
         },
         Some(choice @ Value::Object(_)) => {
             match choice.get("type").and_then(Value::as_str) {
                 Some("function") => {
-                    let name = choice.pointer("/function/name").and_then(Value::as_str).unwrap_or_default();
+                    let name = choice
+                        .pointer("/function/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
                     if !names.contains(&name) {
-                        return Err(ValidationError::ToolChoice(format!("function `{name}` is not among `tools`")));
+                        return Err(ValidationError::ToolChoice(format!(
+                            "function `{name}` is not among `tools`"
+                        )));
                     }
                 }
                 Some("allowed_tools") => {}
-                _ => return Err(ValidationError::ToolChoice("expected a `function` or `allowed_tools` choice".into())),
+                _ => {
+                    return Err(ValidationError::ToolChoice(
+                        "expected a `function` or `allowed_tools` choice".into(),
+                    ))
+                }
             }
             !tools.is_empty()
         }
-        Some(_) => return Err(ValidationError::ToolChoice("expected a string or an object".into())),
+        Some(_) => {
+            return Err(ValidationError::ToolChoice(
+                "expected a string or an object".into(),
+            ))
+        }
     };
-    Ok(ToolSetup { tools: offered.then(|| Value::Array(tools.to_vec())) })
+    Ok(ToolSetup {
+        tools: offered.then(|| Value::Array(tools.to_vec())),
+    })
 }
 
 /// Tool calls found in a reply, and the text outside them.
@@ -86,7 +124,11 @@ pub struct Parsed {
 /// One call object from the model: `{"name", "arguments" | "parameters"}`.
 fn call(value: &Value) -> Option<Value> {
     let name = value.get("name")?.as_str()?;
-    let arguments = value.get("arguments").or_else(|| value.get("parameters")).cloned().unwrap_or(json!({}));
+    let arguments = value
+        .get("arguments")
+        .or_else(|| value.get("parameters"))
+        .cloned()
+        .unwrap_or(json!({}));
     // OpenAI sends the arguments as a JSON-encoded string.
     let arguments = match arguments {
         Value::String(s) => s,
@@ -128,11 +170,20 @@ pub fn parse(text: &str) -> Parsed {
             rest = next;
         }
         content.push_str(rest);
-        return Parsed { content: content.trim().to_string(), calls };
+        return Parsed {
+            content: content.trim().to_string(),
+            calls,
+        };
     }
     match calls_in(text) {
-        Some(calls) => Parsed { content: String::new(), calls },
-        None => Parsed { content: text.to_string(), calls: Vec::new() },
+        Some(calls) => Parsed {
+            content: String::new(),
+            calls,
+        },
+        None => Parsed {
+            content: text.to_string(),
+            calls: Vec::new(),
+        },
     }
 }
 
@@ -148,13 +199,22 @@ mod tests {
     fn tool_lists_and_choices_are_validated() {
         let tools = [tool("get_weather")];
         assert!(validate(Some(&tools), None).unwrap().tools.is_some());
-        assert!(validate(Some(&tools), Some(&json!("none"))).unwrap().tools.is_none());
+        assert!(validate(Some(&tools), Some(&json!("none")))
+            .unwrap()
+            .tools
+            .is_none());
         assert!(validate(None, None).unwrap().tools.is_none());
         assert!(validate(Some(&[tool("bad name")]), None).is_err());
         assert!(validate(Some(&tools), Some(&json!("sometimes"))).is_err());
         assert!(validate(None, Some(&json!("required"))).is_err());
         let named = json!({"type": "function", "function": {"name": "other"}});
-        assert_eq!(validate(Some(&tools), Some(&named)).unwrap_err().param().as_deref(), Some("tool_choice"));
+        assert_eq!(
+            validate(Some(&tools), Some(&named))
+                .unwrap_err()
+                .param()
+                .as_deref(),
+            Some("tool_choice")
+        );
     }
 
     #[test]
@@ -179,6 +239,9 @@ mod tests {
         assert!(p.calls.is_empty());
         assert_eq!(p.content, "The answer is {\"x\": 1}");
         // A block that is not a call stays text.
-        assert_eq!(parse("<tool_call>oops</tool_call>").content, "<tool_call>oops</tool_call>");
+        assert_eq!(
+            parse("<tool_call>oops</tool_call>").content,
+            "<tool_call>oops</tool_call>"
+        );
     }
 }

@@ -21,9 +21,16 @@ pub enum ValidationError {
     #[error("Missing required parameter: '{0}'.")]
     MissingField(String),
     #[error("Invalid type for '{}': {message}", param.as_deref().unwrap_or("body"))]
-    InvalidType { param: Option<String>, message: String },
+    InvalidType {
+        param: Option<String>,
+        message: String,
+    },
     #[error("Invalid value for '{param}': {value} is outside {range}.")]
-    OutOfRange { param: &'static str, value: String, range: String },
+    OutOfRange {
+        param: &'static str,
+        value: String,
+        range: String,
+    },
     #[error("'messages' must contain at least one message.")]
     EmptyMessages,
     #[error("Invalid value '{role}' for 'messages[{index}].role': expected system, developer, user, assistant or tool.")]
@@ -46,7 +53,13 @@ pub enum ValidationError {
         "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt} in the {what}, {completion} in the completion). Please reduce the length of the {what} or completion.",
         prompt + completion
     )]
-    ContextLength { param: &'static str, what: &'static str, context: usize, prompt: usize, completion: usize },
+    ContextLength {
+        param: &'static str,
+        what: &'static str,
+        context: usize,
+        prompt: usize,
+        completion: usize,
+    },
     #[error("Invalid 'response_format': {0}")]
     ResponseFormat(String),
     #[error("Invalid 'tools': {0}")]
@@ -69,7 +82,9 @@ impl ValidationError {
             InvalidJson(_) => None,
             MissingField(p) => Some(p.clone()),
             InvalidType { param, .. } => param.clone(),
-            OutOfRange { param, .. } | Unsupported { param, .. } | ContextLength { param, .. } => Some(param.to_string()),
+            OutOfRange { param, .. } | Unsupported { param, .. } | ContextLength { param, .. } => {
+                Some(param.to_string())
+            }
             EmptyMessages | Template(_) => Some("messages".into()),
             InvalidRole { index, .. } => Some(format!("messages[{index}].role")),
             InvalidContent { index, .. } => Some(format!("messages[{index}].content")),
@@ -100,15 +115,21 @@ impl ValidationError {
 /// Parses a JSON body into `T`. When the shape is wrong, the parameter at fault is found by
 /// leaving out one top-level key at a time: the first whose absence removes the error is it.
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| ValidationError::InvalidJson(e.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| ValidationError::InvalidJson(e.to_string()))?;
     let Value::Object(obj) = &value else {
-        return Err(ValidationError::InvalidJson("the body must be a JSON object".into()));
+        return Err(ValidationError::InvalidJson(
+            "the body must be a JSON object".into(),
+        ));
     };
     match serde_json::from_value::<T>(value.clone()) {
         Ok(t) => Ok(t),
         Err(e) => {
             let message = e.to_string();
-            if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+            if let Some(field) = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next())
+            {
                 return Err(ValidationError::MissingField(field.to_string()));
             }
             // Leaving out the broken key fixes the body, or (with another key broken too)
@@ -116,17 +137,31 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationErro
             let without = |key: &String| {
                 let mut rest = obj.clone();
                 rest.remove(key);
-                serde_json::from_value::<T>(Value::Object(rest)).err().map(|e| e.to_string())
+                serde_json::from_value::<T>(Value::Object(rest))
+                    .err()
+                    .map(|e| e.to_string())
             };
             let missing = |key: &String, m: &str| m == format!("missing field `{key}`");
-            let attempts: Vec<(&String, Option<String>)> = obj.keys().map(|k| (k, without(k))).collect();
+            let attempts: Vec<(&String, Option<String>)> =
+                obj.keys().map(|k| (k, without(k))).collect();
             let culprit = attempts
                 .iter()
                 .find(|(_, e)| e.is_none())
-                .or_else(|| attempts.iter().find(|(k, e)| e.as_deref().is_some_and(|m| m != message && !missing(k, m))))
-                .or_else(|| attempts.iter().find(|(k, e)| e.as_deref().is_some_and(|m| missing(k, m))))
+                .or_else(|| {
+                    attempts
+                        .iter()
+                        .find(|(k, e)| e.as_deref().is_some_and(|m| m != message && !missing(k, m)))
+                })
+                .or_else(|| {
+                    attempts
+                        .iter()
+                        .find(|(k, e)| e.as_deref().is_some_and(|m| missing(k, m)))
+                })
                 .map(|(k, _)| *k);
-            Err(ValidationError::InvalidType { param: culprit.cloned(), message })
+            Err(ValidationError::InvalidType {
+                param: culprit.cloned(),
+                message,
+            })
         }
     }
 }
@@ -180,7 +215,11 @@ fn range(param: &'static str, value: f64, lo: f64, hi: f64) -> Result<f32, Valid
     if value.is_finite() && (lo..=hi).contains(&value) {
         Ok(value as f32)
     } else {
-        Err(ValidationError::OutOfRange { param, value: value.to_string(), range: format!("[{lo}, {hi}]") })
+        Err(ValidationError::OutOfRange {
+            param,
+            value: value.to_string(),
+            range: format!("[{lo}, {hi}]"),
+        })
     }
 }
 
@@ -195,7 +234,11 @@ impl SamplingFields {
         }
         if let Some(k) = self.top_k {
             if k < -1 {
-                return Err(ValidationError::OutOfRange { param: "top_k", value: k.to_string(), range: "-1 (disabled) or >= 0".into() });
+                return Err(ValidationError::OutOfRange {
+                    param: "top_k",
+                    value: k.to_string(),
+                    range: "-1 (disabled) or >= 0".into(),
+                });
             }
             p.top_k = k.max(0) as usize;
         }
@@ -204,7 +247,11 @@ impl SamplingFields {
         }
         if let Some(v) = self.repetition_penalty {
             if !(v.is_finite() && v > 0.0) {
-                return Err(ValidationError::OutOfRange { param: "repetition_penalty", value: v.to_string(), range: "(0, inf)".into() });
+                return Err(ValidationError::OutOfRange {
+                    param: "repetition_penalty",
+                    value: v.to_string(),
+                    range: "(0, inf)".into(),
+                });
             }
             p.repetition_penalty = v as f32;
         }
@@ -217,7 +264,10 @@ impl SamplingFields {
         if let Some(bias) = &self.logit_bias {
             let mut entries = Vec::with_capacity(bias.len());
             for (key, &value) in bias {
-                let id: u64 = key.trim().parse().map_err(|_| ValidationError::LogitBiasKey(key.clone()))?;
+                let id: u64 = key
+                    .trim()
+                    .parse()
+                    .map_err(|_| ValidationError::LogitBiasKey(key.clone()))?;
                 if id >= vocab as u64 {
                     return Err(ValidationError::LogitBiasToken { id, vocab });
                 }
@@ -238,11 +288,26 @@ impl SamplingFields {
         }
         let n = self.n.unwrap_or(1);
         if n < 1 || n > limits.max_n as i64 {
-            return Err(ValidationError::OutOfRange { param: "n", value: n.to_string(), range: format!("[1, {}]", limits.max_n) });
+            return Err(ValidationError::OutOfRange {
+                param: "n",
+                value: n.to_string(),
+                range: format!("[1, {}]", limits.max_n),
+            });
         }
         let stream = self.stream.unwrap_or(false);
-        let include_usage = stream && self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-        Ok(Sampling { params: p, stop: stop.into_iter().filter(|s| !s.is_empty()).collect(), n: n as usize, stream, include_usage })
+        let include_usage = stream
+            && self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false);
+        Ok(Sampling {
+            params: p,
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            n: n as usize,
+            stream,
+            include_usage,
+        })
     }
 }
 
@@ -257,7 +322,11 @@ pub fn max_tokens(
     what: &'static str,
 ) -> Result<usize, ValidationError> {
     let context_error = |completion| ValidationError::ContextLength {
-        param: if what == "messages" { "messages" } else { "prompt" },
+        param: if what == "messages" {
+            "messages"
+        } else {
+            "prompt"
+        },
         what,
         context,
         prompt,
@@ -266,7 +335,11 @@ pub fn max_tokens(
     match requested {
         Some(m) => {
             if m < 1 || m > cap as i64 {
-                return Err(ValidationError::OutOfRange { param, value: m.to_string(), range: format!("[1, {cap}]") });
+                return Err(ValidationError::OutOfRange {
+                    param,
+                    value: m.to_string(),
+                    range: format!("[1, {cap}]"),
+                });
             }
             let m = m as usize;
             if prompt + m > context {
@@ -297,15 +370,30 @@ mod tests {
 
     #[test]
     fn shape_errors_name_the_parameter() {
-        assert_eq!(parse_body::<Probe>(b"{").unwrap_err().code(), "invalid_json");
-        assert_eq!(parse_body::<Probe>(b"[1]").unwrap_err().code(), "invalid_json");
-        assert_eq!(parse_body::<Probe>(br#"{"n": 1}"#).unwrap_err(), ValidationError::MissingField("model".into()));
-        let e = parse_body::<Probe>(br#"{"model": "m", "temperature": "hot", "foo": 1}"#).unwrap_err();
+        assert_eq!(
+            parse_body::<Probe>(b"{").unwrap_err().code(),
+            "invalid_json"
+        );
+        assert_eq!(
+            parse_body::<Probe>(b"[1]").unwrap_err().code(),
+            "invalid_json"
+        );
+        assert_eq!(
+            parse_body::<Probe>(br#"{"n": 1}"#).unwrap_err(),
+            ValidationError::MissingField("model".into())
+        );
+        let e =
+            parse_body::<Probe>(br#"{"model": "m", "temperature": "hot", "foo": 1}"#).unwrap_err();
         assert_eq!(e.param().as_deref(), Some("temperature"), "{e}");
         let e = parse_body::<Probe>(br#"{"model": 5, "n": 1}"#).unwrap_err();
-        assert_eq!((e.param().as_deref(), e.code()), (Some("model"), "invalid_type"), "{e}");
+        assert_eq!(
+            (e.param().as_deref(), e.code()),
+            (Some("model"), "invalid_type"),
+            "{e}"
+        );
         // Unknown fields are ignored.
-        let p = parse_body::<Probe>(br#"{"model": "m", "store": true, "metadata": {"a": "b"}}"#).unwrap();
+        let p = parse_body::<Probe>(br#"{"model": "m", "store": true, "metadata": {"a": "b"}}"#)
+            .unwrap();
         assert!(p.sampling.temperature.is_none());
     }
 
@@ -331,7 +419,10 @@ mod tests {
             assert_eq!(e.param().as_deref(), Some(param), "{json}: {e}");
         }
         let s = check(r#"{"model":"m","temperature":0,"top_k":-1,"stop":"\n","logit_bias":{"7":-100},"seed":-1,"n":2,"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
-        assert_eq!((s.params.top_k, s.n, s.stream, s.include_usage), (0, 2, true, true));
+        assert_eq!(
+            (s.params.top_k, s.n, s.stream, s.include_usage),
+            (0, 2, true, true)
+        );
         assert_eq!(s.stop, ["\n"]);
         assert_eq!(s.params.logit_bias, [(7, -100.0)]);
         assert_eq!(s.params.seed, Some(u64::MAX));
@@ -339,13 +430,34 @@ mod tests {
 
     #[test]
     fn context_is_checked_before_queueing() {
-        assert_eq!(max_tokens(Some(10), "max_tokens", 5, 100, 50, "messages"), Ok(10));
-        assert_eq!(max_tokens(None, "max_tokens", 5, 100, 50, "messages"), Ok(50));
-        assert_eq!(max_tokens(None, "max_tokens", 80, 100, 50, "messages"), Ok(20));
+        assert_eq!(
+            max_tokens(Some(10), "max_tokens", 5, 100, 50, "messages"),
+            Ok(10)
+        );
+        assert_eq!(
+            max_tokens(None, "max_tokens", 5, 100, 50, "messages"),
+            Ok(50)
+        );
+        assert_eq!(
+            max_tokens(None, "max_tokens", 80, 100, 50, "messages"),
+            Ok(20)
+        );
         let e = max_tokens(Some(30), "max_tokens", 80, 100, 50, "messages").unwrap_err();
-        assert_eq!((e.code(), e.param().as_deref()), ("context_length_exceeded", Some("messages")));
-        assert!(e.to_string().contains("maximum context length is 100 tokens"), "{e}");
-        assert_eq!(max_tokens(None, "max_tokens", 100, 100, 50, "prompt").unwrap_err().code(), "context_length_exceeded");
+        assert_eq!(
+            (e.code(), e.param().as_deref()),
+            ("context_length_exceeded", Some("messages"))
+        );
+        assert!(
+            e.to_string()
+                .contains("maximum context length is 100 tokens"),
+            "{e}"
+        );
+        assert_eq!(
+            max_tokens(None, "max_tokens", 100, 100, 50, "prompt")
+                .unwrap_err()
+                .code(),
+            "context_length_exceeded"
+        );
         let e = max_tokens(Some(0), "max_completion_tokens", 1, 100, 50, "messages").unwrap_err();
         assert_eq!(e.param().as_deref(), Some("max_completion_tokens"));
     }

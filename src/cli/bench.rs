@@ -39,7 +39,11 @@ pub struct TrainBenchArgs {
     pub heads: usize,
     #[arg(long, default_value_t = 50304)]
     pub vocab: usize,
-    #[arg(long, value_delimiter = ',', default_value = "store,checkpoint,reversible")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "store,checkpoint,reversible"
+    )]
     pub strategies: Vec<Strategy>,
     #[arg(long, default_value = "midpoint")]
     pub scheme: String,
@@ -128,17 +132,27 @@ fn synthetic_config(args: &TrainBenchArgs, layers: usize) -> ModelConfig {
 }
 
 fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Result<Batch<'static>> {
-    let ids: Vec<u32> = (0..batch * (seq + 1)).map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32).collect();
+    let ids: Vec<u32> = (0..batch * (seq + 1))
+        .map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32)
+        .collect();
     let all = Tensor::from_vec(ids, (batch, seq + 1), device)?;
     Ok(Batch {
         inputs: all.narrow(1, 0, seq)?.contiguous()?,
-        targets: Targets { ids: all.narrow(1, 1, seq)?.flatten_all()?, weights: Tensor::ones(batch * seq, candle_core::DType::F32, device)? },
+        targets: Targets {
+            ids: all.narrow(1, 1, seq)?.flatten_all()?,
+            weights: Tensor::ones(batch * seq, candle_core::DType::F32, device)?,
+        },
         objective: Objective::NextToken,
     })
 }
 
 /// Peak heap growth and seconds of one forward+backward.
-fn measure(t: &Trainable, batch: &Batch, strategy: Strategy, exact: Option<FixedPoint>) -> Result<(usize, f64)> {
+fn measure(
+    t: &Trainable,
+    batch: &Batch,
+    strategy: Strategy,
+    exact: Option<FixedPoint>,
+) -> Result<(usize, f64)> {
     let before = memory::live_bytes();
     memory::reset_peak();
     let started = Instant::now();
@@ -150,9 +164,17 @@ fn measure(t: &Trainable, batch: &Batch, strategy: Strategy, exact: Option<Fixed
 }
 
 fn bench_train(args: &TrainBenchArgs) -> Result<()> {
-    let device = if args.model.cuda { Device::new_cuda(0)? } else { Device::Cpu };
+    let device = if args.model.cuda {
+        Device::new_cuda(0)?
+    } else {
+        Device::Cpu
+    };
     let scheme = ReversibleConfig::parse(&args.scheme)?;
-    let depths = if args.real_model { vec![0] } else { args.depths.clone() };
+    let depths = if args.real_model {
+        vec![0]
+    } else {
+        args.depths.clone()
+    };
     if !args.json {
         println!("strategy    scheme              L   batch seq  act MB/sample  step s   tokens/s  max batch@{:.0}GiB", args.budget_gib);
     }
@@ -163,13 +185,23 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
             m
         } else {
             let config = synthetic_config(args, layers);
-            loader::build_model(&config, scheme.clone(), &RandomSource { seed: 1, separate_head: false }, WeightFormat::F32, &device)?
+            loader::build_model(
+                &config,
+                scheme.clone(),
+                &RandomSource {
+                    seed: 1,
+                    separate_head: false,
+                },
+                WeightFormat::F32,
+                &device,
+            )?
         };
         let layers = model.layers.len();
         let parameters = model.num_parameters();
         let vocab = model.config.vocab_size;
         let t = Trainable::new(model, |_| true)?;
-        let mut runs: Vec<(Strategy, Option<FixedPoint>)> = args.strategies.iter().map(|&s| (s, None)).collect();
+        let mut runs: Vec<(Strategy, Option<FixedPoint>)> =
+            args.strategies.iter().map(|&s| (s, None)).collect();
         if args.exact {
             runs.push((Strategy::Reversible, Some(FixedPoint::default())));
         }
@@ -199,7 +231,11 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
             // Weights, gradients and two AdamW moments: 16 bytes per f32 parameter.
             let budget = (args.budget_gib * (1u64 << 30) as f64) as u64;
             let available = budget as f64 - 16.0 * parameters as f64 - fixed.max(0.0);
-            let max_batch = if per_sample > 0.0 && available > 0.0 { (available / per_sample) as u64 } else { 0 };
+            let max_batch = if per_sample > 0.0 && available > 0.0 {
+                (available / per_sample) as u64
+            } else {
+                0
+            };
             let row = TrainRow {
                 strategy: format!("{strategy:?}").to_lowercase(),
                 scheme: t.graph.reversible.label(),
@@ -210,7 +246,11 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
                 d_model: t.graph.config.hidden_size,
                 parameters,
                 activation_bytes_per_sample: per_sample,
-                buffer_bits_per_element: if exact.is_some() { exact::buffer_bits_per_element(&t.graph)? } else { 0.0 },
+                buffer_bits_per_element: if exact.is_some() {
+                    exact::buffer_bits_per_element(&t.graph)?
+                } else {
+                    0.0
+                },
                 peak_bytes: peak_full,
                 step_seconds,
                 tokens_per_s: (args.batch * args.seq) as f64 / step_seconds,
@@ -260,19 +300,31 @@ fn bench_generate(args: &GenerateBenchArgs) -> Result<()> {
         let loaded = margs.load()?;
         let weights_bytes = memory::live_bytes().saturating_sub(before);
         let model = &loaded.model;
-        let prompt: Vec<u32> = (0..args.prompt_tokens).map(|i| (i as u32 * 7919) % model.config.vocab_size as u32).collect();
+        let prompt: Vec<u32> = (0..args.prompt_tokens)
+            .map(|i| (i as u32 * 7919) % model.config.vocab_size as u32)
+            .collect();
         for &batch in &args.batches {
             memory::reset_peak();
-            let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&model.config)).collect();
+            let mut caches: Vec<KvCache> =
+                (0..batch).map(|_| KvCache::new(&model.config)).collect();
             let started = Instant::now();
             for cache in caches.iter_mut() {
-                model.forward_step(&mut [SeqInput { tokens: &prompt, cache }])?;
+                model.forward_step(&mut [SeqInput {
+                    tokens: &prompt,
+                    cache,
+                }])?;
             }
             let prefill = (batch * prompt.len()) as f64 / started.elapsed().as_secs_f64();
             let token = [42u32];
             let started = Instant::now();
             for _ in 0..args.decode_tokens {
-                let mut inputs: Vec<SeqInput<'_>> = caches.iter_mut().map(|cache| SeqInput { tokens: &token, cache }).collect();
+                let mut inputs: Vec<SeqInput<'_>> = caches
+                    .iter_mut()
+                    .map(|cache| SeqInput {
+                        tokens: &token,
+                        cache,
+                    })
+                    .collect();
                 let logits = model.forward_step(&mut inputs)?;
                 logits.to_vec2::<f32>()?; // include the device-to-host copy sampling needs
             }

@@ -1,14 +1,13 @@
 //! `rewind convert` and `rewind eval`.
 
+use crate::cli::progress::StepProgress;
 use crate::cli::ModelArgs;
 use crate::convert::eval::{self, EvalReport};
 use crate::convert::{self, ConvertConfig, TrainedWeights};
 use crate::model::loader::LoadedModel;
 use crate::train::data::{self, TokenizedExample};
-use crate::cli::progress::StepProgress;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
-
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -28,18 +27,30 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-fn tokenize_all(loaded: &LoadedModel, examples: &[data::Example], max_len: usize) -> Result<Vec<TokenizedExample>> {
+fn tokenize_all(
+    loaded: &LoadedModel,
+    examples: &[data::Example],
+    max_len: usize,
+) -> Result<Vec<TokenizedExample>> {
     examples
         .iter()
         .enumerate()
-        .map(|(i, e)| data::fit_length(data::tokenize(e, &loaded.chat_template, &loaded.tokenizer)?, max_len, data::Overflow::Truncate, i))
+        .map(|(i, e)| {
+            data::fit_length(
+                data::tokenize(e, &loaded.chat_template, &loaded.tokenizer)?,
+                max_len,
+                data::Overflow::Truncate,
+                i,
+            )
+        })
         .collect()
 }
 
 fn heldout(path: Option<&Path>) -> Result<Vec<data::Example>> {
     match path {
         Some(p) => data::read_jsonl(p),
-        None => data::parse_jsonl(eval::HELDOUT_CHITCHAT).map_err(|e| anyhow::anyhow!("built-in held-out data: {e:?}")),
+        None => data::parse_jsonl(eval::HELDOUT_CHITCHAT)
+            .map_err(|e| anyhow::anyhow!("built-in held-out data: {e:?}")),
     }
 }
 
@@ -52,25 +63,59 @@ pub fn print_report(report: &EvalReport, json: bool) -> Result<()> {
     println!("reference  {}", report.reference);
     println!("tokens     {}", report.tokens);
     println!("KL(reference || model)  {:.4} nats/token", report.kl);
-    println!("CE model / reference    {:.4} / {:.4}", report.ce, report.ce_reference);
-    println!("top-1 agreement         {:.1}%", 100.0 * report.top1_agreement);
+    println!(
+        "CE model / reference    {:.4} / {:.4}",
+        report.ce, report.ce_reference
+    );
+    println!(
+        "top-1 agreement         {:.1}%",
+        100.0 * report.top1_agreement
+    );
     if let Some(e) = report.reconstruction_error {
         println!("float inverse error     {e:.2e} (max relative, all layers down)");
     }
-    if let (Some(ok), Some(bits)) = (report.exact_rebuild_bit_exact, report.exact_bits_per_element_per_layer) {
-        println!("exact-mode rebuild      {} ({bits} kept bits per element per layer)", if ok { "bit-exact" } else { "NOT bit-exact" });
+    if let (Some(ok), Some(bits)) = (
+        report.exact_rebuild_bit_exact,
+        report.exact_bits_per_element_per_layer,
+    ) {
+        println!(
+            "exact-mode rebuild      {} ({bits} kept bits per element per layer)",
+            if ok { "bit-exact" } else { "NOT bit-exact" }
+        );
     }
     for a in &report.answers {
-        println!("\n> {}\n  model:     {}\n  reference: {}", a.prompt, a.model.replace('\n', " "), a.reference.replace('\n', " "));
+        println!(
+            "\n> {}\n  model:     {}\n  reference: {}",
+            a.prompt,
+            a.model.replace('\n', " "),
+            a.reference.replace('\n', " ")
+        );
     }
     Ok(())
 }
 
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     // With no --model, the converted default model is compared with the original.
-    let model_args = ModelArgs { model: Some(args.model.model.clone().unwrap_or_else(|| crate::provision::CONVERTED_MODEL.name.into())), ..args.model.clone() };
+    let model_args = ModelArgs {
+        model: Some(
+            args.model
+                .model
+                .clone()
+                .unwrap_or_else(|| crate::provision::CONVERTED_MODEL.name.into()),
+        ),
+        ..args.model.clone()
+    };
     let model = model_args.load()?;
-    let reference = ModelArgs { model: Some(args.reference.clone().unwrap_or_else(|| crate::provision::BASE_MODEL.into())), scheme: None, ..args.model.clone() }.load()?;
+    let reference = ModelArgs {
+        model: Some(
+            args.reference
+                .clone()
+                .unwrap_or_else(|| crate::provision::BASE_MODEL.into()),
+        ),
+        scheme: None,
+        ..args.model.clone()
+    }
+    .load()?;
     let examples = tokenize_all(&reference, &heldout(args.data.as_deref())?, 1024)?;
     let report = eval::compare(&model, &reference, &examples, args.answer_tokens)?;
     print_report(&report, args.json)
@@ -106,8 +151,14 @@ pub struct ConvertArgs {
 }
 
 pub fn run_convert(args: ConvertArgs) -> Result<()> {
-    let base_args = ModelArgs { model: args.from.clone(), format: Default::default(), scheme: None, cuda: false };
-    let base_path = crate::provision::resolve(args.from.as_deref().or(Some(crate::provision::BASE_MODEL)))?;
+    let base_args = ModelArgs {
+        model: args.from.clone(),
+        format: Default::default(),
+        scheme: None,
+        cuda: false,
+    };
+    let base_path =
+        crate::provision::resolve(args.from.as_deref().or(Some(crate::provision::BASE_MODEL)))?;
     let teacher = base_args.load()?;
     let train_examples = match &args.data {
         Some(path) => data::read_jsonl(path)?,
@@ -121,7 +172,12 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
         if tokens >= budget {
             break;
         }
-        let ex = data::fit_length(data::tokenize(example, &teacher.chat_template, &teacher.tokenizer)?, args.seq_len, data::Overflow::Truncate, i)?;
+        let ex = data::fit_length(
+            data::tokenize(example, &teacher.chat_template, &teacher.tokenizer)?,
+            args.seq_len,
+            data::Overflow::Truncate,
+            i,
+        )?;
         tokens += ex.ids.len();
         train.push(ex);
     }
@@ -137,17 +193,37 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
     let mut progress = StepProgress::new("KL");
     let pad = teacher.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let work = convert::work_dir(&args.output);
-    let mut student = convert::convert(&teacher.model, &train, &validation, pad, &config, &work, &mut progress, |k, m| {
-        let (kl, _, _, top1, _) = eval::distribution_stats(m, &teacher.model, &validation)?;
-        let line = format!("stage a = -2^-{k}: held-out KL {kl:.4}, top-1 agreement {:.1}%", 100.0 * top1);
-        tracing::info!("{line}");
-        Ok(())
-    })?;
+    let mut student = convert::convert(
+        &teacher.model,
+        &train,
+        &validation,
+        pad,
+        &config,
+        &work,
+        &mut progress,
+        |k, m| {
+            let (kl, _, _, top1, _) = eval::distribution_stats(m, &teacher.model, &validation)?;
+            let line = format!(
+                "stage a = -2^-{k}: held-out KL {kl:.4}, top-1 agreement {:.1}%",
+                100.0 * top1
+            );
+            tracing::info!("{line}");
+            Ok(())
+        },
+    )?;
     progress.finish();
-    crate::model::loader::delta::save(&mut student, &base_path, args.weights == TrainedWeights::Norms, &args.output)?;
+    crate::model::loader::delta::save(
+        &mut student,
+        &base_path,
+        args.weights == TrainedWeights::Norms,
+        &args.output,
+    )?;
     let converted = crate::model::loader::load(&args.output, &Default::default())?;
     let report = eval::compare(&converted, &teacher, &validation, 48)?;
-    std::fs::write(args.output.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(
+        args.output.join("report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
     print_report(&report, false)?;
     println!("\nconverted model written to {}", args.output.display());
     Ok(())

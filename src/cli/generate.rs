@@ -26,7 +26,12 @@ impl SamplingArgs {
     fn params(&self) -> GenerationParams {
         GenerationParams {
             max_tokens: self.max_tokens,
-            sampling: SamplingParams { temperature: self.temperature, top_p: self.top_p, seed: self.seed, ..Default::default() },
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -55,7 +60,11 @@ pub struct ChatArgs {
 }
 
 /// Streams the assistant's reply to `messages` to stdout and returns it.
-fn reply(loaded: &LoadedModel, messages: &[ChatMessage], params: GenerationParams) -> Result<String> {
+fn reply(
+    loaded: &LoadedModel,
+    messages: &[ChatMessage],
+    params: GenerationParams,
+) -> Result<String> {
     let prompt = loaded.chat_template.render(messages, true, None)?;
     let ids = loaded.tokenizer.encode(&prompt, true)?;
     let mut seqs = [Sequence::new(&loaded.model, ids, params)];
@@ -72,14 +81,25 @@ fn reply(loaded: &LoadedModel, messages: &[ChatMessage], params: GenerationParam
 
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
     let loaded = args.model.load()?;
-    reply(&loaded, &[ChatMessage::new("user", &args.prompt)], args.sampling.params())?;
+    reply(
+        &loaded,
+        &[ChatMessage::new("user", &args.prompt)],
+        args.sampling.params(),
+    )?;
     Ok(())
 }
 
 pub fn run_chat(args: ChatArgs) -> Result<()> {
     let loaded = args.model.load()?;
-    let mut messages: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s)).collect();
-    eprintln!("chatting with {} (empty line or Ctrl-D to quit)", loaded.source.display());
+    let mut messages: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
+    eprintln!(
+        "chatting with {} (empty line or Ctrl-D to quit)",
+        loaded.source.display()
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");

@@ -14,8 +14,12 @@ use anyhow::Result;
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` filters (default: info).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Options shared by every command that loads a model.
@@ -38,10 +42,25 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         let path = crate::provision::resolve(self.model.as_deref())?;
-        let reversible = self.scheme.as_deref().map(ReversibleConfig::parse).transpose()?;
-        let device = if self.cuda { candle_core::Device::new_cuda(0)? } else { candle_core::Device::Cpu };
+        let reversible = self
+            .scheme
+            .as_deref()
+            .map(ReversibleConfig::parse)
+            .transpose()?;
+        let device = if self.cuda {
+            candle_core::Device::new_cuda(0)?
+        } else {
+            candle_core::Device::Cpu
+        };
         let started = std::time::Instant::now();
-        let loaded = loader::load(&path, &LoadOptions { format: self.format, device, reversible })?;
+        let loaded = loader::load(
+            &path,
+            &LoadOptions {
+                format: self.format,
+                device,
+                reversible,
+            },
+        )?;
         tracing::info!(model = %path.display(), scheme = %loaded.model.reversible.label(), secs = started.elapsed().as_secs_f32(), "model loaded");
         Ok(loaded)
     }

@@ -12,7 +12,9 @@ pub struct StepProgress {
 impl StepProgress {
     pub fn new(loss_name: &'static str) -> Self {
         let bar = ProgressBar::new(1);
-        let style = ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style =
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         Self { bar, loss_name }
     }
@@ -50,6 +52,10 @@ impl Observer for StepProgress {
     }
 
     fn on_validation(&mut self, epoch: usize, _step: usize, loss: f64) {
-        self.println(format!("epoch {}: validation {} {loss:.4}", epoch + 1, self.loss_name));
+        self.println(format!(
+            "epoch {}: validation {} {loss:.4}",
+            epoch + 1,
+            self.loss_name
+        ));
     }
 }

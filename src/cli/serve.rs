@@ -48,7 +48,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let Some(path) = &config {
         tracing::info!(config = %path.display(), "configuration read");
     }
-    let models: Vec<String> = settings.served_models().iter().map(|m| m.served_id()).collect();
+    let models: Vec<String> = settings
+        .served_models()
+        .iter()
+        .map(|m| m.served_id())
+        .collect();
     tracing::info!(models = ?models, auth = !settings.server.api_keys.is_empty(), "starting");
     let server = crate::api::start(settings)?;
     // Serving a model that cannot load is a configuration error: fail instead of answering 503

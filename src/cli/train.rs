@@ -1,5 +1,6 @@
 //! `rewind train`: fine-tune a model on a JSONL file and write a model directory.
 
+use crate::cli::progress::StepProgress;
 use crate::cli::ModelArgs;
 use crate::model::loader::save::save_model;
 use crate::train::backward::Strategy;
@@ -9,7 +10,6 @@ use crate::train::optimizer::AdamWConfig;
 use crate::train::trainer::{self, TrainConfig};
 use anyhow::{bail, Result};
 use candle_core::DType;
-use crate::cli::progress::StepProgress;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -33,7 +33,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
     /// Comma-separated projections that get LoRA adapters.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
     pub lora_targets: String,
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
@@ -64,7 +67,13 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let loaded = args.model.load()?;
     let model = loaded.model;
-    let strategy = args.strategy.unwrap_or(if model.reversible.is_reversible() { Strategy::Reversible } else { Strategy::Checkpoint });
+    let strategy = args
+        .strategy
+        .unwrap_or(if model.reversible.is_reversible() {
+            Strategy::Reversible
+        } else {
+            Strategy::Checkpoint
+        });
     let mut examples = data::read_jsonl(&args.data)?;
     let mut validation = match &args.validation {
         Some(path) => data::read_jsonl(path)?,
@@ -76,7 +85,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let tokenize = |list: &mut Vec<data::Example>| -> Result<Vec<data::TokenizedExample>> {
         list.drain(..)
             .enumerate()
-            .map(|(i, e)| fit_length(data::tokenize(&e, &loaded.chat_template, &loaded.tokenizer)?, args.seq_len, args.overflow, i))
+            .map(|(i, e)| {
+                fit_length(
+                    data::tokenize(&e, &loaded.chat_template, &loaded.tokenizer)?,
+                    args.seq_len,
+                    args.overflow,
+                    i,
+                )
+            })
             .collect()
     };
     let train_set = tokenize(&mut examples)?;
@@ -85,7 +101,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut model = model;
     let mut train_only = Vec::new();
     if args.lora > 0 {
-        let targets: Vec<String> = args.lora_targets.split(',').map(|s| s.trim().to_string()).collect();
+        let targets: Vec<String> = args
+            .lora_targets
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect();
         model.densify()?;
         if model.add_lora(args.lora, args.lora_alpha, &targets, args.seed)? == 0 {
             bail!("--lora-targets {} matches no projection", args.lora_targets);
@@ -96,7 +116,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .then(|| match exact::unsupported_reason(&model) {
             None => Some(FixedPoint::default()),
             Some(why) => {
-                tracing::warn!("float residual streams ({why}); the rebuilt states will drift slightly");
+                tracing::warn!(
+                    "float residual streams ({why}); the rebuilt states will drift slightly"
+                );
                 None
             }
         })
@@ -107,7 +129,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         epochs: args.epochs,
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
-        optimizer: AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        },
         seed: args.seed,
         train_only,
         checkpoint_dir: Some(args.output.with_extension("checkpoint")),
@@ -123,9 +149,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     let mut progress = StepProgress::new("loss");
     let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let outcome = trainer::train(model, &train_set, &val_set, pad, &config, None, &mut progress)?;
+    let outcome = trainer::train(
+        model,
+        &train_set,
+        &val_set,
+        pad,
+        &config,
+        None,
+        &mut progress,
+    )?;
     progress.finish();
-    save_model(&outcome.model, &loaded.tokenizer, &loaded.chat_template, &args.output, DType::F32)?;
+    save_model(
+        &outcome.model,
+        &loaded.tokenizer,
+        &loaded.chat_template,
+        &args.output,
+        DType::F32,
+    )?;
     if let Some(dir) = &config.checkpoint_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -134,7 +174,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         outcome.steps,
         outcome.trained_tokens,
         outcome.final_loss.unwrap_or(f64::NAN),
-        outcome.validation_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default(),
+        outcome
+            .validation_loss
+            .map(|v| format!(", validation loss {v:.4}"))
+            .unwrap_or_default(),
         args.output.display()
     );
     Ok(())

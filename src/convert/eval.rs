@@ -21,7 +21,11 @@ use serde::Serialize;
 pub const HELDOUT_CHITCHAT: &str = include_str!("heldout_chitchat.jsonl");
 
 /// Prompts whose greedy answers are compared.
-pub const PROMPTS: [&str; 3] = ["What is the capital of France?", "Write a haiku about the sea.", "Give me three tips for staying healthy."];
+pub const PROMPTS: [&str; 3] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for staying healthy.",
+];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Answer {
@@ -54,24 +58,39 @@ pub struct EvalReport {
 }
 
 /// Per-token statistics of `model` against `reference` over `examples` (every position).
-pub fn distribution_stats(model: &Model, reference: &Model, examples: &[TokenizedExample]) -> Result<(f64, f64, f64, f64, usize)> {
+pub fn distribution_stats(
+    model: &Model,
+    reference: &Model,
+    examples: &[TokenizedExample],
+) -> Result<(f64, f64, f64, f64, usize)> {
     let (mut kl, mut ce, mut ce_ref, mut agree, mut n) = (0.0, 0.0, 0.0, 0.0, 0usize);
     for ex in examples.iter().filter(|e| e.ids.len() > 1) {
         let t = ex.ids.len() - 1;
         let inputs = Tensor::new(&ex.ids[..t], &model.device)?.unsqueeze(0)?;
         let targets = Tensor::new(&ex.ids[1..], &model.device)?;
-        let (h, h_ref) = (hidden_states(model, &inputs)?, hidden_states(reference, &inputs)?);
+        let (h, h_ref) = (
+            hidden_states(model, &inputs)?,
+            hidden_states(reference, &inputs)?,
+        );
         // Chunks keep the (T, vocab) logits small.
         for start in (0..t).step_by(256) {
             let len = 256.min(t - start);
-            let logits = model.logits(&h.narrow(0, start, len)?)?.to_dtype(DType::F32)?;
-            let logits_ref = reference.logits(&h_ref.narrow(0, start, len)?)?.to_dtype(DType::F32)?;
+            let logits = model
+                .logits(&h.narrow(0, start, len)?)?
+                .to_dtype(DType::F32)?;
+            let logits_ref = reference
+                .logits(&h_ref.narrow(0, start, len)?)?
+                .to_dtype(DType::F32)?;
             let ids = targets.narrow(0, start, len)?;
-            let sum = |x: Tensor| -> Result<f64> { Ok(x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+            let sum = |x: Tensor| -> Result<f64> {
+                Ok(x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+            };
             kl += sum(kl_rows(&logits_ref, &logits)?)?;
             ce += sum(cross_entropy_rows(&logits, &ids)?)?;
             ce_ref += sum(cross_entropy_rows(&logits_ref, &ids)?)?;
-            let same = logits.argmax(D::Minus1)?.eq(&logits_ref.argmax(D::Minus1)?)?;
+            let same = logits
+                .argmax(D::Minus1)?
+                .eq(&logits_ref.argmax(D::Minus1)?)?;
             agree += sum(same.to_dtype(DType::F32)?)?;
             n += len;
         }
@@ -85,7 +104,10 @@ pub fn reconstruction_error(model: &Model, ids: &[u32]) -> Result<Option<f64>> {
     if !model.reversible.is_reversible() {
         return Ok(None);
     }
-    let layout = || Layout::Uniform { batch: 1, seq: ids.len() };
+    let layout = || Layout::Uniform {
+        batch: 1,
+        seq: ids.len(),
+    };
     let e = model.embed(&Tensor::new(ids, &model.device)?)?;
     let start = model.seed(&e, &mut layout())?;
     let first = model.reversible.first_scheme_layer();
@@ -97,8 +119,17 @@ pub fn reconstruction_error(model: &Model, ids: &[u32]) -> Result<Option<f64>> {
         s = model.inverse_step(j, &s, &mut layout())?;
     }
     let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
-        let diff = (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok(diff / b.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1e-30))
+        let diff = (a - b)?
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        Ok(diff
+            / b.abs()?
+                .max_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .max(1e-30))
     };
     let States { other, last } = &s;
     Ok(Some(rel(other, &start.other)?.max(rel(last, &start.last)?)))
@@ -111,11 +142,20 @@ pub fn exact_rebuild_check(model: &Model, ids: &[u32]) -> Result<Option<(bool, f
         return Ok(None);
     }
     let fp = exact::FixedPoint::default();
-    let layout = || Layout::Uniform { batch: 1, seq: ids.len() };
+    let layout = || Layout::Uniform {
+        batch: 1,
+        seq: ids.len(),
+    };
     let e = model.embed(&Tensor::new(ids, &model.device)?)?;
     let fwd = exact::forward(model, &fp, &e, &mut layout(), true)?;
     let rebuilt = exact::rebuild_all(model, &fp, &fwd, &mut layout())?;
-    let same = |a: &Tensor, b: &Tensor| -> Result<bool> { Ok(a.ne(b)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? == 0.0) };
+    let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
+        Ok(a.ne(b)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?
+            == 0.0)
+    };
     let mut exact_all = true;
     for (got, want) in rebuilt.iter().zip(&fwd.stored) {
         exact_all &= same(&got.other, &want.other)? && same(&got.last, &want.last)?;
@@ -125,19 +165,36 @@ pub fn exact_rebuild_check(model: &Model, ids: &[u32]) -> Result<Option<(bool, f
 
 /// Greedy answer of a one-turn chat.
 pub fn greedy_answer(loaded: &LoadedModel, prompt: &str, max_tokens: usize) -> Result<String> {
-    let text = loaded.chat_template.render(&[ChatMessage::user(prompt)], true, None)?;
+    let text = loaded
+        .chat_template
+        .render(&[ChatMessage::user(prompt)], true, None)?;
     let ids = loaded.tokenizer.encode(&text, true)?;
-    let params = GenerationParams { max_tokens, sampling: SamplingParams::greedy(), ..Default::default() };
+    let params = GenerationParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    };
     let mut seqs = [Sequence::new(&loaded.model, ids, params)];
     let mut out = String::new();
-    run_to_completion(&loaded.model, &loaded.tokenizer, &mut seqs, |_, s| out.push_str(&s.text))?;
+    run_to_completion(&loaded.model, &loaded.tokenizer, &mut seqs, |_, s| {
+        out.push_str(&s.text)
+    })?;
     Ok(out)
 }
 
 /// The full report of `model` against `reference` on `examples`.
-pub fn compare(model: &LoadedModel, reference: &LoadedModel, examples: &[TokenizedExample], answer_tokens: usize) -> Result<EvalReport> {
-    let (kl, ce, ce_reference, top1_agreement, tokens) = distribution_stats(&model.model, &reference.model, examples)?;
-    let probe: Vec<u32> = examples.first().map(|e| e.ids.iter().take(64).copied().collect()).unwrap_or_else(|| vec![1, 2, 3]);
+pub fn compare(
+    model: &LoadedModel,
+    reference: &LoadedModel,
+    examples: &[TokenizedExample],
+    answer_tokens: usize,
+) -> Result<EvalReport> {
+    let (kl, ce, ce_reference, top1_agreement, tokens) =
+        distribution_stats(&model.model, &reference.model, examples)?;
+    let probe: Vec<u32> = examples
+        .first()
+        .map(|e| e.ids.iter().take(64).copied().collect())
+        .unwrap_or_else(|| vec![1, 2, 3]);
     let exact = exact_rebuild_check(&model.model, &probe)?;
     let answers = if answer_tokens == 0 {
         Vec::new()

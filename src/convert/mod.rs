@@ -62,7 +62,11 @@ pub fn step_zero(model: &Model) -> Model {
 }
 
 /// Examples from `data`, cycling from `offset`, until `tokens` tokens are gathered.
-fn take_tokens(data: &[TokenizedExample], offset: usize, tokens: usize) -> (Vec<TokenizedExample>, usize) {
+fn take_tokens(
+    data: &[TokenizedExample],
+    offset: usize,
+    tokens: usize,
+) -> (Vec<TokenizedExample>, usize) {
     let mut out = Vec::new();
     let (mut count, mut i) = (0, offset);
     while count < tokens && !data.is_empty() {
@@ -110,7 +114,10 @@ pub fn convert(
                 exact: Some(FixedPoint::default()),
                 epochs: 1,
                 batch_size: config.batch_size,
-                optimizer: AdamWConfig { lr: config.lr, ..Default::default() },
+                optimizer: AdamWConfig {
+                    lr: config.lr,
+                    ..Default::default()
+                },
                 warmup_ratio: 0.05,
                 seed: config.seed.wrapping_add(i as u64),
                 train_only: match config.weights {
@@ -121,7 +128,15 @@ pub fn convert(
                 checkpoint_every: 20,
                 grad_accum: 1,
             };
-            let outcome = trainer::train(student, &examples, validation, pad_id, &train_config, Some(teacher), observer)?;
+            let outcome = trainer::train(
+                student,
+                &examples,
+                validation,
+                pad_id,
+                &train_config,
+                Some(teacher),
+                observer,
+            )?;
             if outcome.cancelled {
                 bail!("conversion cancelled during stage {i}; run again to resume");
             }

@@ -84,8 +84,16 @@ impl Grammar {
     fn base() -> Self {
         let nodes = vec![
             Node::Any,
-            Node::Object { props: Vec::new(), required: 0, additional: Some(ANY) },
-            Node::Array { items: ANY, min: 0, max: None },
+            Node::Object {
+                props: Vec::new(),
+                required: 0,
+                additional: Some(ANY),
+            },
+            Node::Array {
+                items: ANY,
+                min: 0,
+                max: None,
+            },
             Node::Literal(b"true".to_vec()),
             Node::Literal(b"false".to_vec()),
             Node::Literal(b"null".to_vec()),
@@ -95,12 +103,19 @@ impl Grammar {
 
     /// `response_format: {"type": "json_object"}`: one JSON object, any content.
     pub fn json_object() -> Arc<Self> {
-        Arc::new(Self { root: ANY_OBJECT, ..Self::base() })
+        Arc::new(Self {
+            root: ANY_OBJECT,
+            ..Self::base()
+        })
     }
 
     /// `response_format: {"type": "json_schema", ...}`.
     pub fn from_schema(schema: &Value) -> Result<Arc<Self>> {
-        let mut compiler = Compiler { grammar: Self::base(), root: schema, refs: HashMap::new() };
+        let mut compiler = Compiler {
+            grammar: Self::base(),
+            root: schema,
+            refs: HashMap::new(),
+        };
         let root = compiler.compile(schema, 0)?;
         let mut grammar = compiler.grammar;
         grammar.root = root;
@@ -147,11 +162,16 @@ impl Compiler<'_> {
         }
         for key in ["anyOf", "oneOf"] {
             if let Some(list) = obj.get(key) {
-                let list = list.as_array().with_context(|| format!("`{key}` must be an array"))?;
+                let list = list
+                    .as_array()
+                    .with_context(|| format!("`{key}` must be an array"))?;
                 if list.is_empty() {
                     bail!("`{key}` is empty");
                 }
-                let alts = list.iter().map(|s| self.compile(s, depth + 1)).collect::<Result<Vec<_>>>()?;
+                let alts = list
+                    .iter()
+                    .map(|s| self.compile(s, depth + 1))
+                    .collect::<Result<Vec<_>>>()?;
                 return Ok(self.grammar.push(Node::Union(alts)));
             }
         }
@@ -166,7 +186,11 @@ impl Compiler<'_> {
             Some(Value::Array(types)) => {
                 let mut alts = Vec::new();
                 for t in types {
-                    alts.push(self.typed(t.as_str().context("`type` entries must be strings")?, obj, depth)?);
+                    alts.push(self.typed(
+                        t.as_str().context("`type` entries must be strings")?,
+                        obj,
+                        depth,
+                    )?);
                 }
                 if alts.is_empty() {
                     bail!("`type` is an empty list");
@@ -180,7 +204,12 @@ impl Compiler<'_> {
         }
     }
 
-    fn typed(&mut self, kind: &str, obj: &serde_json::Map<String, Value>, depth: usize) -> Result<NodeId> {
+    fn typed(
+        &mut self,
+        kind: &str,
+        obj: &serde_json::Map<String, Value>,
+        depth: usize,
+    ) -> Result<NodeId> {
         Ok(match kind {
             "string" => self.grammar.push(Node::String),
             "number" => self.grammar.push(Node::Number { integer: false }),
@@ -208,19 +237,28 @@ impl Compiler<'_> {
                         bail!("an object schema may declare at most {MAX_PROPERTIES} properties");
                     }
                     for (name, schema) in p {
-                        let node = self.compile(schema, depth + 1).with_context(|| format!("property `{name}`"))?;
+                        let node = self
+                            .compile(schema, depth + 1)
+                            .with_context(|| format!("property `{name}`"))?;
                         let quoted = serde_json::to_vec(name)?;
-                        props.push(Property { key: quoted[1..quoted.len() - 1].to_vec(), node });
+                        props.push(Property {
+                            key: quoted[1..quoted.len() - 1].to_vec(),
+                            node,
+                        });
                         names.push(name.as_str());
                     }
                 }
                 let mut required = 0u64;
                 if let Some(r) = obj.get("required") {
                     for name in r.as_array().context("`required` must be an array")? {
-                        let name = name.as_str().context("`required` entries must be strings")?;
+                        let name = name
+                            .as_str()
+                            .context("`required` entries must be strings")?;
                         match names.iter().position(|n| *n == name) {
                             Some(i) => required |= 1 << i,
-                            None => bail!("`required` names `{name}`, which is not in `properties`"),
+                            None => {
+                                bail!("`required` names `{name}`, which is not in `properties`")
+                            }
                         }
                     }
                 }
@@ -232,7 +270,11 @@ impl Compiler<'_> {
                     None if props.is_empty() => Some(ANY),
                     None => None,
                 };
-                self.grammar.push(Node::Object { props, required, additional })
+                self.grammar.push(Node::Object {
+                    props,
+                    required,
+                    additional,
+                })
             }
             other => bail!("unsupported `type` `{other}`"),
         })
@@ -244,7 +286,9 @@ impl Compiler<'_> {
             Value::Bool(false) => FALSE,
             Value::Null => NULL,
             // Serialising a Value cannot fail.
-            v => self.grammar.push(Node::Literal(serde_json::to_vec(v).unwrap_or_default())),
+            v => self
+                .grammar
+                .push(Node::Literal(serde_json::to_vec(v).unwrap_or_default())),
         }
     }
 
@@ -254,8 +298,13 @@ impl Compiler<'_> {
         if let Some(&id) = self.refs.get(r) {
             return Ok(id);
         }
-        let pointer = r.strip_prefix('#').with_context(|| format!("`$ref` `{r}`: only local references (`#/...`) are supported"))?;
-        let target = self.root.pointer(pointer).with_context(|| format!("`$ref` `{r}` points nowhere"))?;
+        let pointer = r.strip_prefix('#').with_context(|| {
+            format!("`$ref` `{r}`: only local references (`#/...`) are supported")
+        })?;
+        let target = self
+            .root
+            .pointer(pointer)
+            .with_context(|| format!("`$ref` `{r}` points nowhere"))?;
         let slot = self.grammar.push(Node::Any);
         self.refs.insert(r.to_string(), slot);
         let compiled = self.compile(target, depth + 1)?;
@@ -304,7 +353,11 @@ impl StrState {
                 if !b.is_ascii_hexdigit() {
                     return false;
                 }
-                self.escape = if left == 1 { Escape::None } else { Escape::Unicode(left - 1) };
+                self.escape = if left == 1 {
+                    Escape::None
+                } else {
+                    Escape::Unicode(left - 1)
+                };
                 true
             }
         }
@@ -333,7 +386,10 @@ struct NumState {
 
 impl NumState {
     fn complete(&self) -> bool {
-        matches!(self.phase, NumPhase::Zero | NumPhase::Int | NumPhase::Frac | NumPhase::ExpDigits)
+        matches!(
+            self.phase,
+            NumPhase::Zero | NumPhase::Int | NumPhase::Frac | NumPhase::ExpDigits
+        )
     }
 
     /// Consumes a byte of the number; false if it cannot continue the number.
@@ -386,13 +442,30 @@ enum Frame {
     /// A value of this node comes next (whitespace first is fine).
     Value(NodeId),
     /// `value` is the schema of the value after the pending key's colon.
-    Object { node: NodeId, seen: u64, phase: ObjPhase, value: NodeId },
+    Object {
+        node: NodeId,
+        seen: u64,
+        phase: ObjPhase,
+        value: NodeId,
+    },
     /// An object key being read; `candidates` are the declared properties it still matches.
-    Key { object: NodeId, candidates: u64, pos: usize, text: StrState },
-    Array { node: NodeId, count: usize, phase: ArrPhase },
+    Key {
+        object: NodeId,
+        candidates: u64,
+        pos: usize,
+        text: StrState,
+    },
+    Array {
+        node: NodeId,
+        count: usize,
+        phase: ArrPhase,
+    },
     Str(StrState),
     Num(NumState),
-    Literal { node: NodeId, pos: usize },
+    Literal {
+        node: NodeId,
+        pos: usize,
+    },
 }
 
 type Stack = Vec<Frame>;
@@ -409,7 +482,11 @@ pub struct Matcher {
 impl Matcher {
     pub fn new(grammar: Arc<Grammar>) -> Self {
         let root = grammar.root;
-        Self { grammar, stacks: vec![vec![Frame::Value(root)]], whitespace_run: 0 }
+        Self {
+            grammar,
+            stacks: vec![vec![Frame::Value(root)]],
+            whitespace_run: 0,
+        }
     }
 
     /// Whether the text so far can still become valid.
@@ -477,7 +554,11 @@ impl Matcher {
             out.truncate(MAX_STACKS);
         }
         self.stacks = out;
-        self.whitespace_run = if ws && !in_string { self.whitespace_run + 1 } else { 0 };
+        self.whitespace_run = if ws && !in_string {
+            self.whitespace_run + 1
+        } else {
+            0
+        };
         self.is_alive()
     }
 }
@@ -510,7 +591,9 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                 Node::Any => {
                     let next = match b {
                         b'"' => {
-                            stack.push(Frame::Str(StrState { escape: Escape::None }));
+                            stack.push(Frame::Str(StrState {
+                                escape: Escape::None,
+                            }));
                             out.push(stack);
                             return;
                         }
@@ -519,7 +602,11 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                         b't' => Frame::Value(TRUE),
                         b'f' => Frame::Value(FALSE),
                         b'n' => Frame::Value(NULL),
-                        b'-' | b'0'..=b'9' => Frame::Num(NumState { phase: NumPhase::Start, integer: false, len: 0 }),
+                        b'-' | b'0'..=b'9' => Frame::Num(NumState {
+                            phase: NumPhase::Start,
+                            integer: false,
+                            len: 0,
+                        }),
                         _ => return,
                     };
                     stack.push(next);
@@ -527,24 +614,39 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                 }
                 Node::Object { .. } => {
                     if b == b'{' {
-                        stack.push(Frame::Object { node, seen: 0, phase: ObjPhase::Start, value: ANY });
+                        stack.push(Frame::Object {
+                            node,
+                            seen: 0,
+                            phase: ObjPhase::Start,
+                            value: ANY,
+                        });
                         out.push(stack);
                     }
                 }
                 Node::Array { .. } => {
                     if b == b'[' {
-                        stack.push(Frame::Array { node, count: 0, phase: ArrPhase::Start });
+                        stack.push(Frame::Array {
+                            node,
+                            count: 0,
+                            phase: ArrPhase::Start,
+                        });
                         out.push(stack);
                     }
                 }
                 Node::String => {
                     if b == b'"' {
-                        stack.push(Frame::Str(StrState { escape: Escape::None }));
+                        stack.push(Frame::Str(StrState {
+                            escape: Escape::None,
+                        }));
                         out.push(stack);
                     }
                 }
                 Node::Number { integer } => {
-                    stack.push(Frame::Num(NumState { phase: NumPhase::Start, integer: *integer, len: 0 }));
+                    stack.push(Frame::Num(NumState {
+                        phase: NumPhase::Start,
+                        integer: *integer,
+                        len: 0,
+                    }));
                     step(g, stack, b, out);
                 }
                 Node::Literal(_) => {
@@ -554,7 +656,9 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
             }
         }
         Frame::Literal { node, pos } => {
-            let Node::Literal(bytes) = &g.nodes[*node] else { return };
+            let Node::Literal(bytes) = &g.nodes[*node] else {
+                return;
+            };
             if bytes.get(*pos) != Some(&b) {
                 return;
             }
@@ -583,15 +687,28 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                 }
             }
         }
-        Frame::Key { object, candidates, pos, text } => {
-            let Node::Object { props, additional, .. } = &g.nodes[*object] else { return };
+        Frame::Key {
+            object,
+            candidates,
+            pos,
+            text,
+        } => {
+            let Node::Object {
+                props, additional, ..
+            } = &g.nodes[*object]
+            else {
+                return;
+            };
             if b == b'"' && text.escape == Escape::None {
-                let declared = (0..props.len()).find(|&i| *candidates & (1 << i) != 0 && props[i].key.len() == *pos);
+                let declared = (0..props.len())
+                    .find(|&i| *candidates & (1 << i) != 0 && props[i].key.len() == *pos);
                 let chosen = match declared {
                     Some(i) => Some((props[i].node, 1u64 << i)),
                     None => additional.map(|a| (a, 0)),
                 };
-                let Some((value_node, bit)) = chosen else { return };
+                let Some((value_node, bit)) = chosen else {
+                    return;
+                };
                 stack.pop();
                 if let Some(Frame::Object { seen, value, .. }) = stack.last_mut() {
                     *seen |= bit;
@@ -614,21 +731,44 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                 out.push(stack);
             }
         }
-        Frame::Object { node, seen, phase, value } => {
+        Frame::Object {
+            node,
+            seen,
+            phase,
+            value,
+        } => {
             if is_ws(b) {
                 out.push(stack);
                 return;
             }
-            let Node::Object { props, required, additional } = &g.nodes[*node] else { return };
+            let Node::Object {
+                props,
+                required,
+                additional,
+            } = &g.nodes[*node]
+            else {
+                return;
+            };
             let all_required = *seen & required == *required;
-            let declared = if props.len() == 64 { u64::MAX } else { (1u64 << props.len()) - 1 };
+            let declared = if props.len() == 64 {
+                u64::MAX
+            } else {
+                (1u64 << props.len()) - 1
+            };
             let unseen = declared & !*seen;
             let more_keys = unseen != 0 || additional.is_some();
             match (*phase, b) {
                 (ObjPhase::Start | ObjPhase::Key, b'"') if more_keys => {
                     let object = *node;
                     *phase = ObjPhase::Colon;
-                    stack.push(Frame::Key { object, candidates: unseen, pos: 0, text: StrState { escape: Escape::None } });
+                    stack.push(Frame::Key {
+                        object,
+                        candidates: unseen,
+                        pos: 0,
+                        text: StrState {
+                            escape: Escape::None,
+                        },
+                    });
                     out.push(stack);
                 }
                 (ObjPhase::Colon, b':') => {
@@ -653,7 +793,9 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                 out.push(stack);
                 return;
             }
-            let Node::Array { items, min, max } = &g.nodes[*node] else { return };
+            let Node::Array { items, min, max } = &g.nodes[*node] else {
+                return;
+            };
             let items = *items;
             match (*phase, b) {
                 (ArrPhase::Start, b']') if *min == 0 => {
@@ -707,7 +849,16 @@ mod tests {
         ] {
             assert!(accepts(&g, ok), "{ok}");
         }
-        for bad in ["[]", "1", r#"{"a"}"#, r#"{"a":}"#, r#"{"a":1,}"#, r#"{"a":01}"#, "{\"a\":\"\u{1}\"}", r#"{} x"#] {
+        for bad in [
+            "[]",
+            "1",
+            r#"{"a"}"#,
+            r#"{"a":}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":01}"#,
+            "{\"a\":\"\u{1}\"}",
+            r#"{} x"#,
+        ] {
             assert!(!accepts(&g, bad), "{bad}");
         }
         // Prefixes of valid documents are alive but not finished.
@@ -718,7 +869,10 @@ mod tests {
     #[test]
     fn whitespace_runs_are_bounded_outside_strings() {
         let g = Grammar::json_object();
-        assert!(!prefix_ok(&g, &format!("{{{}", " ".repeat(MAX_WHITESPACE_RUN + 1))));
+        assert!(!prefix_ok(
+            &g,
+            &format!("{{{}", " ".repeat(MAX_WHITESPACE_RUN + 1))
+        ));
         let long_string = format!("{{\"a\": \"{}\"}}", " ".repeat(100));
         assert!(accepts(&g, &long_string));
     }
@@ -739,13 +893,19 @@ mod tests {
         });
         let g = Grammar::from_schema(&schema).unwrap();
         assert!(accepts(&g, r#"{"name": "Tom", "age": 3}"#));
-        assert!(accepts(&g, r#"{"age": 3, "name": "Tom", "kind": "dog", "ok": false, "maybe": null}"#));
-        assert!(accepts(&g, r#"{"name":"a","age":1,"kind":3,"tags":["x","y"],"maybe":-0.5}"#));
+        assert!(accepts(
+            &g,
+            r#"{"age": 3, "name": "Tom", "kind": "dog", "ok": false, "maybe": null}"#
+        ));
+        assert!(accepts(
+            &g,
+            r#"{"name":"a","age":1,"kind":3,"tags":["x","y"],"maybe":-0.5}"#
+        ));
         for bad in [
-            r#"{"name": "Tom"}"#,               // age missing
-            r#"{"name": "Tom", "age": 3.5}"#,   // not an integer
-            r#"{"name": 1, "age": 3}"#,         // wrong type
-            r#"{"name": "a", "age": 1, "x": 1}"#, // undeclared key
+            r#"{"name": "Tom"}"#,                      // age missing
+            r#"{"name": "Tom", "age": 3.5}"#,          // not an integer
+            r#"{"name": 1, "age": 3}"#,                // wrong type
+            r#"{"name": "a", "age": 1, "x": 1}"#,      // undeclared key
             r#"{"name": "a", "age": 1, "name": "b"}"#, // repeated key
             r#"{"name": "a", "age": 1, "kind": "cow"}"#,
             r#"{"name": "a", "age": 1, "tags": ["a", "b", "c"]}"#,
@@ -791,7 +951,10 @@ mod tests {
     fn unsupported_schemas_are_errors() {
         assert!(Grammar::from_schema(&json!({"type": "tuple"})).is_err());
         assert!(Grammar::from_schema(&json!({"$ref": "http://x"})).is_err());
-        assert!(Grammar::from_schema(&json!({"type": "object", "properties": {"a": {}}, "required": ["b"]})).is_err());
+        assert!(Grammar::from_schema(
+            &json!({"type": "object", "properties": {"a": {}}, "required": ["b"]})
+        )
+        .is_err());
         assert!(Grammar::from_schema(&json!(false)).is_err());
     }
 }

@@ -96,8 +96,13 @@ pub(crate) struct Job {
 
 pub(crate) enum Command {
     Generate(Job),
-    Load { spec: ModelSpec, done: Option<oneshot::Sender<Result<(), String>>> },
-    Unload { id: String },
+    Load {
+        spec: ModelSpec,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+    },
+    Unload {
+        id: String,
+    },
 }
 
 /// Limits the handle enforces before a request reaches the engine thread.
@@ -129,10 +134,13 @@ impl Engine {
     /// [`Registry::base_models_ready`] says when serving can begin.
     pub fn start(settings: &Settings) -> Result<Self> {
         let device = crate::settings::parse_device(&settings.server.device)?.open()?;
-        std::fs::create_dir_all(&settings.data_dir).with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating {}", settings.data_dir.display()))?;
         let registry = Arc::new(Registry::new(Some(settings.data_dir.join("models.json"))));
         let metrics = Arc::new(Metrics::default());
-        metrics.kv_cache_budget_bytes.store(settings.kv_cache_bytes(), Ordering::Relaxed);
+        metrics
+            .kv_cache_budget_bytes
+            .store(settings.kv_cache_bytes(), Ordering::Relaxed);
         let limits = EngineLimits {
             max_queue: settings.limits.max_queue,
             scheduler: SchedulerLimits {
@@ -145,7 +153,14 @@ impl Engine {
         let mut specs: Vec<ModelSpec> = settings
             .served_models()
             .into_iter()
-            .map(|m| ModelSpec { id: m.served_id(), source: m.source, scheme: m.scheme, format: m.format, created, owned_by: "rewind".into() })
+            .map(|m| ModelSpec {
+                id: m.served_id(),
+                source: m.source,
+                scheme: m.scheme,
+                format: m.format,
+                created,
+                owned_by: "rewind".into(),
+            })
             .collect();
         specs.extend(registry.stored_fine_tuned()?);
         for spec in &specs {
@@ -154,12 +169,31 @@ impl Engine {
 
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let worker = worker::Worker::new(rx, device, registry.clone(), metrics.clone(), limits.scheduler, queued.clone());
-        std::thread::Builder::new().name("rewind-engine".into()).spawn(move || worker.run()).context("starting the engine thread")?;
+        let worker = worker::Worker::new(
+            rx,
+            device,
+            registry.clone(),
+            metrics.clone(),
+            limits.scheduler,
+            queued.clone(),
+        );
+        std::thread::Builder::new()
+            .name("rewind-engine".into())
+            .spawn(move || worker.run())
+            .context("starting the engine thread")?;
         for spec in specs {
             let _ = tx.send(Command::Load { spec, done: None });
         }
-        Ok(Self { shared: Arc::new(Shared { commands: tx, registry, metrics, limits, queued, next_id: AtomicU64::new(1) }) })
+        Ok(Self {
+            shared: Arc::new(Shared {
+                commands: tx,
+                registry,
+                metrics,
+                limits,
+                queued,
+                next_id: AtomicU64::new(1),
+            }),
+        })
     }
 
     pub fn registry(&self) -> &Registry {
@@ -181,17 +215,32 @@ impl Engine {
 
     /// Queues a request; its tokens arrive on the returned stream, which ends when every
     /// choice has finished. Dropping the stream cancels the request.
-    pub fn submit(&self, request: GenerateRequest) -> std::result::Result<EventStream, SubmitError> {
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> std::result::Result<EventStream, SubmitError> {
         let demand = request.demand();
-        Scheduler::<u64>::check(&self.shared.limits.scheduler, &demand).map_err(SubmitError::Unschedulable)?;
+        Scheduler::<u64>::check(&self.shared.limits.scheduler, &demand)
+            .map_err(SubmitError::Unschedulable)?;
         let max_queue = self.shared.limits.max_queue;
         let queued = &self.shared.queued;
-        if queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < max_queue).then_some(q + 1)).is_err() {
+        if queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < max_queue).then_some(q + 1)
+            })
+            .is_err()
+        {
             return Err(SubmitError::QueueFull(max_queue));
         }
         let (events, stream) = async_mpsc::unbounded_channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let job = Job { id, request, events, demand, arrived: Instant::now() };
+        let job = Job {
+            id,
+            request,
+            events,
+            demand,
+            arrived: Instant::now(),
+        };
         if self.shared.commands.send(Command::Generate(job)).is_err() {
             queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Stopped);
@@ -205,7 +254,13 @@ impl Engine {
     pub fn add_model(&self, spec: ModelSpec) -> Result<oneshot::Receiver<Result<(), String>>> {
         self.shared.registry.insert_loading(spec.clone())?;
         let (done, outcome) = oneshot::channel();
-        self.shared.commands.send(Command::Load { spec, done: Some(done) }).map_err(|_| anyhow::anyhow!("the engine has stopped"))?;
+        self.shared
+            .commands
+            .send(Command::Load {
+                spec,
+                done: Some(done),
+            })
+            .map_err(|_| anyhow::anyhow!("the engine has stopped"))?;
         Ok(outcome)
     }
 
@@ -213,7 +268,10 @@ impl Engine {
     pub fn remove_model(&self, id: &str) -> Result<Option<ModelSpec>> {
         let removed = self.shared.registry.remove(id)?;
         if removed.is_some() {
-            let _ = self.shared.commands.send(Command::Unload { id: id.to_string() });
+            let _ = self
+                .shared
+                .commands
+                .send(Command::Unload { id: id.to_string() });
         }
         Ok(removed)
     }
@@ -233,5 +291,8 @@ pub fn describe(e: Unschedulable) -> String {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

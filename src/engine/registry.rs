@@ -56,21 +56,42 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
-    pub fn new(id: String, tokenizer: TextTokenizer, template: ChatTemplate, context_length: usize, kv_bytes_per_token: usize, vocab_size: usize) -> Self {
+    pub fn new(
+        id: String,
+        tokenizer: TextTokenizer,
+        template: ChatTemplate,
+        context_length: usize,
+        kv_bytes_per_token: usize,
+        vocab_size: usize,
+    ) -> Self {
         // HF templates that support tools read the `tools` variable; the others ignore it.
         let supports_tools = template.source().contains("tools");
-        Self { id, tokenizer, template, context_length, kv_bytes_per_token, vocab_size, supports_tools, tokens: OnceLock::new() }
+        Self {
+            id,
+            tokenizer,
+            template,
+            context_length,
+            kv_bytes_per_token,
+            vocab_size,
+            supports_tools,
+            tokens: OnceLock::new(),
+        }
     }
 
     /// The vocabulary indexed for constrained decoding, built on first use.
     pub fn token_table(&self) -> &TokenTable {
-        self.tokens.get_or_init(|| TokenTable::new(&self.tokenizer, self.vocab_size))
+        self.tokens
+            .get_or_init(|| TokenTable::new(&self.tokenizer, self.vocab_size))
     }
 
     /// Worst-case KV cache bytes of one sequence that may reach `positions`: the cache grows by
     /// doubling from 16 (see `LayerKv::append`).
     pub fn kv_bytes_for(&self, positions: usize) -> usize {
-        positions.min(self.context_length).next_power_of_two().max(16).saturating_mul(self.kv_bytes_per_token)
+        positions
+            .min(self.context_length)
+            .next_power_of_two()
+            .max(16)
+            .saturating_mul(self.kv_bytes_per_token)
     }
 }
 
@@ -98,23 +119,34 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(store: Option<PathBuf>) -> Self {
-        Self { entries: RwLock::new(BTreeMap::new()), store }
+        Self {
+            entries: RwLock::new(BTreeMap::new()),
+            store,
+        }
     }
 
     /// The fine-tuned models recorded by an earlier run.
     pub fn stored_fine_tuned(&self) -> Result<Vec<ModelSpec>> {
         match &self.store {
             Some(path) if path.exists() => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                serde_json::from_str(&text).with_context(|| format!("{}: invalid model registry", path.display()))
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: invalid model registry", path.display()))
             }
             _ => Ok(Vec::new()),
         }
     }
 
     fn persist(&self, entries: &BTreeMap<String, (ModelSpec, ModelState)>) -> Result<()> {
-        let Some(path) = &self.store else { return Ok(()) };
-        let specs: Vec<&ModelSpec> = entries.values().map(|(s, _)| s).filter(|s| s.is_fine_tuned()).collect();
+        let Some(path) = &self.store else {
+            return Ok(());
+        };
+        let specs: Vec<&ModelSpec> = entries
+            .values()
+            .map(|(s, _)| s)
+            .filter(|s| s.is_fine_tuned())
+            .collect();
         write_atomically(path, &serde_json::to_vec_pretty(&specs)?)
     }
 
@@ -138,7 +170,10 @@ impl Registry {
     /// True once every base (non-fine-tuned) model is loaded.
     pub fn base_models_ready(&self) -> bool {
         let entries = self.read();
-        let mut base = entries.values().filter(|(s, _)| !s.is_fine_tuned()).peekable();
+        let mut base = entries
+            .values()
+            .filter(|(s, _)| !s.is_fine_tuned())
+            .peekable();
         base.peek().is_some() && base.all(|(_, state)| matches!(state, ModelState::Ready(_)))
     }
 
@@ -186,7 +221,8 @@ impl Registry {
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
@@ -198,7 +234,14 @@ mod tests {
     use super::*;
 
     fn spec(id: &str) -> ModelSpec {
-        ModelSpec { id: id.into(), source: "x.gguf".into(), scheme: None, format: WeightFormat::Quantized, created: 1, owned_by: "me".into() }
+        ModelSpec {
+            id: id.into(),
+            source: "x.gguf".into(),
+            scheme: None,
+            format: WeightFormat::Quantized,
+            created: 1,
+            owned_by: "me".into(),
+        }
     }
 
     #[test]
@@ -214,9 +257,15 @@ mod tests {
         assert_eq!(r.base_model_failure().as_deref(), Some("base: boom"));
 
         let again = Registry::new(Some(path.clone()));
-        assert_eq!(again.stored_fine_tuned().unwrap(), [spec("ft:base:me::abc")]);
+        assert_eq!(
+            again.stored_fine_tuned().unwrap(),
+            [spec("ft:base:me::abc")]
+        );
         r.remove("ft:base:me::abc").unwrap();
-        assert!(Registry::new(Some(path)).stored_fine_tuned().unwrap().is_empty());
+        assert!(Registry::new(Some(path))
+            .stored_fine_tuned()
+            .unwrap()
+            .is_empty());
         assert!(matches!(r.lookup("ft:base:me::abc"), Lookup::NotFound));
     }
 }

@@ -59,7 +59,13 @@ pub struct Scheduler<K> {
 
 impl<K: Copy + Eq + std::hash::Hash> Scheduler<K> {
     pub fn new(limits: SchedulerLimits) -> Self {
-        Self { limits, waiting: VecDeque::new(), running: HashMap::new(), running_seqs: 0, reserved: 0 }
+        Self {
+            limits,
+            waiting: VecDeque::new(),
+            running: HashMap::new(),
+            running_seqs: 0,
+            reserved: 0,
+        }
     }
 
     pub fn limits(&self) -> SchedulerLimits {
@@ -70,10 +76,16 @@ impl<K: Copy + Eq + std::hash::Hash> Scheduler<K> {
     /// up front instead of blocking the queue forever.
     pub fn check(limits: &SchedulerLimits, demand: &Demand) -> Result<(), Unschedulable> {
         if demand.seqs > limits.max_batch {
-            return Err(Unschedulable::TooManySequences { seqs: demand.seqs, max_batch: limits.max_batch });
+            return Err(Unschedulable::TooManySequences {
+                seqs: demand.seqs,
+                max_batch: limits.max_batch,
+            });
         }
         if demand.kv_bytes() > limits.kv_budget {
-            return Err(Unschedulable::KvBudget { needed: demand.kv_bytes(), budget: limits.kv_budget });
+            return Err(Unschedulable::KvBudget {
+                needed: demand.kv_bytes(),
+                budget: limits.kv_budget,
+            });
         }
         Ok(())
     }
@@ -97,7 +109,8 @@ impl<K: Copy + Eq + std::hash::Hash> Scheduler<K> {
         while let Some(&(key, demand)) = self.waiting.front() {
             let fits_batch = self.running_seqs + demand.seqs <= self.limits.max_batch;
             let fits_kv = self.reserved + demand.kv_bytes() <= self.limits.kv_budget;
-            let fits_prefill = admitted.is_empty() || prefill + demand.prefill_tokens <= self.limits.max_prefill_tokens;
+            let fits_prefill = admitted.is_empty()
+                || prefill + demand.prefill_tokens <= self.limits.max_prefill_tokens;
             if !(fits_batch && fits_kv && fits_prefill) {
                 break;
             }
@@ -105,7 +118,8 @@ impl<K: Copy + Eq + std::hash::Hash> Scheduler<K> {
             self.running_seqs += demand.seqs;
             self.reserved += demand.kv_bytes();
             prefill += demand.prefill_tokens;
-            self.running.insert(key, (demand.seqs, demand.kv_bytes_per_seq));
+            self.running
+                .insert(key, (demand.seqs, demand.kv_bytes_per_seq));
             admitted.push(key);
         }
         admitted
@@ -154,11 +168,19 @@ mod tests {
     use super::*;
 
     fn limits(max_batch: usize, kv_budget: usize, max_prefill_tokens: usize) -> SchedulerLimits {
-        SchedulerLimits { max_batch, kv_budget, max_prefill_tokens }
+        SchedulerLimits {
+            max_batch,
+            kv_budget,
+            max_prefill_tokens,
+        }
     }
 
     fn demand(seqs: usize, kv: usize, prefill: usize) -> Demand {
-        Demand { seqs, kv_bytes_per_seq: kv, prefill_tokens: prefill }
+        Demand {
+            seqs,
+            kv_bytes_per_seq: kv,
+            prefill_tokens: prefill,
+        }
     }
 
     #[test]
@@ -231,8 +253,20 @@ mod tests {
     #[test]
     fn impossible_requests_are_rejected_up_front() {
         let l = limits(4, 100, 10);
-        assert_eq!(Scheduler::<u8>::check(&l, &demand(5, 1, 1)), Err(Unschedulable::TooManySequences { seqs: 5, max_batch: 4 }));
-        assert_eq!(Scheduler::<u8>::check(&l, &demand(2, 60, 1)), Err(Unschedulable::KvBudget { needed: 120, budget: 100 }));
+        assert_eq!(
+            Scheduler::<u8>::check(&l, &demand(5, 1, 1)),
+            Err(Unschedulable::TooManySequences {
+                seqs: 5,
+                max_batch: 4
+            })
+        );
+        assert_eq!(
+            Scheduler::<u8>::check(&l, &demand(2, 60, 1)),
+            Err(Unschedulable::KvBudget {
+                needed: 120,
+                budget: 100
+            })
+        );
         assert_eq!(Scheduler::<u8>::check(&l, &demand(4, 25, 1000)), Ok(()));
     }
 }

@@ -63,8 +63,20 @@ impl TokenTable {
             }
             bytes[id as usize] = b;
         }
-        let eos = tokenizer.eos_ids.iter().copied().filter(|&id| (id as usize) < vocab).collect();
-        Self { vocab, bytes, eos, plain, structural, trie }
+        let eos = tokenizer
+            .eos_ids
+            .iter()
+            .copied()
+            .filter(|&id| (id as usize) < vocab)
+            .collect();
+        Self {
+            vocab,
+            bytes,
+            eos,
+            plain,
+            structural,
+            trie,
+        }
     }
 
     pub fn bytes(&self, id: u32) -> &[u8] {
@@ -121,7 +133,8 @@ mod tests {
 
     /// SmolLM2's tokenizer when the default model is present.
     fn smollm() -> Option<TextTokenizer> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         if !path.exists() {
             eprintln!("skipping: {} is absent", path.display());
             return None;
@@ -145,15 +158,25 @@ mod tests {
         let started = std::time::Instant::now();
         table.mask(&m, &mut allowed);
         let structural = started.elapsed();
-        assert!(allowed[id("{") as usize] && !allowed[id("hello") as usize] && !allowed[id("[") as usize]);
-        assert!(!tokenizer.eos_ids.iter().any(|&e| allowed[e as usize]), "EOS before the object is complete");
+        assert!(
+            allowed[id("{") as usize]
+                && !allowed[id("hello") as usize]
+                && !allowed[id("[") as usize]
+        );
+        assert!(
+            !tokenizer.eos_ids.iter().any(|&e| allowed[e as usize]),
+            "EOS before the object is complete"
+        );
 
         assert!(m.feed(b"{\"na"));
         let started = std::time::Instant::now();
         table.mask(&m, &mut allowed);
         let in_string = started.elapsed();
         let count = allowed.iter().filter(|&&a| a).count();
-        assert!(count > vocab / 2, "most tokens fit inside a string ({count})");
+        assert!(
+            count > vocab / 2,
+            "most tokens fit inside a string ({count})"
+        );
         assert!(allowed[id("me") as usize] && allowed[id("\":") as usize]);
 
         assert!(m.feed(b"me\": 1}"));

@@ -121,7 +121,8 @@ impl Worker {
                 let outcome = self.load(&spec).map_err(|e| format!("{e:#}"));
                 if let Err(e) = &outcome {
                     tracing::error!(model = %spec.id, "loading failed: {e}");
-                    self.registry.set_state(&spec.id, ModelState::Failed(e.clone()));
+                    self.registry
+                        .set_state(&spec.id, ModelState::Failed(e.clone()));
                 }
                 if let Some(done) = done {
                     let _ = done.send(outcome);
@@ -138,8 +139,19 @@ impl Worker {
     fn load(&mut self, spec: &ModelSpec) -> Result<()> {
         let started = Instant::now();
         let path = crate::provision::resolve(Some(&spec.source))?;
-        let reversible = spec.scheme.as_deref().map(ReversibleConfig::parse).transpose()?;
-        let loaded = loader::load(&path, &LoadOptions { format: spec.format, device: self.device.clone(), reversible })?;
+        let reversible = spec
+            .scheme
+            .as_deref()
+            .map(ReversibleConfig::parse)
+            .transpose()?;
+        let loaded = loader::load(
+            &path,
+            &LoadOptions {
+                format: spec.format,
+                device: self.device.clone(),
+                reversible,
+            },
+        )?;
         let model = loaded.model;
         let served = ServedModel::new(
             spec.id.clone(),
@@ -160,7 +172,8 @@ impl Worker {
         // The registry may have dropped the model while it loaded (deleted meanwhile).
         if self.registry.spec(&spec.id).is_some() {
             self.models.insert(spec.id.clone(), Arc::new(model));
-            self.registry.set_state(&spec.id, ModelState::Ready(Arc::new(served)));
+            self.registry
+                .set_state(&spec.id, ModelState::Ready(Arc::new(served)));
         }
         Ok(())
     }
@@ -168,12 +181,19 @@ impl Worker {
     /// Requests whose client has gone: waiting ones leave the queue, running ones free their
     /// sequences.
     fn drop_cancelled(&mut self) {
-        let gone: Vec<u64> = self.waiting.values().filter(|j| j.events.is_closed()).map(|j| j.id).collect();
+        let gone: Vec<u64> = self
+            .waiting
+            .values()
+            .filter(|j| j.events.is_closed())
+            .map(|j| j.id)
+            .collect();
         for id in gone {
             self.waiting.remove(&id);
             self.scheduler.remove_waiting(id);
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            self.metrics.cancelled_requests.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .cancelled_requests
+                .fetch_add(1, Ordering::Relaxed);
         }
         let scheduler = &mut self.scheduler;
         let metrics = &self.metrics;
@@ -191,10 +211,15 @@ impl Worker {
 
     fn admit(&mut self) {
         for id in self.scheduler.admit() {
-            let Some(job) = self.waiting.remove(&id) else { continue };
+            let Some(job) = self.waiting.remove(&id) else {
+                continue;
+            };
             self.queued.fetch_sub(1, Ordering::AcqRel);
             let Some(model) = self.models.get(&job.request.model.id).cloned() else {
-                let _ = job.events.send(Event::Error(format!("model `{}` is no longer served", job.request.model.id)));
+                let _ = job.events.send(Event::Error(format!(
+                    "model `{}` is no longer served",
+                    job.request.model.id
+                )));
                 self.scheduler.release_all(id);
                 continue;
             };
@@ -204,15 +229,27 @@ impl Worker {
                 for j in 0..r.n {
                     let choice = p * r.n + j;
                     let mut params = r.params.clone();
-                    params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(choice as u64));
+                    params.sampling.seed =
+                        params.sampling.seed.map(|s| s.wrapping_add(choice as u64));
                     let seq = Sequence::new(&model, prompt.clone(), params);
                     let grammar = r.grammar.clone().map(Matcher::new);
-                    seqs.push(ActiveSeq { choice, seq, grammar });
+                    seqs.push(ActiveSeq {
+                        choice,
+                        seq,
+                        grammar,
+                    });
                 }
             }
             let prompt_tokens: usize = r.prompts.iter().map(Vec::len).sum();
-            self.metrics.prompt_tokens.fetch_add((prompt_tokens * r.n) as u64, Ordering::Relaxed);
-            self.running.push(Active { job, model, seqs, first_token_sent: false });
+            self.metrics
+                .prompt_tokens
+                .fetch_add((prompt_tokens * r.n) as u64, Ordering::Relaxed);
+            self.running.push(Active {
+                job,
+                model,
+                seqs,
+                first_token_sent: false,
+            });
         }
     }
 
@@ -240,14 +277,23 @@ impl Worker {
                 .filter(|a| Arc::ptr_eq(&a.model, model))
                 .flat_map(|a| a.seqs.iter_mut().map(|s| s.seq.input()))
                 .collect();
-            model.forward_step(&mut inputs).and_then(|t| t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>())
+            model
+                .forward_step(&mut inputs)
+                .and_then(|t| t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>())
         };
         let mut rows = match logits {
             Ok(rows) => rows.into_iter(),
             Err(e) => {
                 tracing::error!("forward step failed: {e}");
-                for a in self.running.iter_mut().filter(|a| Arc::ptr_eq(&a.model, model)) {
-                    let _ = a.job.events.send(Event::Error(format!("inference failed: {e}")));
+                for a in self
+                    .running
+                    .iter_mut()
+                    .filter(|a| Arc::ptr_eq(&a.model, model))
+                {
+                    let _ = a
+                        .job
+                        .events
+                        .send(Event::Error(format!("inference failed: {e}")));
                     self.scheduler.release_all(a.job.id);
                     a.seqs.clear();
                 }
@@ -256,7 +302,11 @@ impl Worker {
         };
 
         let mut produced = 0;
-        for a in self.running.iter_mut().filter(|a| Arc::ptr_eq(&a.model, model)) {
+        for a in self
+            .running
+            .iter_mut()
+            .filter(|a| Arc::ptr_eq(&a.model, model))
+        {
             let served = a.job.request.model.clone();
             let mut failed = None;
             let mut gone = false;
@@ -292,10 +342,18 @@ impl Worker {
                 }
                 if !a.first_token_sent {
                     a.first_token_sent = true;
-                    self.metrics.observe_ttft(a.job.arrived.elapsed().as_secs_f64());
+                    self.metrics
+                        .observe_ttft(a.job.arrived.elapsed().as_secs_f64());
                 }
                 let done = output.finish.is_some();
-                if a.job.events.send(Event::Token { choice: s.choice, output }).is_err() {
+                if a.job
+                    .events
+                    .send(Event::Token {
+                        choice: s.choice,
+                        output,
+                    })
+                    .is_err()
+                {
                     // The client left since the check; the next iteration drops the request.
                     gone = true;
                     continue;
@@ -320,10 +378,18 @@ impl Worker {
 
     fn publish_gauges(&self) {
         let m = &self.metrics;
-        m.running_seqs.store(self.scheduler.running_seqs(), Ordering::Relaxed);
-        m.waiting_requests.store(self.queued.load(Ordering::Relaxed), Ordering::Relaxed);
-        m.kv_cache_reserved_bytes.store(self.scheduler.reserved_bytes(), Ordering::Relaxed);
-        let used: usize = self.running.iter().flat_map(|a| a.seqs.iter()).map(|s| s.seq.cache.bytes()).sum();
+        m.running_seqs
+            .store(self.scheduler.running_seqs(), Ordering::Relaxed);
+        m.waiting_requests
+            .store(self.queued.load(Ordering::Relaxed), Ordering::Relaxed);
+        m.kv_cache_reserved_bytes
+            .store(self.scheduler.reserved_bytes(), Ordering::Relaxed);
+        let used: usize = self
+            .running
+            .iter()
+            .flat_map(|a| a.seqs.iter())
+            .map(|s| s.seq.cache.bytes())
+            .sum();
         m.kv_cache_bytes.store(used, Ordering::Relaxed);
     }
 }

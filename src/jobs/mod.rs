@@ -61,9 +61,15 @@ impl FineTuning {
             updates: Mutex::new(()),
         });
         let runner = Arc::downgrade(&service);
-        std::thread::Builder::new().name("rewind-fine-tuning".into()).spawn(move || runner::run(runner, rx))?;
+        std::thread::Builder::new()
+            .name("rewind-fine-tuning".into())
+            .spawn(move || runner::run(runner, rx))?;
         for job in service.store.unfinished_jobs()? {
-            let note = if job.status == "running" { "Server restarted; resuming from the last checkpoint." } else { "Server restarted; job re-queued." };
+            let note = if job.status == "running" {
+                "Server restarted; resuming from the last checkpoint."
+            } else {
+                "Server restarted; job re-queued."
+            };
             service.event(&job.id, "info", note, None)?;
             if job.status == "validating_files" {
                 service.validate_and_queue(&job.id)?;
@@ -75,7 +81,13 @@ impl FineTuning {
     }
 
     /// Records a `message` event, or a `metrics` one when `data` is given.
-    pub fn event(&self, job_id: &str, level: &str, message: &str, data: Option<Value>) -> Result<()> {
+    pub fn event(
+        &self,
+        job_id: &str,
+        level: &str,
+        message: &str,
+        data: Option<Value>,
+    ) -> Result<()> {
         let kind = if data.is_some() { "metrics" } else { "message" };
         self.store.insert_event(&EventRecord {
             id: crate::store::new_id("ftevent-"),
@@ -93,7 +105,10 @@ impl FineTuning {
     /// `change`.
     pub fn update(&self, id: &str, change: impl FnOnce(&mut JobRecord)) -> Result<JobRecord> {
         let _guard = self.updates.lock().unwrap_or_else(|e| e.into_inner());
-        let mut job = self.store.job(id)?.ok_or_else(|| anyhow!("no fine-tuning job `{id}`"))?;
+        let mut job = self
+            .store
+            .job(id)?
+            .ok_or_else(|| anyhow!("no fine-tuning job `{id}`"))?;
         change(&mut job);
         job.updated_at = unix_now();
         self.store.update_job(&job)?;
@@ -103,22 +118,42 @@ impl FineTuning {
     /// Stores a new job (status `validating_files`), validates its files and queues it.
     pub fn create(&self, job: JobRecord) -> Result<JobRecord> {
         self.store.insert_job(&job)?;
-        self.event(&job.id, "info", &format!("Created fine-tuning job: {}", job.id), None)?;
+        self.event(
+            &job.id,
+            "info",
+            &format!("Created fine-tuning job: {}", job.id),
+            None,
+        )?;
         self.validate_and_queue(&job.id)
     }
 
     fn validate_and_queue(&self, id: &str) -> Result<JobRecord> {
-        let job = self.store.job(id)?.ok_or_else(|| anyhow!("no fine-tuning job `{id}`"))?;
+        let job = self
+            .store
+            .job(id)?
+            .ok_or_else(|| anyhow!("no fine-tuning job `{id}`"))?;
         let mut problem = None;
-        for (param, file) in [("training_file", Some(&job.training_file)), ("validation_file", job.validation_file.as_ref())] {
+        for (param, file) in [
+            ("training_file", Some(&job.training_file)),
+            ("validation_file", job.validation_file.as_ref()),
+        ] {
             let Some(file) = file else { continue };
             if let Err(message) = self.load_examples(file) {
-                problem = Some(JobError { code: "invalid_file".into(), message, param: Some(param.into()) });
+                problem = Some(JobError {
+                    code: "invalid_file".into(),
+                    message,
+                    param: Some(param.into()),
+                });
                 break;
             }
         }
         if let Some(error) = problem {
-            self.event(id, "error", &format!("File validation failed: {}", error.message), None)?;
+            self.event(
+                id,
+                "error",
+                &format!("File validation failed: {}", error.message),
+                None,
+            )?;
             return self.update(id, |j| {
                 j.status = "failed".into();
                 j.finished_at = Some(unix_now());
@@ -132,22 +167,39 @@ impl FineTuning {
             }
         })?;
         if job.status == "queued" {
-            self.event(id, "info", "Job enqueued. Waiting for jobs ahead to complete.", None)?;
+            self.event(
+                id,
+                "info",
+                "Job enqueued. Waiting for jobs ahead to complete.",
+                None,
+            )?;
             self.enqueue(id);
         }
         Ok(job)
     }
 
     fn enqueue(&self, id: &str) {
-        self.cancels.lock().unwrap_or_else(|e| e.into_inner()).entry(id.to_string()).or_default();
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default();
         // The runner holds the receiver for the service's whole life.
-        let _ = self.queue.lock().unwrap_or_else(|e| e.into_inner()).send(id.to_string());
+        let _ = self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(id.to_string());
     }
 
     /// Reads and validates a stored JSONL file; the error names the first bad lines.
     pub fn load_examples(&self, file_id: &str) -> std::result::Result<Vec<Example>, String> {
-        let bytes = self.store.read_file(file_id).map_err(|e| format!("file `{file_id}` cannot be read: {e:#}"))?;
-        let text = String::from_utf8(bytes).map_err(|_| format!("file `{file_id}` is not UTF-8"))?;
+        let bytes = self
+            .store
+            .read_file(file_id)
+            .map_err(|e| format!("file `{file_id}` cannot be read: {e:#}"))?;
+        let text =
+            String::from_utf8(bytes).map_err(|_| format!("file `{file_id}` is not UTF-8"))?;
         parse_jsonl(&text).map_err(|errors| {
             let shown: Vec<String> = errors.iter().take(3).map(ToString::to_string).collect();
             format!("file `{file_id}`: {}", shown.join("; "))
@@ -155,17 +207,28 @@ impl FineTuning {
     }
 
     pub fn cancel_flag(&self, id: &str) -> Arc<AtomicBool> {
-        self.cancels.lock().unwrap_or_else(|e| e.into_inner()).entry(id.to_string()).or_default().clone()
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
     }
 
     pub fn forget(&self, id: &str) {
-        self.cancels.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Cancels a job that has not finished: it is `cancelled` at once, and a running trainer
     /// stops at its next step.
     pub fn cancel(&self, id: &str) -> std::result::Result<JobRecord, CancelError> {
-        let current = self.store.job(id)?.ok_or_else(|| CancelError::NotFound(id.to_string()))?;
+        let current = self
+            .store
+            .job(id)?
+            .ok_or_else(|| CancelError::NotFound(id.to_string()))?;
         if current.is_terminal() {
             return Err(CancelError::Finished(current.status));
         }

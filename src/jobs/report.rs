@@ -9,14 +9,28 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-const COLUMNS: [&str; 9] =
-    ["step", "epoch", "train_loss", "valid_loss", "learning_rate", "grad_norm", "tokens_per_s", "trained_tokens", "peak_memory_bytes"];
+const COLUMNS: [&str; 9] = [
+    "step",
+    "epoch",
+    "train_loss",
+    "valid_loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_s",
+    "trained_tokens",
+    "peak_memory_bytes",
+];
 
 /// One row per step, merging the training and validation metrics of that step.
 fn rows(events: &[EventRecord]) -> BTreeMap<u64, serde_json::Map<String, Value>> {
     let mut rows: BTreeMap<u64, serde_json::Map<String, Value>> = BTreeMap::new();
     for e in events.iter().filter(|e| e.kind == "metrics") {
-        let (Some(step), Some(data)) = (e.data.get("step").and_then(Value::as_u64), e.data.as_object()) else { continue };
+        let (Some(step), Some(data)) = (
+            e.data.get("step").and_then(Value::as_u64),
+            e.data.as_object(),
+        ) else {
+            continue;
+        };
         let row = rows.entry(step).or_default();
         for (k, v) in data {
             row.insert(k.clone(), v.clone());
@@ -29,7 +43,15 @@ pub fn metrics_csv(events: &[EventRecord]) -> String {
     let mut out = COLUMNS.join(",");
     out.push('\n');
     for row in rows(events).values() {
-        let cells: Vec<String> = COLUMNS.iter().map(|c| row.get(*c).filter(|v| !v.is_null()).map(Value::to_string).unwrap_or_default()).collect();
+        let cells: Vec<String> = COLUMNS
+            .iter()
+            .map(|c| {
+                row.get(*c)
+                    .filter(|v| !v.is_null())
+                    .map(Value::to_string)
+                    .unwrap_or_default()
+            })
+            .collect();
         out.push_str(&cells.join(","));
         out.push('\n');
     }
@@ -40,7 +62,14 @@ pub fn metrics_csv(events: &[EventRecord]) -> String {
 pub fn loss_svg(events: &[EventRecord]) -> String {
     let rows = rows(events);
     let series = |key: &str| -> Vec<(f64, f64)> {
-        rows.iter().filter_map(|(s, r)| r.get(key).and_then(Value::as_f64).filter(|v| v.is_finite()).map(|v| (*s as f64, v))).collect()
+        rows.iter()
+            .filter_map(|(s, r)| {
+                r.get(key)
+                    .and_then(Value::as_f64)
+                    .filter(|v| v.is_finite())
+                    .map(|v| (*s as f64, v))
+            })
+            .collect()
     };
     let (train, valid) = (series("train_loss"), series("valid_loss"));
     let (w, h, pad) = (640.0, 360.0, 50.0);
@@ -49,7 +78,13 @@ pub fn loss_svg(events: &[EventRecord]) -> String {
     let max_y = all.iter().map(|p| p.1).fold(f64::MIN_POSITIVE, f64::max);
     let min_y = 0.0;
     let span = (max_y - min_y).max(1e-9);
-    let point = |(x, y): &(f64, f64)| format!("{:.1},{:.1}", pad + x / max_x * (w - 2.0 * pad), h - pad - (y - min_y) / span * (h - 2.0 * pad));
+    let point = |(x, y): &(f64, f64)| {
+        format!(
+            "{:.1},{:.1}",
+            pad + x / max_x * (w - 2.0 * pad),
+            h - pad - (y - min_y) / span * (h - 2.0 * pad)
+        )
+    };
     let mut svg = String::new();
     let _ = write!(
         svg,
@@ -64,17 +99,28 @@ pub fn loss_svg(events: &[EventRecord]) -> String {
         cx = w / 2.0,
         ly = h - 15.0,
     );
-    for (points, colour, label, y) in [(&train, "#1f77b4", "train loss", 20.0), (&valid, "#d62728", "validation loss", 36.0)] {
+    for (points, colour, label, y) in [
+        (&train, "#1f77b4", "train loss", 20.0),
+        (&valid, "#d62728", "validation loss", 36.0),
+    ] {
         if points.is_empty() {
             continue;
         }
         let path: Vec<String> = points.iter().map(point).collect();
-        let _ = writeln!(svg, r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#, path.join(" "));
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            path.join(" ")
+        );
         for p in points.iter().map(point) {
             let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
             let _ = writeln!(svg, r#"<circle cx="{x}" cy="{y}" r="2" fill="{colour}"/>"#);
         }
-        let _ = writeln!(svg, r#"<text x="{}" y="{y}" fill="{colour}">{label}</text>"#, w - pad - 110.0);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{y}" fill="{colour}">{label}</text>"#,
+            w - pad - 110.0
+        );
     }
     svg.push_str("</svg>\n");
     svg
@@ -86,7 +132,15 @@ mod tests {
     use serde_json::json;
 
     fn metrics(data: Value) -> EventRecord {
-        EventRecord { id: "e".into(), job_id: "j".into(), created_at: 0, level: "info".into(), message: String::new(), kind: "metrics".into(), data }
+        EventRecord {
+            id: "e".into(),
+            job_id: "j".into(),
+            created_at: 0,
+            level: "info".into(),
+            message: String::new(),
+            kind: "metrics".into(),
+            data,
+        }
     }
 
     #[test]
@@ -101,6 +155,10 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[2], "2,0,1.5,1.75,,,,,");
         let svg = loss_svg(&events);
-        assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.trim_end().ends_with("</svg>"));
+        assert!(
+            svg.starts_with("<svg")
+                && svg.contains("polyline")
+                && svg.trim_end().ends_with("</svg>")
+        );
     }
 }

@@ -27,20 +27,39 @@ use std::sync::{mpsc, Arc, Weak};
 const BASE_LEARNING_RATE: f64 = 1e-4;
 /// LoRA adapters start at zero and train few weights: they take a larger step.
 const BASE_LORA_LEARNING_RATE: f64 = 1e-3;
-const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 pub(crate) fn run(service: Weak<FineTuning>, queue: mpsc::Receiver<String>) {
     while let Ok(id) = queue.recv() {
-        let Some(service) = service.upgrade() else { return };
+        let Some(service) = service.upgrade() else {
+            return;
+        };
         if let Err(e) = run_one(&service, &id) {
             let message = format!("{e:#}");
             tracing::error!(job = %id, "fine-tuning failed: {message}");
-            let _ = service.event(&id, "error", &format!("Fine-tuning failed: {message}"), None);
+            let _ = service.event(
+                &id,
+                "error",
+                &format!("Fine-tuning failed: {message}"),
+                None,
+            );
             let _ = service.update(&id, |j| {
                 if !j.is_terminal() {
                     j.status = "failed".into();
                     j.finished_at = Some(unix_now());
-                    j.error = Some(JobError { code: "training_failed".into(), message, param: None });
+                    j.error = Some(JobError {
+                        code: "training_failed".into(),
+                        message,
+                        param: None,
+                    });
                 }
             });
         }
@@ -84,12 +103,23 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     let job_dir = service.settings.data_dir.join("jobs").join(id);
 
     // The base model, as the server loads it.
-    let spec = service.engine.registry().spec(&job.model).ok_or_else(|| anyhow!("the model `{}` is no longer served", job.model))?;
+    let spec = service
+        .engine
+        .registry()
+        .spec(&job.model)
+        .ok_or_else(|| anyhow!("the model `{}` is no longer served", job.model))?;
     let path = crate::provision::resolve(Some(&spec.source))?;
     let scheme = job.rewind.scheme.clone().or(spec.scheme.clone());
     let reversible = scheme.as_deref().map(ReversibleConfig::parse).transpose()?;
     let device = crate::settings::parse_device(&service.settings.server.device)?.open()?;
-    let loaded = loader::load(&path, &LoadOptions { format: WeightFormat::F32, device, reversible })?;
+    let loaded = loader::load(
+        &path,
+        &LoadOptions {
+            format: WeightFormat::F32,
+            device,
+            reversible,
+        },
+    )?;
     let mut model = loaded.model;
 
     let examples = |file: &str| service.load_examples(file).map_err(|e| anyhow!(e));
@@ -111,18 +141,32 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
         None => Vec::new(),
     };
     if truncated > 0 {
-        service.event(id, "warn", &format!("{truncated} example(s) were longer than {max_len} tokens and were truncated"), None)?;
+        service.event(
+            id,
+            "warn",
+            &format!("{truncated} example(s) were longer than {max_len} tokens and were truncated"),
+            None,
+        )?;
     }
 
     // Hyperparameters: "auto" resolved and written back to the job.
     let hp = &job.hyperparameters;
     let epochs = resolve(&hp["n_epochs"], auto_epochs(train_set.len()) as f64) as usize;
-    let batch_size = resolve(&hp["batch_size"], (train_set.len() as f64 * 0.002).ceil().clamp(1.0, 256.0)) as usize;
+    let batch_size = resolve(
+        &hp["batch_size"],
+        (train_set.len() as f64 * 0.002).ceil().clamp(1.0, 256.0),
+    ) as usize;
     let multiplier = resolve(&hp["learning_rate_multiplier"], 1.0);
     let lora_rank = job.rewind.lora_rank.unwrap_or(0);
-    let lr = multiplier * if lora_rank > 0 { BASE_LORA_LEARNING_RATE } else { BASE_LEARNING_RATE };
+    let lr = multiplier
+        * if lora_rank > 0 {
+            BASE_LORA_LEARNING_RATE
+        } else {
+            BASE_LEARNING_RATE
+        };
     let strategy = match job.rewind.strategy.as_deref() {
-        Some(s) => serde_json::from_value::<Strategy>(json!(s)).map_err(|_| anyhow!("unknown strategy `{s}`"))?,
+        Some(s) => serde_json::from_value::<Strategy>(json!(s))
+            .map_err(|_| anyhow!("unknown strategy `{s}`"))?,
         None if model.reversible.is_reversible() => Strategy::Reversible,
         None => Strategy::Checkpoint,
     };
@@ -133,16 +177,30 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     if lora_rank > 0 {
         model.densify()?;
         let targets: Vec<String> = LORA_TARGETS.iter().map(|s| s.to_string()).collect();
-        model.add_lora(lora_rank, job.rewind.lora_alpha.unwrap_or(16.0), &targets, job.seed)?;
+        model.add_lora(
+            lora_rank,
+            job.rewind.lora_alpha.unwrap_or(16.0),
+            &targets,
+            job.seed,
+        )?;
         train_only.push("lora_".into());
     }
-    let exact = (strategy == Strategy::Reversible).then(|| exact::unsupported_reason(&model).is_none().then(FixedPoint::default)).flatten();
+    let exact = (strategy == Strategy::Reversible)
+        .then(|| {
+            exact::unsupported_reason(&model)
+                .is_none()
+                .then(FixedPoint::default)
+        })
+        .flatten();
     let config = TrainConfig {
         strategy,
         exact,
         epochs,
         batch_size,
-        optimizer: AdamWConfig { lr, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr,
+            ..Default::default()
+        },
         seed: job.seed,
         train_only,
         checkpoint_dir: Some(job_dir.join("checkpoint")),
@@ -164,17 +222,47 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     )?;
 
     let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let mut observer = JobObserver { service, job: &job, cancel, epochs, steps_per_epoch: usize::MAX, last: None };
-    let outcome = trainer::train(model, &train_set, &val_set, pad, &config, None, &mut observer)?;
+    let mut observer = JobObserver {
+        service,
+        job: &job,
+        cancel,
+        epochs,
+        steps_per_epoch: usize::MAX,
+        last: None,
+    };
+    let outcome = trainer::train(
+        model,
+        &train_set,
+        &val_set,
+        pad,
+        &config,
+        None,
+        &mut observer,
+    )?;
     if outcome.cancelled {
         return Ok(()); // `cancel` already set the status and wrote the event
     }
 
     // Save, register and serve the model.
-    let short: String = uuid::Uuid::new_v4().simple().to_string().chars().take(8).collect();
-    let model_id = format!("ft:{}:rewind:{}:{short}", job.model, job.suffix.clone().unwrap_or_default());
+    let short: String = uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .chars()
+        .take(8)
+        .collect();
+    let model_id = format!(
+        "ft:{}:rewind:{}:{short}",
+        job.model,
+        job.suffix.clone().unwrap_or_default()
+    );
     let model_dir = service.settings.data_dir.join("models").join(id);
-    save_model(&outcome.model, &loaded.tokenizer, &loaded.chat_template, &model_dir, candle_core::DType::F32)?;
+    save_model(
+        &outcome.model,
+        &loaded.tokenizer,
+        &loaded.chat_template,
+        &model_dir,
+        candle_core::DType::F32,
+    )?;
     drop(outcome);
     let spec = ModelSpec {
         id: model_id.clone(),
@@ -185,13 +273,24 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
         owned_by: "rewind".into(),
     };
     let loaded = service.engine.add_model(spec)?;
-    loaded.blocking_recv().map_err(|_| anyhow!("the engine stopped"))?.map_err(|e| anyhow!("loading the fine-tuned model: {e}"))?;
-    service.event(id, "info", &format!("New fine-tuned model created: {model_id}"), None)?;
+    loaded
+        .blocking_recv()
+        .map_err(|_| anyhow!("the engine stopped"))?
+        .map_err(|e| anyhow!("loading the fine-tuned model: {e}"))?;
+    service.event(
+        id,
+        "info",
+        &format!("New fine-tuned model created: {model_id}"),
+        None,
+    )?;
 
     // Result files, built from the recorded metrics events (a resumed job's included).
     let events = service.store.events_since(id, 0)?;
     let mut result_files = Vec::new();
-    for (name, content) in [("step_metrics.csv", report::metrics_csv(&events)), ("loss.svg", report::loss_svg(&events))] {
+    for (name, content) in [
+        ("step_metrics.csv", report::metrics_csv(&events)),
+        ("loss.svg", report::loss_svg(&events)),
+    ] {
         let record = FileRecord {
             id: crate::store::new_id("file-"),
             bytes: content.len() as u64,
@@ -202,7 +301,12 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
         service.store.insert_file(&record, content.as_bytes())?;
         result_files.push(record.id);
     }
-    service.event(id, "info", &format!("Uploaded result files: {}", result_files.join(", ")), None)?;
+    service.event(
+        id,
+        "info",
+        &format!("Uploaded result files: {}", result_files.join(", ")),
+        None,
+    )?;
     let trained_tokens = outcome_tokens(&events);
     let job = service.update(id, |j| {
         if !j.is_terminal() {
@@ -224,12 +328,23 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
 }
 
 fn outcome_tokens(events: &[crate::store::EventRecord]) -> u64 {
-    events.iter().filter_map(|e| e.data.get("trained_tokens").and_then(Value::as_u64)).max().unwrap_or(0)
+    events
+        .iter()
+        .filter_map(|e| e.data.get("trained_tokens").and_then(Value::as_u64))
+        .max()
+        .unwrap_or(0)
 }
 
 fn path_string(path: &Path) -> Result<String> {
-    let absolute: PathBuf = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
-    absolute.to_str().map(String::from).context("the data directory's path is not UTF-8")
+    let absolute: PathBuf = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    absolute
+        .to_str()
+        .map(String::from)
+        .context("the data directory's path is not UTF-8")
 }
 
 /// Turns trainer progress into job events and checkpoints.
@@ -260,8 +375,14 @@ impl Observer for JobObserver<'_> {
                 "learning_rate": m.lr, "grad_norm": m.grad_norm, "tokens_per_s": m.tokens_per_s,
                 "trained_tokens": m.trained_tokens, "peak_memory_bytes": m.peak_memory_bytes,
             });
-            let message = format!("Step {}/{}: training loss={:.4}, {:.0} tokens/s", m.step, m.total_steps, m.loss, m.tokens_per_s);
-            self.record(self.service.event(&self.job.id, "info", &message, Some(data)));
+            let message = format!(
+                "Step {}/{}: training loss={:.4}, {:.0} tokens/s",
+                m.step, m.total_steps, m.loss, m.tokens_per_s
+            );
+            self.record(
+                self.service
+                    .event(&self.job.id, "info", &message, Some(data)),
+            );
         }
         self.last = Some(m.clone());
     }
@@ -269,7 +390,10 @@ impl Observer for JobObserver<'_> {
     fn on_validation(&mut self, epoch: usize, step: usize, loss: f64) {
         let data = json!({"step": step, "epoch": epoch, "valid_loss": loss});
         let message = format!("Epoch {}: validation loss={loss:.4}", epoch + 1);
-        self.record(self.service.event(&self.job.id, "info", &message, Some(data)));
+        self.record(
+            self.service
+                .event(&self.job.id, "info", &message, Some(data)),
+        );
     }
 
     /// The trainer saves every 50 steps and at each epoch's end; the API lists the epoch ends.
@@ -282,8 +406,17 @@ impl Observer for JobObserver<'_> {
             if self.service.store.has_checkpoint(id, step as u64)? {
                 return Ok(());
             }
-            let train_loss = self.last.as_ref().filter(|m| m.step == step).map(|m| m.loss);
-            let name = format!("ft:{}:rewind:{}:{}:ckpt-step-{step}", self.job.model, self.job.suffix.clone().unwrap_or_default(), id);
+            let train_loss = self
+                .last
+                .as_ref()
+                .filter(|m| m.step == step)
+                .map(|m| m.loss);
+            let name = format!(
+                "ft:{}:rewind:{}:{}:ckpt-step-{step}",
+                self.job.model,
+                self.job.suffix.clone().unwrap_or_default(),
+                id
+            );
             self.service.store.insert_checkpoint(&CheckpointRecord {
                 id: crate::store::new_id("ftckpt_"),
                 job_id: id.clone(),
@@ -292,7 +425,12 @@ impl Observer for JobObserver<'_> {
                 fine_tuned_model_checkpoint: name,
                 metrics: json!({"step": step, "train_loss": train_loss}),
             })?;
-            self.service.event(id, "info", &format!("Checkpoint created at step {step}"), None)
+            self.service.event(
+                id,
+                "info",
+                &format!("Checkpoint created at step {step}"),
+                None,
+            )
         })();
         self.record(result);
     }

@@ -53,19 +53,39 @@ pub struct Attention {
 
 impl Attention {
     /// x: (N, d) normalised rows -> (N, d).
-    pub fn forward(&self, x: &Tensor, layout: &mut Layout<'_>, ctx: &BlockCtx<'_>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layout: &mut Layout<'_>,
+        ctx: &BlockCtx<'_>,
+    ) -> Result<Tensor> {
         let q = self.q_proj.forward(x)?; // (N, H*Dh)
         let k = self.k_proj.forward(x)?; // (N, KvH*Dh)
         let v = self.v_proj.forward(x)?;
         let out = match layout {
-            Layout::Uniform { batch, seq } => self.attend(&q, &k, &v, *batch, *seq, 0, None, ctx)?,
+            Layout::Uniform { batch, seq } => {
+                self.attend(&q, &k, &v, *batch, *seq, 0, None, ctx)?
+            }
             Layout::Ragged(seqs) => {
                 let mut outs = Vec::with_capacity(seqs.len());
                 let mut offset = 0;
                 for s in seqs.iter_mut() {
-                    let (q, k, v) = (q.narrow(0, offset, s.len)?, k.narrow(0, offset, s.len)?, v.narrow(0, offset, s.len)?);
+                    let (q, k, v) = (
+                        q.narrow(0, offset, s.len)?,
+                        k.narrow(0, offset, s.len)?,
+                        v.narrow(0, offset, s.len)?,
+                    );
                     let start = s.cache.len();
-                    outs.push(self.attend(&q, &k, &v, 1, s.len, start, Some(&mut *s.cache), ctx)?);
+                    outs.push(self.attend(
+                        &q,
+                        &k,
+                        &v,
+                        1,
+                        s.len,
+                        start,
+                        Some(&mut *s.cache),
+                        ctx,
+                    )?);
                     offset += s.len;
                 }
                 Tensor::cat(&outs, 0)?
@@ -88,7 +108,11 @@ impl Attention {
         ctx: &BlockCtx<'_>,
     ) -> Result<Tensor> {
         let (h, kvh, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: &Tensor, n: usize| t.reshape((batch, seq, n, dh))?.transpose(1, 2)?.contiguous();
+        let heads = |t: &Tensor, n: usize| {
+            t.reshape((batch, seq, n, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let (cos, sin) = ctx.rope.slice(start, seq)?;
         let q = ops::rope(&heads(q, h)?, &cos, &sin, ctx.kernels)?; // (B, H, T, Dh)
         let k = ops::rope(&heads(k, kvh)?, &cos, &sin, ctx.kernels)?; // (B, KvH, T, Dh)
@@ -109,20 +133,33 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(ctx.residual_dtype)?; // (B, KvH, rep*T, K)
         let scores = if seq > 1 {
             let mask = causal_mask(seq, keys, start, q.device())?.to_dtype(ctx.residual_dtype)?;
-            scores.reshape((batch, kvh, rep, seq, keys))?.broadcast_add(&mask)?.reshape((batch, kvh, rep * seq, keys))?
+            scores
+                .reshape((batch, kvh, rep, seq, keys))?
+                .broadcast_add(&mask)?
+                .reshape((batch, kvh, rep * seq, keys))?
         } else {
             scores
         };
         let probs = ops::softmax_last_dim(&scores, ctx.kernels)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // (B, KvH, rep*T, Dh)
-        out.reshape((batch, h, seq, dh))?.transpose(1, 2)?.reshape((batch * seq, h * dh))
+        out.reshape((batch, h, seq, dh))?
+            .transpose(1, 2)?
+            .reshape((batch * seq, h * dh))
     }
 }
 
 /// (T, K) additive mask: query i (at position start+i) sees keys 0..=start+i.
 fn causal_mask(seq: usize, keys: usize, start: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..keys).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..keys).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (seq, keys), device)
 }
@@ -136,7 +173,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&ops::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&ops::swiglu(
+            &self.gate_proj.forward(x)?,
+            &self.up_proj.forward(x)?,
+        )?)
     }
 }
 
@@ -150,7 +190,12 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(config: &ModelConfig, self_attn: Attention, mlp: Mlp, norms: (Tensor, Tensor)) -> Self {
+    pub fn new(
+        config: &ModelConfig,
+        self_attn: Attention,
+        mlp: Mlp,
+        norms: (Tensor, Tensor),
+    ) -> Self {
         Self {
             self_attn,
             mlp,
@@ -161,14 +206,28 @@ impl Block {
     }
 
     /// Attn(N1 p), returned in the residual dtype. p: (N, d).
-    pub fn attention_branch(&self, p: &Tensor, layout: &mut Layout<'_>, ctx: &BlockCtx<'_>) -> Result<Tensor> {
-        let x = ops::rms_norm(p, &self.input_layernorm, self.rms_norm_eps, ctx.kernels)?.to_dtype(ctx.compute_dtype)?;
-        self.self_attn.forward(&x, layout, ctx)?.to_dtype(ctx.residual_dtype)
+    pub fn attention_branch(
+        &self,
+        p: &Tensor,
+        layout: &mut Layout<'_>,
+        ctx: &BlockCtx<'_>,
+    ) -> Result<Tensor> {
+        let x = ops::rms_norm(p, &self.input_layernorm, self.rms_norm_eps, ctx.kernels)?
+            .to_dtype(ctx.compute_dtype)?;
+        self.self_attn
+            .forward(&x, layout, ctx)?
+            .to_dtype(ctx.residual_dtype)
     }
 
     /// MLP(N2 q), returned in the residual dtype. q: (N, d).
     pub fn mlp_branch(&self, q: &Tensor, ctx: &BlockCtx<'_>) -> Result<Tensor> {
-        let x = ops::rms_norm(q, &self.post_attention_layernorm, self.rms_norm_eps, ctx.kernels)?.to_dtype(ctx.compute_dtype)?;
+        let x = ops::rms_norm(
+            q,
+            &self.post_attention_layernorm,
+            self.rms_norm_eps,
+            ctx.kernels,
+        )?
+        .to_dtype(ctx.compute_dtype)?;
         self.mlp.forward(&x)?.to_dtype(ctx.residual_dtype)
     }
 
@@ -183,16 +242,28 @@ impl Block {
     pub fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         let mut out: Vec<(String, &mut Tensor)> = vec![
             ("input_layernorm.weight".into(), &mut self.input_layernorm),
-            ("post_attention_layernorm.weight".into(), &mut self.post_attention_layernorm),
+            (
+                "post_attention_layernorm.weight".into(),
+                &mut self.post_attention_layernorm,
+            ),
         ];
         let a = &mut self.self_attn;
-        for (name, lin) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj)] {
+        for (name, lin) in [
+            ("q_proj", &mut a.q_proj),
+            ("k_proj", &mut a.k_proj),
+            ("v_proj", &mut a.v_proj),
+            ("o_proj", &mut a.o_proj),
+        ] {
             for (kind, t) in lin.dense_tensors_mut() {
                 out.push((format!("self_attn.{name}.{kind}"), t));
             }
         }
         let m = &mut self.mlp;
-        for (name, lin) in [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
+        for (name, lin) in [
+            ("gate_proj", &mut m.gate_proj),
+            ("up_proj", &mut m.up_proj),
+            ("down_proj", &mut m.down_proj),
+        ] {
             for (kind, t) in lin.dense_tensors_mut() {
                 out.push((format!("mlp.{name}.{kind}"), t));
             }

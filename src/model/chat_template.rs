@@ -24,7 +24,15 @@ const TEMPLATE: &str = "chat";
 const CHATML: &str = "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}";
 
 /// Markers that close an assistant turn in common templates, besides the tokenizer's EOS.
-const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>"];
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|endoftext|>",
+    "</s>",
+];
 
 /// One chat message, in the shape OpenAI requests and HF templates both use. Optional fields
 /// that are absent are left out of the template context entirely, since templates test them
@@ -46,7 +54,11 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into(), ..Self::default() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
     }
 
     pub fn system(content: impl Into<String>) -> Self {
@@ -62,7 +74,9 @@ impl ChatMessage {
     }
 }
 
-fn content_text<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<String, D::Error> {
+fn content_text<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<String, D::Error> {
     Ok(match serde_json::Value::deserialize(deserializer)? {
         serde_json::Value::Null => String::new(),
         serde_json::Value::String(s) => s,
@@ -73,7 +87,11 @@ fn content_text<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Resu
                 p => p.get("text").and_then(|t| t.as_str()),
             })
             .collect(),
-        other => return Err(serde::de::Error::custom(format!("message content must be a string, got {other}"))),
+        other => {
+            return Err(serde::de::Error::custom(format!(
+                "message content must be a string, got {other}"
+            )))
+        }
     })
 }
 
@@ -122,8 +140,16 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE, source.clone())
-            .map_err(|e| anyhow::anyhow!("chat template `{name}` does not compile: {}", describe(&e)))?;
-        Ok(Self { source, name, bos_token: bos_token.into(), eos_token: eos_token.into(), env: Arc::new(env) })
+            .map_err(|e| {
+                anyhow::anyhow!("chat template `{name}` does not compile: {}", describe(&e))
+            })?;
+        Ok(Self {
+            source,
+            name,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+            env: Arc::new(env),
+        })
     }
 
     /// Plain ChatML (`<|im_start|>role\n...<|im_end|>\n`), for models without a template.
@@ -132,16 +158,25 @@ impl ChatTemplate {
     }
 
     /// The template in `tokenizer.chat_template`, or ChatML (with a warning) if there is none.
-    pub fn from_gguf_metadata(metadata: &HashMap<String, gguf_file::Value>, tokenizer: &TextTokenizer) -> Result<Self> {
+    pub fn from_gguf_metadata(
+        metadata: &HashMap<String, gguf_file::Value>,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Self> {
         let (bos, eos) = special_strings(tokenizer);
         match metadata.get("tokenizer.chat_template") {
             Some(value) => {
-                let source = value.to_string().map_err(|e| anyhow::anyhow!("`tokenizer.chat_template`: {e}"))?;
+                let source = value
+                    .to_string()
+                    .map_err(|e| anyhow::anyhow!("`tokenizer.chat_template`: {e}"))?;
                 Self::new("GGUF tokenizer.chat_template", source.as_str(), bos, eos)
             }
             None => {
                 tracing::warn!("the GGUF file has no chat template: using ChatML");
-                Ok(Self { bos_token: bos, eos_token: eos, ..Self::chatml_default()? })
+                Ok(Self {
+                    bos_token: bos,
+                    eos_token: eos,
+                    ..Self::chatml_default()?
+                })
             }
         }
     }
@@ -153,18 +188,24 @@ impl ChatTemplate {
         let (bos, eos) = special_strings(tokenizer);
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
-            let source = std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?;
+            let source = std::fs::read_to_string(&jinja)
+                .with_context(|| format!("reading {}", jinja.display()))?;
             return Self::new(jinja.display().to_string(), source, bos, eos);
         }
         let config_path = dir.join("tokenizer_config.json");
         if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
-            let config: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            let config: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", config_path.display()))?;
             let source = match &config["chat_template"] {
                 serde_json::Value::String(s) => Some(s.clone()),
                 serde_json::Value::Array(named) => {
-                    let template = |t: &serde_json::Value| t.get("template").and_then(|s| s.as_str()).map(str::to_string);
+                    let template = |t: &serde_json::Value| {
+                        t.get("template")
+                            .and_then(|s| s.as_str())
+                            .map(str::to_string)
+                    };
                     named
                         .iter()
                         .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
@@ -174,11 +215,20 @@ impl ChatTemplate {
                 _ => None,
             };
             if let Some(source) = source {
-                return Self::new(format!("{} chat_template", config_path.display()), source, bos, eos);
+                return Self::new(
+                    format!("{} chat_template", config_path.display()),
+                    source,
+                    bos,
+                    eos,
+                );
             }
         }
         tracing::warn!("{}: no chat template: using ChatML", dir.display());
-        Ok(Self { bos_token: bos, eos_token: eos, ..Self::chatml_default()? })
+        Ok(Self {
+            bos_token: bos,
+            eos_token: eos,
+            ..Self::chatml_default()?
+        })
     }
 
     /// Writes `chat_template.jinja` and sets `chat_template` in `tokenizer_config.json`
@@ -186,18 +236,24 @@ impl ChatTemplate {
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let jinja = dir.join("chat_template.jinja");
-        std::fs::write(&jinja, &self.source).with_context(|| format!("writing {}", jinja.display()))?;
+        std::fs::write(&jinja, &self.source)
+            .with_context(|| format!("writing {}", jinja.display()))?;
         let config_path = dir.join("tokenizer_config.json");
         let mut config = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", config_path.display()))?
         } else {
             serde_json::json!({})
         };
-        let obj = config.as_object_mut().with_context(|| format!("{} is not a JSON object", config_path.display()))?;
+        let obj = config
+            .as_object_mut()
+            .with_context(|| format!("{} is not a JSON object", config_path.display()))?;
         obj.insert("chat_template".into(), self.source.clone().into());
         let text = serde_json::to_string_pretty(&config)?;
-        std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))
+        std::fs::write(&config_path, text)
+            .with_context(|| format!("writing {}", config_path.display()))
     }
 
     pub fn source(&self) -> &str {
@@ -219,7 +275,12 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins. `tools` is the OpenAI `tools` array, passed to the template as `tools`
     /// (`none` when absent, as HF does).
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool, tools: Option<&serde_json::Value>) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE)
@@ -232,9 +293,13 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        template
-            .render(ctx)
-            .map_err(|e| anyhow::anyhow!("chat template `{}` failed to render: {}", self.name, describe(&e)))
+        template.render(ctx).map_err(|e| {
+            anyhow::anyhow!(
+                "chat template `{}` failed to render: {}",
+                self.name,
+                describe(&e)
+            )
+        })
     }
 
     /// The full rendering of a finished conversation (no generation prompt) and the byte range
@@ -243,7 +308,10 @@ impl ChatTemplate {
     ///
     /// Each turn is found by rendering prefixes: `messages[..i]` with a generation prompt ends
     /// where turn `i` starts, and `messages[..=i]` contains its end.
-    pub fn render_with_assistant_spans(&self, messages: &[ChatMessage]) -> Result<(String, Vec<Range<usize>>)> {
+    pub fn render_with_assistant_spans(
+        &self,
+        messages: &[ChatMessage],
+    ) -> Result<(String, Vec<Range<usize>>)> {
         self.render_with_assistant_spans_and_tools(messages, None)
     }
 
@@ -275,7 +343,10 @@ impl ChatTemplate {
                 // message loop, so a prefix ending before the first message is not a prefix of
                 // the longer rendering; fall back to where the reply's text is.
                 let content = message.content.trim();
-                match (!content.is_empty()).then(|| through.rfind(content)).flatten() {
+                match (!content.is_empty())
+                    .then(|| through.rfind(content))
+                    .flatten()
+                {
                     Some(at) => at,
                     None => bail!(
                         "chat template `{}`: cannot locate assistant message {i} in the rendering",
@@ -308,7 +379,10 @@ impl ChatTemplate {
 }
 
 fn special_strings(tokenizer: &TextTokenizer) -> (String, String) {
-    (tokenizer.bos_token.clone().unwrap_or_default(), tokenizer.eos_token.clone().unwrap_or_default())
+    (
+        tokenizer.bos_token.clone().unwrap_or_default(),
+        tokenizer.eos_token.clone().unwrap_or_default(),
+    )
 }
 
 /// A minijinja error with its location and cause chain, on one line.
@@ -339,9 +413,29 @@ fn strftime_now(format: String) -> String {
 
 /// Formats a Unix time (UTC) with the common `strftime` directives; unknown ones are kept.
 fn strftime_utc(format: &str, unix: i64) -> String {
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -394,11 +488,16 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153; // 0 = March
     let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 } as u32;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    } as u32;
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
 }
@@ -409,7 +508,8 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let era = year.div_euclid(400);
     let year_of_era = year.rem_euclid(400);
     let month = i64::from(month);
-    let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_year =
+        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     era * 146_097 + day_of_era - 719_468
 }
@@ -418,7 +518,11 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 /// separators=None, sort_keys=False)`. Unlike minijinja's built-in it does not escape HTML
 /// characters and uses Python's `", "` / `": "` spacing, so prompts match what the model saw in
 /// training. An optional positional argument is the indent, as in Jinja2.
-fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::Result<Value, Error> {
+fn tojson(
+    value: &Value,
+    indent: Option<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, Error> {
     let indent = match indent {
         Some(v) => Some(v),
         None => kwargs.get::<Option<Value>>("indent")?,
@@ -437,14 +541,29 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::
     kwargs.assert_all_used()?;
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
-        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings")),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair of strings",
+            ))
+        }
         // Python drops the space after ',' when indenting, since a newline follows.
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let json = serde_json::to_value(value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: cannot serialize: {e}")))?;
-    let style = PyJson { indent: indent.as_deref(), item_sep: &item_sep, key_sep: &key_sep, ensure_ascii, sort_keys };
+    let json = serde_json::to_value(value).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: cannot serialize: {e}"),
+        )
+    })?;
+    let style = PyJson {
+        indent: indent.as_deref(),
+        item_sep: &item_sep,
+        key_sep: &key_sep,
+        ensure_ascii,
+        sort_keys,
+    };
     let mut out = String::new();
     style.write(&mut out, &json, 0);
     Ok(Value::from_safe_string(out))
@@ -569,23 +688,44 @@ mod tests {
 
     #[test]
     fn smollm_generation_prompt() {
-        let Some((template, _)) = smollm() else { return };
+        let Some((template, _)) = smollm() else {
+            return;
+        };
         assert_eq!(template.name(), "GGUF tokenizer.chat_template");
-        let text = template.render(&[ChatMessage::user("What is the capital of France?")], true, None).unwrap();
+        let text = template
+            .render(
+                &[ChatMessage::user("What is the capital of France?")],
+                true,
+                None,
+            )
+            .unwrap();
         assert_eq!(
             text,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
              <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
         );
         // A given system prompt replaces the default one.
-        let text = template.render(&[ChatMessage::system("Be brief."), ChatMessage::user("Hi")], false, None).unwrap();
-        assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+        let text = template
+            .render(
+                &[ChatMessage::system("Be brief."), ChatMessage::user("Hi")],
+                false,
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]
     fn smollm_rendering_tokenizes_markers_as_specials() {
-        let Some((template, tokenizer)) = smollm() else { return };
-        let text = template.render(&[ChatMessage::user("Hi")], true, None).unwrap();
+        let Some((template, tokenizer)) = smollm() else {
+            return;
+        };
+        let text = template
+            .render(&[ChatMessage::user("Hi")], true, None)
+            .unwrap();
         let ids = tokenizer.encode(&text, true).unwrap();
         assert_eq!(&ids[..3], [1, 9690, 198], "<|im_start|> system \\n");
         assert_eq!(ids.iter().filter(|&&id| id == 1).count(), 3);
@@ -594,8 +734,12 @@ mod tests {
 
     #[test]
     fn smollm_assistant_spans() {
-        let Some((template, _)) = smollm() else { return };
-        let (full, spans) = template.render_with_assistant_spans(&conversation()).unwrap();
+        let Some((template, _)) = smollm() else {
+            return;
+        };
+        let (full, spans) = template
+            .render_with_assistant_spans(&conversation())
+            .unwrap();
         let want = format!(
             "{SMOL_SYSTEM}<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n\
              <|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\nRome.<|im_end|>\n"
@@ -612,9 +756,16 @@ mod tests {
     fn spans_when_the_conversation_starts_with_the_assistant() {
         // SmolLM's default system prompt only renders inside the loop, so the empty prefix is
         // no prefix of the one-message rendering: the span comes from the reply's position.
-        let Some((template, _)) = smollm() else { return };
-        let (full, spans) = template.render_with_assistant_spans(&[ChatMessage::assistant("Hello!")]).unwrap();
-        assert_eq!(full, format!("{SMOL_SYSTEM}<|im_start|>assistant\nHello!<|im_end|>\n"));
+        let Some((template, _)) = smollm() else {
+            return;
+        };
+        let (full, spans) = template
+            .render_with_assistant_spans(&[ChatMessage::assistant("Hello!")])
+            .unwrap();
+        assert_eq!(
+            full,
+            format!("{SMOL_SYSTEM}<|im_start|>assistant\nHello!<|im_end|>\n")
+        );
         assert_eq!(&full[spans[0].clone()], "Hello!<|im_end|>");
     }
 
@@ -630,8 +781,14 @@ mod tests {
     #[test]
     fn chatml_default_and_spans_with_a_quoted_marker() {
         let template = ChatTemplate::chatml_default().unwrap();
-        let messages = [ChatMessage::user("q"), ChatMessage::assistant("say <|im_end|> twice")];
-        assert_eq!(template.render(&messages[..1], true, None).unwrap(), "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n");
+        let messages = [
+            ChatMessage::user("q"),
+            ChatMessage::assistant("say <|im_end|> twice"),
+        ];
+        assert_eq!(
+            template.render(&messages[..1], true, None).unwrap(),
+            "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+        );
         let (full, spans) = template.render_with_assistant_spans(&messages).unwrap();
         assert_eq!(&full[spans[0].clone()], "say <|im_end|> twice<|im_end|>");
     }
@@ -664,19 +821,45 @@ mod tests {
         // trim_blocks drops the newline after a block tag; lstrip_blocks the indentation before.
         let source = "{% for m in messages %}\n    {% if m.role == 'user' %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}";
         let template = ChatTemplate::new("ws", source, "", "").unwrap();
-        assert_eq!(template.render(&[ChatMessage::user("x"), ChatMessage::user("y")], false, None).unwrap(), "x\ny\n");
+        assert_eq!(
+            template
+                .render(
+                    &[ChatMessage::user("x"), ChatMessage::user("y")],
+                    false,
+                    None
+                )
+                .unwrap(),
+            "x\ny\n"
+        );
     }
 
     #[test]
     fn errors_name_the_template() {
-        let err = ChatTemplate::new("broken.jinja", "{% for %}", "", "").unwrap_err().to_string();
-        assert!(err.contains("`broken.jinja`") && err.contains("does not compile"), "{err}");
+        let err = ChatTemplate::new("broken.jinja", "{% for %}", "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`broken.jinja`") && err.contains("does not compile"),
+            "{err}"
+        );
 
         let source = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversations must start with a user message') }}{% endif %}ok";
         let template = ChatTemplate::new("strict", source, "", "").unwrap();
-        assert_eq!(template.render(&[ChatMessage::user("x")], false, None).unwrap(), "ok");
-        let err = template.render(&[ChatMessage::assistant("x")], false, None).unwrap_err().to_string();
-        assert!(err.contains("`strict`") && err.contains("Conversations must start with a user message"), "{err}");
+        assert_eq!(
+            template
+                .render(&[ChatMessage::user("x")], false, None)
+                .unwrap(),
+            "ok"
+        );
+        let err = template
+            .render(&[ChatMessage::assistant("x")], false, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`strict`")
+                && err.contains("Conversations must start with a user message"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -685,7 +868,9 @@ mod tests {
         let template = ChatTemplate::new("py", source, "", "").unwrap();
         let mut tool = ChatMessage::new("tool", "  42 ");
         tool.tool_call_id = Some("call_1".into());
-        let text = template.render(&[ChatMessage::user(" hi "), tool], false, None).unwrap();
+        let text = template
+            .render(&[ChatMessage::user(" hi "), tool], false, None)
+            .unwrap();
         // Booleans print as Python does, as in Jinja2.
         assert_eq!(text, "HI|False|False\n42|True|False\n");
     }
@@ -696,22 +881,42 @@ mod tests {
         let template = ChatTemplate::new("tools", source, "", "").unwrap();
         assert_eq!(template.render(&[], false, None).unwrap(), "no tools");
         let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather"}}]);
-        assert_eq!(template.render(&[], false, Some(&tools)).unwrap(), "get_weather;");
+        assert_eq!(
+            template.render(&[], false, Some(&tools)).unwrap(),
+            "get_weather;"
+        );
     }
 
     #[test]
     fn tojson_writes_like_python() {
-        let template = |s: &str| ChatTemplate::new("json", s, "", "").unwrap().render(&[], false, None).unwrap();
+        let template = |s: &str| {
+            ChatTemplate::new("json", s, "", "")
+                .unwrap()
+                .render(&[], false, None)
+                .unwrap()
+        };
         // json.dumps({"a": [1, 2.5, 'x"<é', None, True]}, ensure_ascii=False)
-        assert_eq!(template(r#"{{ {"a": [1, 2.5, 'x"<é', none, true]} | tojson }}"#), r#"{"a": [1, 2.5, "x\"<é", null, true]}"#);
+        assert_eq!(
+            template(r#"{{ {"a": [1, 2.5, 'x"<é', none, true]} | tojson }}"#),
+            r#"{"a": [1, 2.5, "x\"<é", null, true]}"#
+        );
         // json.dumps({"a": [1, {"b": "é"}], "c": {}}, indent=2, ensure_ascii=False)
         assert_eq!(
             template(r#"{{ {"a": [1, {"b": "é"}]} | tojson(indent=2) }}"#),
             "{\n  \"a\": [\n    1,\n    {\n      \"b\": \"é\"\n    }\n  ]\n}"
         );
-        assert_eq!(template(r#"{{ "é😀" | tojson(ensure_ascii=true) }}"#), r#""\u00e9\ud83d\ude00""#);
-        assert_eq!(template(r#"{{ [1, 2] | tojson(separators=[",", ":"]) }}"#), "[1,2]");
-        assert_eq!(template(r#"{{ {"b": 1, "a": 2} | tojson(sort_keys=true) }}"#), r#"{"a": 2, "b": 1}"#);
+        assert_eq!(
+            template(r#"{{ "é😀" | tojson(ensure_ascii=true) }}"#),
+            r#""\u00e9\ud83d\ude00""#
+        );
+        assert_eq!(
+            template(r#"{{ [1, 2] | tojson(separators=[",", ":"]) }}"#),
+            "[1,2]"
+        );
+        assert_eq!(
+            template(r#"{{ {"b": 1, "a": 2} | tojson(sort_keys=true) }}"#),
+            r#"{"a": 2, "b": 1}"#
+        );
         assert_eq!(template(r#"{{ [[], {}] | tojson }}"#), "[[], {}]");
     }
 
@@ -719,10 +924,16 @@ mod tests {
     fn strftime_matches_known_dates() {
         // 1700000000 = Tuesday 2023-11-14 22:13:20 UTC.
         assert_eq!(strftime_utc("%d %b %Y", 1_700_000_000), "14 Nov 2023");
-        assert_eq!(strftime_utc("%A %B %e %H:%M:%S %I%p %j %y %%", 1_700_000_000), "Tuesday November 14 22:13:20 10PM 318 23 %");
+        assert_eq!(
+            strftime_utc("%A %B %e %H:%M:%S %I%p %j %y %%", 1_700_000_000),
+            "Tuesday November 14 22:13:20 10PM 318 23 %"
+        );
         assert_eq!(strftime_utc("%Y-%m-%d %a", 0), "1970-01-01 Thu");
         // 2024-02-29 (leap day) = 19782 days after the epoch.
-        assert_eq!(strftime_utc("%Y-%m-%d %j", 19_782 * 86_400), "2024-02-29 060");
+        assert_eq!(
+            strftime_utc("%Y-%m-%d %j", 19_782 * 86_400),
+            "2024-02-29 060"
+        );
         assert_eq!(strftime_utc("%Y-%m-%d", -86_400), "1969-12-31");
         for days in [-800_000i64, -1, 0, 59, 19_782, 2_000_000] {
             let (y, m, d) = civil_from_days(days);
@@ -735,7 +946,9 @@ mod tests {
 
     #[test]
     fn message_content_accepts_null_and_parts() {
-        let m: ChatMessage = serde_json::from_str(r#"{"role": "assistant", "content": null, "tool_calls": []}"#).unwrap();
+        let m: ChatMessage =
+            serde_json::from_str(r#"{"role": "assistant", "content": null, "tool_calls": []}"#)
+                .unwrap();
         assert_eq!((m.content.as_str(), m.tool_calls.is_some()), ("", true));
         let m: ChatMessage =
             serde_json::from_str(r#"{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}"#).unwrap();
@@ -744,25 +957,40 @@ mod tests {
         assert_eq!(m.content, "");
         assert!(serde_json::from_str::<ChatMessage>(r#"{"role": "user", "content": 3}"#).is_err());
         // Absent optional fields are not serialized (templates test them with `is defined`).
-        assert_eq!(serde_json::to_string(&ChatMessage::user("x")).unwrap(), r#"{"role":"user","content":"x"}"#);
+        assert_eq!(
+            serde_json::to_string(&ChatMessage::user("x")).unwrap(),
+            r#"{"role":"user","content":"x"}"#
+        );
     }
 
     #[test]
     fn save_and_reload_from_a_directory() {
-        let Some((template, tokenizer)) = smollm() else { return };
+        let Some((template, tokenizer)) = smollm() else {
+            return;
+        };
         let dir = tempfile::tempdir().unwrap();
         tokenizer.save_hf(dir.path()).unwrap();
         template.save_hf(dir.path()).unwrap();
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap()).unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(config["chat_template"].as_str(), Some(template.source()));
         assert_eq!(config["eos_token"].as_str(), Some("<|im_end|>"));
         let back = ChatTemplate::from_hf_dir(dir.path(), &tokenizer).unwrap();
         assert_eq!(back.source(), template.source());
-        assert_eq!((back.bos_token(), back.eos_token()), ("<|im_start|>", "<|im_end|>"));
+        assert_eq!(
+            (back.bos_token(), back.eos_token()),
+            ("<|im_start|>", "<|im_end|>")
+        );
 
         // Without chat_template.jinja the tokenizer_config.json copy is used.
         std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
-        assert_eq!(ChatTemplate::from_hf_dir(dir.path(), &tokenizer).unwrap().source(), template.source());
+        assert_eq!(
+            ChatTemplate::from_hf_dir(dir.path(), &tokenizer)
+                .unwrap()
+                .source(),
+            template.source()
+        );
     }
 }

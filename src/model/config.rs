@@ -18,7 +18,9 @@ impl Architecture {
         match name.to_ascii_lowercase().as_str() {
             "llama" | "mistral" | "llamaforcausallm" => Ok(Self::Llama),
             "qwen2" | "qwen2forcausallm" => Ok(Self::Qwen2),
-            other => bail!("unsupported architecture `{other}`: rewind runs `llama` and `qwen2` decoders"),
+            other => bail!(
+                "unsupported architecture `{other}`: rewind runs `llama` and `qwen2` decoders"
+            ),
         }
     }
 
@@ -67,7 +69,8 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     pub fn kv_dim(&self) -> usize {
@@ -76,9 +79,10 @@ impl ModelConfig {
 
     /// Reads an HF `config.json`; qwen2 implies q/k/v biases even when the file does not say so.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut value: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
         // Older configs name the family only in `architectures`.
         if value.get("model_type").is_none() {
             if let Some(arch) = value["architectures"].get(0).and_then(|a| a.as_str()) {
@@ -95,8 +99,11 @@ impl ModelConfig {
         if value.get("num_key_value_heads").is_none() {
             value["num_key_value_heads"] = value["num_attention_heads"].clone();
         }
-        let config: Self = serde_json::from_value(value).with_context(|| format!("{}: invalid model config", path.display()))?;
-        config.validate().with_context(|| path.display().to_string())?;
+        let config: Self = serde_json::from_value(value)
+            .with_context(|| format!("{}: invalid model config", path.display()))?;
+        config
+            .validate()
+            .with_context(|| path.display().to_string())?;
         Ok(config)
     }
 
@@ -104,7 +111,10 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             bail!("head counts must be positive");
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,

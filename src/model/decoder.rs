@@ -44,20 +44,33 @@ pub struct SeqInput<'a> {
 
 impl Model {
     pub fn ctx(&self) -> BlockCtx<'_> {
-        BlockCtx { rope: &self.rope, compute_dtype: self.compute_dtype, residual_dtype: self.residual_dtype, kernels: self.kernels }
+        BlockCtx {
+            rope: &self.rope,
+            compute_dtype: self.compute_dtype,
+            residual_dtype: self.residual_dtype,
+            kernels: self.kernels,
+        }
     }
 
     /// ids: (N,) -> (N, d) in the residual dtype.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        self.embed_tokens.forward(ids)?.to_dtype(self.residual_dtype)
+        self.embed_tokens
+            .forward(ids)?
+            .to_dtype(self.residual_dtype)
     }
 
     /// The initial pair of states from the embedding.
     pub fn seed(&self, e: &Tensor, layout: &mut Layout<'_>) -> Result<States> {
-        let states = States { other: e.clone(), last: e.clone() };
+        let states = States {
+            other: e.clone(),
+            last: e.clone(),
+        };
         if self.reversible.first_scheme_layer() == 1 {
             let f = self.layers[0].f(e, layout, &self.ctx())?;
-            return Ok(States { other: e.clone(), last: (e + f)? });
+            return Ok(States {
+                other: e.clone(),
+                last: (e + f)?,
+            });
         }
         Ok(states)
     }
@@ -68,7 +81,10 @@ impl Model {
         match self.reversible.two_step(j) {
             Some(coef) => {
                 let f = block.f(&s.last, layout, &ctx)?;
-                Ok(States { other: s.last.clone(), last: coef.forward(&s.other, &s.last, &f)? })
+                Ok(States {
+                    other: s.last.clone(),
+                    last: coef.forward(&s.other, &s.last, &f)?,
+                })
             }
             None => {
                 let (q, p) = reversible::hamiltonian_forward(
@@ -90,7 +106,10 @@ impl Model {
         match self.reversible.two_step(j) {
             Some(coef) => {
                 let f = block.f(&s.other, layout, &ctx)?;
-                Ok(States { other: coef.inverse(&s.other, &s.last, &f)?, last: s.other.clone() })
+                Ok(States {
+                    other: coef.inverse(&s.other, &s.last, &f)?,
+                    last: s.other.clone(),
+                })
             }
             None => {
                 let (q, p) = reversible::hamiltonian_inverse(
@@ -124,7 +143,8 @@ impl Model {
 
     /// Final norm + LM head: (N, d) -> (N, vocab) in the residual dtype.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps, self.kernels)?.to_dtype(self.compute_dtype)?;
+        let x = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps, self.kernels)?
+            .to_dtype(self.compute_dtype)?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x)?,
             None => Linear::new(self.embed_tokens.weight.clone(), None)?.forward(&x)?,
@@ -180,9 +200,17 @@ impl Model {
         let c = &self.config;
         let d = c.hidden_size;
         let attn = d * c.num_attention_heads * c.head_dim() * 2 + d * c.kv_dim() * 2;
-        let bias = if c.attention_bias { c.num_attention_heads * c.head_dim() + 2 * c.kv_dim() } else { 0 };
+        let bias = if c.attention_bias {
+            c.num_attention_heads * c.head_dim() + 2 * c.kv_dim()
+        } else {
+            0
+        };
         let per_layer = attn + bias + 3 * d * c.intermediate_size + 2 * d;
-        let head = if self.lm_head.is_some() { c.vocab_size * d } else { 0 };
+        let head = if self.lm_head.is_some() {
+            c.vocab_size * d
+        } else {
+            0
+        };
         c.vocab_size * d + c.num_hidden_layers * per_layer + d + head
     }
 
@@ -218,7 +246,8 @@ impl Model {
     /// Dequantises every quantized weight to f32.
     pub fn densify(&mut self) -> Result<()> {
         if let Weight::Quantized(_) = self.embed_tokens.weight {
-            self.embed_tokens.weight = Weight::Dense(self.embed_tokens.weight.to_dense(DType::F32)?);
+            self.embed_tokens.weight =
+                Weight::Dense(self.embed_tokens.weight.to_dense(DType::F32)?);
         }
         for (_, lin) in self.projections_mut() {
             lin.densify(DType::F32)?;
@@ -231,7 +260,13 @@ impl Model {
 
     /// Attaches LoRA adapters to the projections whose name contains one of `targets`
     /// (e.g. `q_proj`, `v_proj`); returns how many were attached.
-    pub fn add_lora(&mut self, rank: usize, alpha: f64, targets: &[String], seed: u64) -> Result<usize> {
+    pub fn add_lora(
+        &mut self,
+        rank: usize,
+        alpha: f64,
+        targets: &[String],
+        seed: u64,
+    ) -> Result<usize> {
         let mut n = 0;
         for (i, (name, lin)) in self.projections_mut().into_iter().enumerate() {
             if targets.iter().any(|t| name.contains(t.as_str())) {
@@ -273,5 +308,12 @@ impl Model {
 
 /// The ragged layout of layer `j` over the batch's caches.
 fn ragged<'a>(seqs: &'a mut [SeqInput<'_>], j: usize) -> Layout<'a> {
-    Layout::Ragged(seqs.iter_mut().map(|s| RaggedSeq { len: s.tokens.len(), cache: &mut s.cache.layers[j] }).collect())
+    Layout::Ragged(
+        seqs.iter_mut()
+            .map(|s| RaggedSeq {
+                len: s.tokens.len(),
+                cache: &mut s.cache.layers[j],
+            })
+            .collect(),
+    )
 }

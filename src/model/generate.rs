@@ -25,7 +25,13 @@ pub struct GenerationParams {
 
 impl Default for GenerationParams {
     fn default() -> Self {
-        Self { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), stop_token_ids: Vec::new(), logprobs: None }
+        Self {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+        }
     }
 }
 
@@ -97,14 +103,19 @@ impl Sequence {
 
     /// The model input for the next step, paired with this sequence's cache.
     pub fn input(&mut self) -> SeqInput<'_> {
-        SeqInput { tokens: &self.pending, cache: &mut self.cache }
+        SeqInput {
+            tokens: &self.pending,
+            cache: &mut self.cache,
+        }
     }
 
     /// Samples the next token from the logits after this sequence's last input token.
     pub fn accept(&mut self, logits: &[f32], tokenizer: &TextTokenizer) -> Result<StepOutput> {
         // Output layers may be padded past the vocabulary (Qwen2); those ids decode to nothing.
         let logits = &logits[..logits.len().min(tokenizer.vocab_size())];
-        let sampled = self.sampler.sample(logits, &self.generated, self.params.logprobs.unwrap_or(0))?;
+        let sampled =
+            self.sampler
+                .sample(logits, &self.generated, self.params.logprobs.unwrap_or(0))?;
         let token = sampled.id;
         self.generated.push(token);
         self.pending = vec![token];
@@ -115,11 +126,18 @@ impl Sequence {
             top: sampled
                 .top
                 .iter()
-                .map(|&(id, lp)| (tokenizer.token_text(id).unwrap_or_default(), tokenizer.token_bytes(id), lp))
+                .map(|&(id, lp)| {
+                    (
+                        tokenizer.token_text(id).unwrap_or_default(),
+                        tokenizer.token_bytes(id),
+                        lp,
+                    )
+                })
                 .collect(),
         });
 
-        let is_eos = tokenizer.eos_ids.contains(&token) || self.params.stop_token_ids.contains(&token);
+        let is_eos =
+            tokenizer.eos_ids.contains(&token) || self.params.stop_token_ids.contains(&token);
         let mut text = String::new();
         let mut finish = None;
         let mut stopped_by_string = false;
@@ -135,7 +153,8 @@ impl Sequence {
             }
         }
         if finish.is_none()
-            && (self.generated.len() >= self.params.max_tokens || self.prompt.len() + self.generated.len() >= self.max_positions)
+            && (self.generated.len() >= self.params.max_tokens
+                || self.prompt.len() + self.generated.len() >= self.max_positions)
         {
             finish = Some(FinishReason::Length);
         }
@@ -146,7 +165,12 @@ impl Sequence {
             text.push_str(&self.stops.finish());
         }
         self.finish = finish;
-        Ok(StepOutput { token, text, logprob, finish })
+        Ok(StepOutput {
+            token,
+            text,
+            logprob,
+            finish,
+        })
     }
 }
 
@@ -159,7 +183,9 @@ pub fn run_to_completion(
     mut on_step: impl FnMut(usize, &StepOutput),
 ) -> Result<()> {
     loop {
-        let active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].is_finished()).collect();
+        let active: Vec<usize> = (0..seqs.len())
+            .filter(|&i| !seqs[i].is_finished())
+            .collect();
         if active.is_empty() {
             return Ok(());
         }

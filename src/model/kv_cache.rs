@@ -69,7 +69,9 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(config: &ModelConfig) -> Self {
-        Self { layers: vec![LayerKv::default(); config.num_hidden_layers] }
+        Self {
+            layers: vec![LayerKv::default(); config.num_hidden_layers],
+        }
     }
 
     /// Number of positions already cached.

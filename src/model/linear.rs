@@ -56,7 +56,12 @@ impl Linear {
             Weight::Quantized(q) => Some(Arc::new(QMatMul::from_arc(q.clone())?)),
             Weight::Dense(_) => None,
         };
-        Ok(Self { weight, bias, lora: None, quantized })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+            quantized,
+        })
     }
 
     /// Applies the layer; the output has the dtype of `x`. Dense weights are cast to `x`'s
@@ -73,7 +78,9 @@ impl Linear {
         };
         match &self.lora {
             Some(l) => {
-                let low = x.matmul(&l.a.to_dtype(x.dtype())?.t()?)?.matmul(&l.b.to_dtype(x.dtype())?.t()?)?;
+                let low = x
+                    .matmul(&l.a.to_dtype(x.dtype())?.t()?)?
+                    .matmul(&l.b.to_dtype(x.dtype())?.t()?)?;
                 y + (low * l.scale)?
             }
             None => Ok(y),
@@ -91,7 +98,9 @@ impl Linear {
         };
         let bound = 1.0 / (inp as f32).sqrt();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+        let a: Vec<f32> = (0..rank * inp)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
         self.lora = Some(Lora {
             a: Tensor::from_vec(a, (rank, inp), &device)?,
             b: Tensor::zeros((out, rank), DType::F32, &device)?,
@@ -108,8 +117,14 @@ impl Linear {
                 Weight::Quantized(_) => DType::F32,
             };
             let w = self.weight.to_dense(DType::F32)?;
-            let delta = (l.b.to_dtype(DType::F32)?.matmul(&l.a.to_dtype(DType::F32)?)? * l.scale)?;
-            *self = Self::new(Weight::Dense((w + delta)?.to_dtype(dtype)?), self.bias.clone())?;
+            let delta =
+                (l.b.to_dtype(DType::F32)?
+                    .matmul(&l.a.to_dtype(DType::F32)?)?
+                    * l.scale)?;
+            *self = Self::new(
+                Weight::Dense((w + delta)?.to_dtype(dtype)?),
+                self.bias.clone(),
+            )?;
         }
         Ok(())
     }
@@ -118,7 +133,10 @@ impl Linear {
     pub fn densify(&mut self, dtype: DType) -> Result<()> {
         if let Weight::Quantized(_) = self.weight {
             let lora = self.lora.take();
-            *self = Self::new(Weight::Dense(self.weight.to_dense(dtype)?), self.bias.clone())?;
+            *self = Self::new(
+                Weight::Dense(self.weight.to_dense(dtype)?),
+                self.bias.clone(),
+            )?;
             self.lora = lora;
         }
         Ok(())

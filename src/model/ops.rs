@@ -21,7 +21,11 @@ pub enum Kernels {
 /// RMSNorm over the last dimension, normalised in f32 (f64 for f64 inputs).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor> {
     // candle has no fused f64 kernel; f64 runs are reference computations anyway.
-    let kernels = if x.dtype() == DType::F64 { Kernels::Differentiable } else { kernels };
+    let kernels = if x.dtype() == DType::F64 {
+        Kernels::Differentiable
+    } else {
+        kernels
+    };
     match kernels {
         Kernels::Fused => {
             let weight = weight.to_dtype(x.dtype())?;
@@ -29,11 +33,17 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, kernels: Kernels) -> Resu
         }
         Kernels::Differentiable => {
             let dtype = x.dtype();
-            let work = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            let work = if dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
             let xw = x.to_dtype(work)?;
             let mean_square = xw.sqr()?.mean_keepdim(D::Minus1)?;
             let normed = xw.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
-            normed.broadcast_mul(&weight.to_dtype(work)?)?.to_dtype(dtype)
+            normed
+                .broadcast_mul(&weight.to_dtype(work)?)?
+                .to_dtype(dtype)
         }
     }
 }
@@ -57,12 +67,17 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, kernels: Kernels) -> Result<
     let cos = cos.to_dtype(x.dtype())?;
     let sin = sin.to_dtype(x.dtype())?;
     match kernels {
-        Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?),
+        Kernels::Fused => {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)
+        }
         Kernels::Differentiable => {
             let half = x.dim(D::Minus1)? / 2;
             let x1 = x.narrow(D::Minus1, 0, half)?;
             let x2 = x.narrow(D::Minus1, half, half)?;
-            let (cos, sin) = (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?);
+            let (cos, sin) = (
+                cos.unsqueeze(0)?.unsqueeze(0)?,
+                sin.unsqueeze(0)?.unsqueeze(0)?,
+            );
             let first = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
             let second = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
             Tensor::cat(&[&first, &second], D::Minus1)
@@ -86,10 +101,33 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &dev).unwrap()).unwrap();
         let w = Tensor::randn(0f64, 1.0, op(x.as_tensor()).unwrap().shape(), &dev).unwrap();
-        let objective = |t: &Tensor| (op(t).unwrap() * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-        let grads = (op(x.as_tensor()).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let analytic = grads.get(x.as_tensor()).expect("op has a backward").flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let flat = x.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let objective = |t: &Tensor| {
+            (op(t).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let grads = (op(x.as_tensor()).unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let analytic = grads
+            .get(x.as_tensor())
+            .expect("op has a backward")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let flat = x
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let eps = 1e-6;
         for i in 0..flat.len() {
             let mut plus = flat.clone();
@@ -98,7 +136,11 @@ mod tests {
             minus[i] -= eps;
             let t = |v: Vec<f64>| Tensor::from_vec(v, shape, &dev).unwrap();
             let numeric = (objective(&t(plus)) - objective(&t(minus))) / (2.0 * eps);
-            assert!((numeric - analytic[i]).abs() <= 1e-6 * (1.0 + numeric.abs()), "element {i}: finite difference {numeric}, backward {}", analytic[i]);
+            assert!(
+                (numeric - analytic[i]).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                "element {i}: finite difference {numeric}, backward {}",
+                analytic[i]
+            );
         }
     }
 
@@ -117,7 +159,10 @@ mod tests {
     fn rope_backward_matches_finite_differences() {
         let cos = Tensor::randn(0f64, 1.0, (4, 3), &Device::Cpu).unwrap();
         let sin = Tensor::randn(0f64, 1.0, (4, 3), &Device::Cpu).unwrap();
-        check_gradient(|x| rope(x, &cos, &sin, Kernels::Differentiable), &[1, 2, 4, 6]);
+        check_gradient(
+            |x| rope(x, &cos, &sin, Kernels::Differentiable),
+            &[1, 2, 4, 6],
+        );
     }
 
     #[test]
@@ -132,14 +177,33 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
-        let (cos, sin) = (Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap(), Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap());
+        let (cos, sin) = (
+            Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap(),
+        );
         let pairs = [
-            (rms_norm(&x, &w, 1e-5, Kernels::Fused).unwrap(), rms_norm(&x, &w, 1e-5, Kernels::Differentiable).unwrap()),
-            (softmax_last_dim(&x, Kernels::Fused).unwrap(), softmax_last_dim(&x, Kernels::Differentiable).unwrap()),
-            (rope(&x, &cos, &sin, Kernels::Fused).unwrap(), rope(&x, &cos, &sin, Kernels::Differentiable).unwrap()),
+            (
+                rms_norm(&x, &w, 1e-5, Kernels::Fused).unwrap(),
+                rms_norm(&x, &w, 1e-5, Kernels::Differentiable).unwrap(),
+            ),
+            (
+                softmax_last_dim(&x, Kernels::Fused).unwrap(),
+                softmax_last_dim(&x, Kernels::Differentiable).unwrap(),
+            ),
+            (
+                rope(&x, &cos, &sin, Kernels::Fused).unwrap(),
+                rope(&x, &cos, &sin, Kernels::Differentiable).unwrap(),
+            ),
         ];
         for (fused, composite) in pairs {
-            let diff = (fused - composite).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (fused - composite)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff < 1e-5, "{diff}");
         }
     }

@@ -101,7 +101,13 @@ impl Default for ReversibleConfig {
 impl ReversibleConfig {
     /// The original, non-reversible network.
     pub fn euler() -> Self {
-        Self { scheme: SchemeKind::Euler, h: 1.0, a: minus_one(), seeding: Seeding::Duplicate, readout: Readout::Last }
+        Self {
+            scheme: SchemeKind::Euler,
+            h: 1.0,
+            a: minus_one(),
+            seeding: Seeding::Duplicate,
+            readout: Readout::Last,
+        }
     }
 
     /// Parses `euler`, `midpoint`, `midpoint(a=-0.125)` / `midpoint(-0.125)`, `leapfrog`,
@@ -124,7 +130,10 @@ impl ReversibleConfig {
         };
         for arg in args.split(',').map(str::trim).filter(|a| !a.is_empty()) {
             let (key, value) = arg.split_once('=').unwrap_or(("a", arg));
-            let value: f64 = value.trim().parse().with_context(|| format!("scheme `{spec}`: `{arg}` is not a number"))?;
+            let value: f64 = value
+                .trim()
+                .parse()
+                .with_context(|| format!("scheme `{spec}`: `{arg}` is not a number"))?;
             match key.trim() {
                 "a" => {
                     if name.trim() == "midpoint" {
@@ -143,9 +152,18 @@ impl ReversibleConfig {
     pub fn label(&self) -> String {
         match (&self.scheme, &self.a) {
             (SchemeKind::MidpointA, Blend::Constant(a)) => format!("midpoint(a={a},h={})", self.h),
-            (SchemeKind::MidpointA, Blend::PerLayer(_)) => format!("midpoint(a=per-layer,h={})", self.h),
+            (SchemeKind::MidpointA, Blend::PerLayer(_)) => {
+                format!("midpoint(a=per-layer,h={})", self.h)
+            }
             (SchemeKind::Euler, _) => "euler".into(),
-            (kind, _) => format!("{}(h={})", serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(), self.h),
+            (kind, _) => format!(
+                "{}(h={})",
+                serde_json::to_value(kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                self.h
+            ),
         }
     }
 
@@ -155,7 +173,11 @@ impl ReversibleConfig {
         }
         if let Blend::PerLayer(a) = &self.a {
             if self.scheme == SchemeKind::MidpointA && a.len() != num_layers {
-                bail!("per-layer blend has {} values for {} layers", a.len(), num_layers);
+                bail!(
+                    "per-layer blend has {} values for {} layers",
+                    a.len(),
+                    num_layers
+                );
             }
         }
         if self.scheme == SchemeKind::MidpointA {
@@ -193,13 +215,29 @@ impl ReversibleConfig {
     pub fn two_step(&self, layer: usize) -> Option<TwoStep> {
         let h = self.h;
         Some(match self.scheme {
-            SchemeKind::Euler => TwoStep { a: 0.0, b: 1.0, c: 1.0 },
-            SchemeKind::Midpoint => TwoStep { a: 1.0, b: 0.0, c: 2.0 * h },
+            SchemeKind::Euler => TwoStep {
+                a: 0.0,
+                b: 1.0,
+                c: 1.0,
+            },
+            SchemeKind::Midpoint => TwoStep {
+                a: 1.0,
+                b: 0.0,
+                c: 2.0 * h,
+            },
             SchemeKind::MidpointA => {
                 let a = self.blend(layer);
-                TwoStep { a, b: 1.0 - a, c: h }
+                TwoStep {
+                    a,
+                    b: 1.0 - a,
+                    c: h,
+                }
             }
-            SchemeKind::Leapfrog => TwoStep { a: -1.0, b: 2.0, c: h * h },
+            SchemeKind::Leapfrog => TwoStep {
+                a: -1.0,
+                b: 2.0,
+                c: h * h,
+            },
             SchemeKind::Hamiltonian => return None,
         })
     }
@@ -288,7 +326,14 @@ mod tests {
         assert_eq!((m.scheme, m.h), (SchemeKind::Leapfrog, 0.5));
         assert!(ReversibleConfig::parse("rk4").is_err());
         assert!(ReversibleConfig::parse("midpoint(h=x)").is_err());
-        assert_eq!(ReversibleConfig::parse("midpoint").unwrap().two_step(0), Some(TwoStep { a: 1.0, b: 0.0, c: 2.0 }));
+        assert_eq!(
+            ReversibleConfig::parse("midpoint").unwrap().two_step(0),
+            Some(TwoStep {
+                a: 1.0,
+                b: 0.0,
+                c: 2.0
+            })
+        );
     }
 
     #[test]
@@ -301,7 +346,11 @@ mod tests {
             let step = ReversibleConfig::parse(spec).unwrap().two_step(0).unwrap();
             let next = step.forward(&prev, &cur, &f).unwrap();
             let back = step.inverse(&cur, &next, &f).unwrap();
-            assert_eq!(back.to_vec1::<f64>().unwrap(), prev.to_vec1::<f64>().unwrap(), "{spec}");
+            assert_eq!(
+                back.to_vec1::<f64>().unwrap(),
+                prev.to_vec1::<f64>().unwrap(),
+                "{spec}"
+            );
         }
     }
 }

@@ -73,7 +73,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Deterministic argmax decoding.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -84,7 +87,10 @@ impl SamplingParams {
     /// Token ids in `logit_bias` are checked against the vocabulary when sampling.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            bail!("temperature must be a finite number >= 0, got {}", self.temperature);
+            bail!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            );
         }
         if !(0.0..=1.0).contains(&self.top_p) {
             bail!("top_p must be in [0, 1], got {}", self.top_p);
@@ -93,13 +99,22 @@ impl SamplingParams {
             bail!("min_p must be in [0, 1], got {}", self.min_p);
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            bail!("repetition_penalty must be a finite number > 0, got {}", self.repetition_penalty);
+            bail!(
+                "repetition_penalty must be a finite number > 0, got {}",
+                self.repetition_penalty
+            );
         }
         if !self.presence_penalty.is_finite() {
-            bail!("presence_penalty must be finite, got {}", self.presence_penalty);
+            bail!(
+                "presence_penalty must be finite, got {}",
+                self.presence_penalty
+            );
         }
         if !self.frequency_penalty.is_finite() {
-            bail!("frequency_penalty must be finite, got {}", self.frequency_penalty);
+            bail!(
+                "frequency_penalty must be finite, got {}",
+                self.frequency_penalty
+            );
         }
         if let Some(&(id, bias)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
             bail!("logit_bias for token {id} must be finite, got {bias}");
@@ -164,7 +179,12 @@ impl Sampler {
 
     /// Picks the next token. `previous` is the completion generated so far (for the penalties);
     /// `top_logprobs` alternatives are reported (0 for none).
-    pub fn sample(&mut self, logits: &[f32], previous: &[u32], top_logprobs: usize) -> Result<SampledToken> {
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        previous: &[u32],
+        top_logprobs: usize,
+    ) -> Result<SampledToken> {
         self.sample_masked(logits, previous, top_logprobs, None)
     }
 
@@ -187,7 +207,10 @@ impl Sampler {
         }
         if let Some(mask) = allowed {
             if mask.len() != n {
-                bail!("allowed-token mask has {} entries for {n} logits", mask.len());
+                bail!(
+                    "allowed-token mask has {} entries for {n} logits",
+                    mask.len()
+                );
             }
         }
         self.process(logits, previous, allowed)?;
@@ -222,10 +245,18 @@ impl Sampler {
     }
 
     /// Copies `logits` into the scratch row and applies penalties, bias and mask.
-    fn process(&mut self, logits: &[f32], previous: &[u32], allowed: Option<&[bool]>) -> Result<()> {
+    fn process(
+        &mut self,
+        logits: &[f32],
+        previous: &[u32],
+        allowed: Option<&[bool]>,
+    ) -> Result<()> {
         let n = logits.len();
         // `!(l < inf)` catches NaN and +inf; folding without short-circuit lets it vectorize.
-        if logits.iter().fold(false, |bad, &l| bad | !(l < f32::INFINITY)) {
+        if logits
+            .iter()
+            .fold(false, |bad, &l| bad | !(l < f32::INFINITY))
+        {
             bail!("the model produced NaN or +inf logits");
         }
         self.logits.clear();
@@ -246,7 +277,11 @@ impl Sampler {
             // Each distinct token once, whether seen in the prompt, the completion or both.
             let mut apply = |id: u32| {
                 if let Some(l) = row.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             };
             let (mut a, mut b) = (self.prompt.iter().peekable(), self.seen.iter().peekable());
@@ -304,8 +339,16 @@ impl Sampler {
         // p_i / p_max >= min_p  <=>  (l_i - max) / T >= ln(min_p): a cut in logit space. The
         // kept set of every truncation is a prefix of the tokens by decreasing logit, so min-p
         // is a plain filter whatever comes before it.
-        let min_logit = if p.min_p > 0.0 { max + p.temperature * p.min_p.ln() } else { f32::NEG_INFINITY };
-        let top_k = if p.top_k > 0 && p.top_k < n { p.top_k } else { n };
+        let min_logit = if p.min_p > 0.0 {
+            max + p.temperature * p.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        };
+        let top_k = if p.top_k > 0 && p.top_k < n {
+            p.top_k
+        } else {
+            n
+        };
 
         if top_k == n && p.top_p >= 1.0 {
             // No ordering needed: one linear draw.
@@ -317,7 +360,10 @@ impl Sampler {
                 }
             }
             let target = self.rng.random::<f64>() * sum_f64(weights);
-            return pick(weights.iter().enumerate().map(|(i, &w)| (i as u32, w)), target);
+            return pick(
+                weights.iter().enumerate().map(|(i, &w)| (i as u32, w)),
+                target,
+            );
         }
 
         let weights = &*weights;
@@ -336,11 +382,19 @@ impl Sampler {
         if p.top_p < 1.0 {
             // Top-p is relative to the mass top-k left (HF order: top-k, then top-p); without
             // top-k, to the whole vocabulary's (the prefilter removed less than its complement).
-            let mass: f64 = if top_k < n { kept.iter().map(|&i| weights[i as usize] as f64).sum() } else { sum_f64(weights) };
+            let mass: f64 = if top_k < n {
+                kept.iter().map(|&i| weights[i as usize] as f64).sum()
+            } else {
+                sum_f64(weights)
+            };
             let len = nucleus(kept, logits, weights, p.top_p as f64 * mass);
             kept = &mut kept[..len];
         }
-        let candidates = || kept.iter().filter(|&&i| logits[i as usize] >= min_logit).map(|&i| (i, weights[i as usize]));
+        let candidates = || {
+            kept.iter()
+                .filter(|&&i| logits[i as usize] >= min_logit)
+                .map(|&i| (i, weights[i as usize]))
+        };
         let total: f64 = candidates().map(|(_, w)| w as f64).sum();
         let target = self.rng.random::<f64>() * total;
         pick(candidates(), target)
@@ -356,7 +410,10 @@ fn nucleus(idx: &mut [u32], logits: &[f32], weights: &[f32], target: f64) -> usi
     while hi - lo > NUCLEUS_SORT {
         let mid = (hi - lo) / 2;
         idx[lo..hi].select_nth_unstable_by(mid, |&a, &b| before(logits, a, b));
-        let upper: f64 = idx[lo..=lo + mid].iter().map(|&i| weights[i as usize] as f64).sum();
+        let upper: f64 = idx[lo..=lo + mid]
+            .iter()
+            .map(|&i| weights[i as usize] as f64)
+            .sum();
         if upper >= need {
             hi = lo + mid + 1;
         } else {
@@ -378,7 +435,9 @@ fn nucleus(idx: &mut [u32], logits: &[f32], weights: &[f32], target: f64) -> usi
 /// Token order for truncation: higher logit first, lower id first among ties (deterministic).
 /// `total_cmp` orders -inf (masked) last.
 fn before(logits: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
-    logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+    logits[b as usize]
+        .total_cmp(&logits[a as usize])
+        .then(a.cmp(&b))
 }
 
 /// Maximum of `values` (-inf for an empty or all -inf row; the caller has excluded NaN). Eight
@@ -392,7 +451,10 @@ fn max_of(values: &[f32]) -> f32 {
             *m = if v > *m { v } else { *m };
         }
     }
-    lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// Sum in f64 (the vocabulary has ~1e5 terms and the sum feeds every logprob) over eight lanes,
@@ -449,7 +511,10 @@ fn exp_nonpositive(x: f32) -> f32 {
     let n = t - ROUND;
     let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let f = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
     let r = f32::from_bits((p.to_bits() as i32).wrapping_add(n_bits << 23) as u32);
     if underflow {
         0.0
@@ -526,7 +591,10 @@ mod tests {
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams { seed: Some(7), ..SamplingParams::default() };
+        let mut p = SamplingParams {
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
         f(&mut p);
         p
     }
@@ -542,7 +610,10 @@ mod tests {
 
     fn assert_close(got: &[f64], want: &[f64], tol: f64) {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= tol, "token {i}: frequency {g} vs expected {w} (all: {got:?})");
+            assert!(
+                (g - w).abs() <= tol,
+                "token {i}: frequency {g} vs expected {w} (all: {got:?})"
+            );
         }
     }
 
@@ -554,8 +625,18 @@ mod tests {
     #[test]
     fn defaults_match_openai() {
         let p = SamplingParams::default();
-        assert_eq!((p.temperature, p.top_p, p.top_k, p.min_p), (1.0, 1.0, 0, 0.0));
-        assert_eq!((p.repetition_penalty, p.presence_penalty, p.frequency_penalty), (1.0, 0.0, 0.0));
+        assert_eq!(
+            (p.temperature, p.top_p, p.top_k, p.min_p),
+            (1.0, 1.0, 0, 0.0)
+        );
+        assert_eq!(
+            (
+                p.repetition_penalty,
+                p.presence_penalty,
+                p.frequency_penalty
+            ),
+            (1.0, 0.0, 0.0)
+        );
         assert!(p.logit_bias.is_empty() && p.seed.is_none());
     }
 
@@ -651,7 +732,9 @@ mod tests {
     fn mask_restricts_the_choice() {
         let mut s = Sampler::new(&params(|p| p.temperature = 0.0));
         let allowed = [true, false, true, false];
-        let t = s.sample_masked(&[1.0, 9.0, 2.0, 8.0], &[], 4, Some(&allowed)).unwrap();
+        let t = s
+            .sample_masked(&[1.0, 9.0, 2.0, 8.0], &[], 4, Some(&allowed))
+            .unwrap();
         assert_eq!(t.id, 2);
         // Only allowed tokens are listed; their logprobs renormalise over the allowed set.
         assert_eq!(t.top.iter().map(|x| x.0).collect::<Vec<_>>(), [2, 0]);
@@ -670,7 +753,11 @@ mod tests {
     #[test]
     fn plain_sampling_follows_softmax() {
         let mut s = Sampler::new(&params(|_| {}));
-        assert_close(&frequencies(&mut s, &four(), 40_000), &[0.1, 0.2, 0.3, 0.4], 0.01);
+        assert_close(
+            &frequencies(&mut s, &four(), 40_000),
+            &[0.1, 0.2, 0.3, 0.4],
+            0.01,
+        );
     }
 
     #[test]
@@ -684,17 +771,29 @@ mod tests {
     #[test]
     fn top_k_renormalises_over_the_k_best() {
         let mut s = Sampler::new(&params(|p| p.top_k = 2));
-        assert_close(&frequencies(&mut s, &four(), 40_000), &[0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0], 0.01);
+        assert_close(
+            &frequencies(&mut s, &four(), 40_000),
+            &[0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0],
+            0.01,
+        );
     }
 
     #[test]
     fn top_p_keeps_the_smallest_nucleus() {
         // Sorted: 0.4, 0.3 (0.7 < 0.75), 0.2 (0.9 >= 0.75): three tokens survive.
         let mut s = Sampler::new(&params(|p| p.top_p = 0.75));
-        assert_close(&frequencies(&mut s, &four(), 40_000), &[0.0, 2.0 / 9.0, 3.0 / 9.0, 4.0 / 9.0], 0.01);
+        assert_close(
+            &frequencies(&mut s, &four(), 40_000),
+            &[0.0, 2.0 / 9.0, 3.0 / 9.0, 4.0 / 9.0],
+            0.01,
+        );
         // top_p = 0 keeps only the most likely token.
         let mut s = Sampler::new(&params(|p| p.top_p = 0.0));
-        assert_close(&frequencies(&mut s, &four(), 1_000), &[0.0, 0.0, 0.0, 1.0], 0.0);
+        assert_close(
+            &frequencies(&mut s, &four(), 1_000),
+            &[0.0, 0.0, 0.0, 1.0],
+            0.0,
+        );
     }
 
     #[test]
@@ -704,14 +803,22 @@ mod tests {
             p.top_k = 2;
             p.top_p = 0.5;
         }));
-        assert_close(&frequencies(&mut s, &four(), 1_000), &[0.0, 0.0, 0.0, 1.0], 0.0);
+        assert_close(
+            &frequencies(&mut s, &four(), 1_000),
+            &[0.0, 0.0, 0.0, 1.0],
+            0.0,
+        );
     }
 
     #[test]
     fn min_p_drops_unlikely_tokens() {
         // Threshold 0.55 * 0.4 = 0.22: keeps 0.4 and 0.3.
         let mut s = Sampler::new(&params(|p| p.min_p = 0.55));
-        assert_close(&frequencies(&mut s, &four(), 40_000), &[0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0], 0.01);
+        assert_close(
+            &frequencies(&mut s, &four(), 40_000),
+            &[0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0],
+            0.01,
+        );
     }
 
     #[test]
@@ -733,7 +840,9 @@ mod tests {
     fn large_top_k_uses_partial_selection() {
         // 1000 tokens where only ids >= 900 are likely; top_k = 100 (past the small-buffer path)
         // must keep exactly those.
-        let logits: Vec<f32> = (0..1000).map(|i| if i >= 900 { 5.0 } else { 0.0 }).collect();
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| if i >= 900 { 5.0 } else { 0.0 })
+            .collect();
         let mut s = Sampler::new(&params(|p| p.top_k = 100));
         for _ in 0..2000 {
             assert!(s.sample(&logits, &[], 0).unwrap().id >= 900);
@@ -744,7 +853,9 @@ mod tests {
     fn seeds_reproduce() {
         let draw = |seed| {
             let mut s = Sampler::new(&params(|p| p.seed = Some(seed)));
-            (0..50).map(|_| s.sample(&four(), &[], 0).unwrap().id).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&four(), &[], 0).unwrap().id)
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
@@ -784,8 +895,13 @@ mod tests {
 
     #[test]
     fn vector_helpers_match_plain_loops() {
-        let values: Vec<f32> = (0..1003).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
-        assert_eq!(max_of(&values), values.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        let values: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
+            .collect();
+        assert_eq!(
+            max_of(&values),
+            values.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        );
         assert_eq!(max_of(&[]), f32::NEG_INFINITY);
         let plain: f64 = values.iter().map(|&v| v as f64).sum();
         assert!((sum_f64(&values) - plain).abs() < 1e-9);

@@ -35,8 +35,15 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Special tokens that end an assistant turn in common chat formats. Generation stops on any of
 /// them that the vocabulary has as a special token, besides the declared EOS: a chat model's
 /// declared EOS is often the end-of-document token, not the end-of-turn one, or vice versa.
-const END_OF_TURN: &[&str] =
-    &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>"];
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<|end|>",
+];
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -101,12 +108,18 @@ impl TextTokenizer {
                  (`gpt2`, used by SmolLM, Qwen2, Llama 3); SentencePiece (`llama`) and others are not implemented"
             );
         }
-        let tokens = gguf_strings(metadata, "tokenizer.ggml.tokens")?.context("missing `tokenizer.ggml.tokens`")?;
-        let merges = gguf_strings(metadata, "tokenizer.ggml.merges")?.context("missing `tokenizer.ggml.merges`")?;
+        let tokens = gguf_strings(metadata, "tokenizer.ggml.tokens")?
+            .context("missing `tokenizer.ggml.tokens`")?;
+        let merges = gguf_strings(metadata, "tokenizer.ggml.merges")?
+            .context("missing `tokenizer.ggml.merges`")?;
         let types = gguf_ints(metadata, "tokenizer.ggml.token_type")?;
         if let Some(types) = &types {
             if types.len() != tokens.len() {
-                bail!("`tokenizer.ggml.token_type` has {} entries for {} tokens", types.len(), tokens.len());
+                bail!(
+                    "`tokenizer.ggml.token_type` has {} entries for {} tokens",
+                    types.len(),
+                    tokens.len()
+                );
             }
         }
         let pre = gguf_str(metadata, "tokenizer.ggml.pre")?.unwrap_or("default");
@@ -121,7 +134,9 @@ impl TextTokenizer {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .with_context(|| format!("malformed merge `{m}` (expected two tokens separated by a space)"))
+                    .with_context(|| {
+                        format!("malformed merge `{m}` (expected two tokens separated by a space)")
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let bpe = BPE::builder()
@@ -132,10 +147,18 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("building the BPE model: {e}"))?;
 
         let mut inner = Tokenizer::new(bpe);
-        let byte_level = |regex: bool| ByteLevel::default().add_prefix_space(false).use_regex(regex);
+        let byte_level = |regex: bool| {
+            ByteLevel::default()
+                .add_prefix_space(false)
+                .use_regex(regex)
+        };
         let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-            let split = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| anyhow!("compiling the `{pre}` split regex: {e}"))?;
+            let split = Split::new(
+                SplitPattern::Regex(pattern.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| anyhow!("compiling the `{pre}` split regex: {e}"))?;
             Ok(split.into())
         };
         let pre_tokenizer: PreTokenizerWrapper = match pre {
@@ -143,10 +166,18 @@ impl TextTokenizer {
                 Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into()
             }
             "qwen2" => {
-                inner.with_normalizer(Some(NFC)).map_err(|e| anyhow!("setting the NFC normalizer: {e}"))?;
-                Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level(false).trim_offsets(false).into()]).into()
+                inner
+                    .with_normalizer(Some(NFC))
+                    .map_err(|e| anyhow!("setting the NFC normalizer: {e}"))?;
+                Sequence::new(vec![
+                    split(QWEN2_SPLIT)?,
+                    byte_level(false).trim_offsets(false).into(),
+                ])
+                .into()
             }
-            "llama-bpe" => Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level(false).into()]).into(),
+            "llama-bpe" => {
+                Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level(false).into()]).into()
+            }
             "gpt2" | "default" => byte_level(true).into(),
             other => {
                 tracing::warn!("unknown tokenizer.ggml.pre `{other}`: splitting with the GPT-2 regex, ids may differ from the original tokenizer");
@@ -161,24 +192,44 @@ impl TextTokenizer {
         // whole, e.g. Qwen's `<tool_call>`. Both keep their vocabulary ids.
         if let Some(types) = &types {
             let added = |kind: i64| {
-                tokens.iter().zip(types).filter(move |(_, t)| **t == kind).map(move |(tok, _)| {
-                    AddedToken::from(tok.to_string(), kind == TOKEN_TYPE_CONTROL).normalized(false)
-                })
+                tokens
+                    .iter()
+                    .zip(types)
+                    .filter(move |(_, t)| **t == kind)
+                    .map(move |(tok, _)| {
+                        AddedToken::from(tok.to_string(), kind == TOKEN_TYPE_CONTROL)
+                            .normalized(false)
+                    })
             };
-            inner.add_special_tokens(added(TOKEN_TYPE_CONTROL)).map_err(|e| anyhow!("adding control tokens: {e}"))?;
-            inner.add_tokens(added(TOKEN_TYPE_USER_DEFINED)).map_err(|e| anyhow!("adding user-defined tokens: {e}"))?;
+            inner
+                .add_special_tokens(added(TOKEN_TYPE_CONTROL))
+                .map_err(|e| anyhow!("adding control tokens: {e}"))?;
+            inner
+                .add_tokens(added(TOKEN_TYPE_USER_DEFINED))
+                .map_err(|e| anyhow!("adding user-defined tokens: {e}"))?;
         }
 
         let id = |key: &str| -> Result<Option<u32>> {
-            Ok(gguf_int(metadata, key)?.filter(|&v| v >= 0 && (v as usize) < tokens.len()).map(|v| v as u32))
+            Ok(gguf_int(metadata, key)?
+                .filter(|&v| v >= 0 && (v as usize) < tokens.len())
+                .map(|v| v as u32))
         };
         let declared = Declared {
             bos_id: id("tokenizer.ggml.bos_token_id")?,
             eos_id: id("tokenizer.ggml.eos_token_id")?,
-            extra_eos: [id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?].into_iter().flatten().collect(),
+            extra_eos: [
+                id("tokenizer.ggml.eot_token_id")?,
+                id("tokenizer.ggml.eom_token_id")?,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             pad_id: id("tokenizer.ggml.padding_token_id")?,
             add_bos: match metadata.get("tokenizer.ggml.add_bos_token") {
-                Some(v) => Some(v.to_bool().map_err(|e| anyhow!("`tokenizer.ggml.add_bos_token`: {e}"))?),
+                Some(v) => Some(
+                    v.to_bool()
+                        .map_err(|e| anyhow!("`tokenizer.ggml.add_bos_token`: {e}"))?,
+                ),
                 None => None,
             },
         };
@@ -190,17 +241,26 @@ impl TextTokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            bail!("{}: no tokenizer.json (rewind needs the fast-tokenizer file)", dir.display());
+            bail!(
+                "{}: no tokenizer.json (rewind needs the fast-tokenizer file)",
+                dir.display()
+            );
         }
         let inner = Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let config = read_json_if_present(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
-        let generation = read_json_if_present(&dir.join("generation_config.json"))?.unwrap_or_default();
+        let generation =
+            read_json_if_present(&dir.join("generation_config.json"))?.unwrap_or_default();
 
-        let named = |key: &str| special_token_name(&config[key]).and_then(|name| inner.token_to_id(&name));
+        let named =
+            |key: &str| special_token_name(&config[key]).and_then(|name| inner.token_to_id(&name));
         let ids = |key: &str| -> Vec<u32> {
             match &generation[key] {
                 serde_json::Value::Number(n) => n.as_u64().map(|v| v as u32).into_iter().collect(),
-                serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect(),
                 _ => Vec::new(),
             }
         };
@@ -227,7 +287,11 @@ impl TextTokenizer {
         let mut known = vec![false; size];
         for id in 0..size as u32 {
             if let Some(token) = inner.id_to_token(id) {
-                bytes[id as usize] = if byte_level { byte_level_bytes(&token) } else { piece_bytes(&token) };
+                bytes[id as usize] = if byte_level {
+                    byte_level_bytes(&token)
+                } else {
+                    piece_bytes(&token)
+                };
                 known[id as usize] = true;
             }
         }
@@ -238,7 +302,11 @@ impl TextTokenizer {
             }
         }
 
-        let mut eos_ids: Vec<u32> = declared.eos_id.into_iter().chain(declared.extra_eos).collect();
+        let mut eos_ids: Vec<u32> = declared
+            .eos_id
+            .into_iter()
+            .chain(declared.extra_eos)
+            .collect();
         for name in END_OF_TURN {
             if let Some(id) = inner.token_to_id(name).filter(|&id| special[id as usize]) {
                 eos_ids.push(id);
@@ -253,7 +321,9 @@ impl TextTokenizer {
             // Tokenizers that prepend BOS in their post-processor (Llama 3) say so only there.
             None => match declared.bos_id {
                 Some(bos) => {
-                    let probe = inner.encode_fast("", true).map_err(|e| anyhow!("probing the post-processor: {e}"))?;
+                    let probe = inner
+                        .encode_fast("", true)
+                        .map_err(|e| anyhow!("probing the post-processor: {e}"))?;
                     probe.get_ids().first() == Some(&bos)
                 }
                 None => false,
@@ -283,17 +353,33 @@ impl TextTokenizer {
     /// text (as a chat template renders them) become their ids; without it they are tokenized
     /// like any other text, so user content cannot inject them.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let tokenizer = if parse_special { &self.inner } else { self.literal() };
-        let encoding = tokenizer.encode_fast(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let tokenizer = if parse_special {
+            &self.inner
+        } else {
+            self.literal()
+        };
+        let encoding = tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Token ids with the byte range of `text` each one covers, for masking spans (such as
     /// assistant turns) in training data. The ranges tile `text` exactly when the tokenizer does
     /// not normalize it; otherwise they come from the tokenizer's own offsets.
-    pub fn encode_with_offsets(&self, text: &str, parse_special: bool) -> Result<(Vec<u32>, Vec<Range<usize>>)> {
-        let tokenizer = if parse_special { &self.inner } else { self.literal() };
-        let encoding = tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        parse_special: bool,
+    ) -> Result<(Vec<u32>, Vec<Range<usize>>)> {
+        let tokenizer = if parse_special {
+            &self.inner
+        } else {
+            self.literal()
+        };
+        let encoding = tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
         let ids = encoding.get_ids().to_vec();
         // Byte-level BPE round-trips bytes exactly, so the token byte lengths give offsets that
         // include leading spaces (which the tokenizer's own offsets may trim).
@@ -301,7 +387,11 @@ impl TextTokenizer {
         let mut at = 0;
         let mut exact = true;
         for &id in &ids {
-            let b = self.bytes.get(id as usize).map(Vec::as_slice).unwrap_or_default();
+            let b = self
+                .bytes
+                .get(id as usize)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             if text.as_bytes().get(at..at + b.len()) != Some(b) {
                 exact = false;
                 break;
@@ -326,14 +416,20 @@ impl TextTokenizer {
     /// Text for `ids`; with `skip_special`, special tokens (BOS, EOS, chat markers) are dropped.
     /// Bytes that do not form valid UTF-8 become U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| anyhow!("detokenizing: {e}"))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow!("detokenizing: {e}"))
     }
 
     /// The text of one token (partial UTF-8 characters shown as U+FFFD); `None` for ids outside
     /// the vocabulary.
     pub fn token_text(&self, id: u32) -> Option<String> {
         let i = id as usize;
-        self.known.get(i).copied().unwrap_or(false).then(|| String::from_utf8_lossy(&self.bytes[i]).into_owned())
+        self.known
+            .get(i)
+            .copied()
+            .unwrap_or(false)
+            .then(|| String::from_utf8_lossy(&self.bytes[i]).into_owned())
     }
 
     /// The raw bytes a token stands for (OpenAI logprobs `bytes`): a byte-level BPE token may be
@@ -343,7 +439,10 @@ impl TextTokenizer {
     }
 
     fn bytes_of(&self, id: u32) -> &[u8] {
-        self.bytes.get(id as usize).map(Vec::as_slice).unwrap_or_default()
+        self.bytes
+            .get(id as usize)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// Whether `id` is a special (control) token.
@@ -373,15 +472,20 @@ impl TextTokenizer {
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("tokenizer.json");
-        self.inner.save(&path, true).map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+        self.inner
+            .save(&path, true)
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
 
         let name = |id: Option<u32>| match id.and_then(|id| self.inner.id_to_token(id)) {
             Some(name) => serde_json::Value::String(name),
             None => serde_json::Value::Null,
         };
         let config_path = dir.join("tokenizer_config.json");
-        let mut config = read_json_if_present(&config_path)?.unwrap_or_else(|| serde_json::json!({}));
-        let obj = config.as_object_mut().with_context(|| format!("{} is not a JSON object", config_path.display()))?;
+        let mut config =
+            read_json_if_present(&config_path)?.unwrap_or_else(|| serde_json::json!({}));
+        let obj = config
+            .as_object_mut()
+            .with_context(|| format!("{} is not a JSON object", config_path.display()))?;
         obj.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
         obj.insert("bos_token".into(), name(self.bos_id));
         obj.insert("eos_token".into(), name(self.eos_ids.first().copied()));
@@ -392,7 +496,8 @@ impl TextTokenizer {
         write_json(&config_path, &config)?;
 
         let generation_path = dir.join("generation_config.json");
-        let mut generation = read_json_if_present(&generation_path)?.unwrap_or_else(|| serde_json::json!({}));
+        let mut generation =
+            read_json_if_present(&generation_path)?.unwrap_or_else(|| serde_json::json!({}));
         let obj = generation
             .as_object_mut()
             .with_context(|| format!("{} is not a JSON object", generation_path.display()))?;
@@ -427,12 +532,18 @@ impl Default for StreamDecoder {
 impl StreamDecoder {
     /// Special tokens produce no text, as OpenAI-compatible servers stream by default.
     pub fn new() -> Self {
-        Self { pending: Vec::new(), skip_special: true }
+        Self {
+            pending: Vec::new(),
+            skip_special: true,
+        }
     }
 
     /// A decoder that also streams special tokens' text (e.g. to show `<|im_start|>`).
     pub fn keeping_special() -> Self {
-        Self { pending: Vec::new(), skip_special: false }
+        Self {
+            pending: Vec::new(),
+            skip_special: false,
+        }
     }
 
     /// Adds a token; returns the text completed by it (possibly empty). Ids outside the
@@ -481,20 +592,29 @@ impl StreamDecoder {
 /// GPT-2's byte-to-character table, inverted: printable Latin-1 bytes stand for themselves, the
 /// other bytes were shifted to U+0100 and up so that every token is printable text.
 fn gpt2_char_to_byte(c: char) -> Option<u8> {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
     let code = c as u32;
     if printable(code) {
         return Some(code as u8);
     }
     // The n-th non-printable byte (in byte order) maps to U+0100 + n.
     let n = code.checked_sub(0x100)?;
-    (0u32..=255).filter(|&b| !printable(b)).nth(n as usize).map(|b| b as u8)
+    (0u32..=255)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .map(|b| b as u8)
 }
 
 /// Bytes of a byte-level BPE token, as the ByteLevel decoder computes them: a token with any
 /// character outside the byte alphabet (an added token such as `<tool call>`) is its own UTF-8.
 fn byte_level_bytes(token: &str) -> Vec<u8> {
-    token.chars().map(gpt2_char_to_byte).collect::<Option<Vec<u8>>>().unwrap_or_else(|| token.as_bytes().to_vec())
+    token
+        .chars()
+        .map(gpt2_char_to_byte)
+        .collect::<Option<Vec<u8>>>()
+        .unwrap_or_else(|| token.as_bytes().to_vec())
 }
 
 /// Bytes of a token from a non-byte-level (SentencePiece-style) vocabulary: `<0xAB>` byte
@@ -514,7 +634,10 @@ fn piece_bytes(token: &str) -> Vec<u8> {
 fn special_token_name(value: &serde_json::Value) -> Option<String> {
     match value {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -523,8 +646,10 @@ fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     Ok(Some(value))
 }
 
@@ -536,7 +661,9 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 fn gguf_str<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<Option<&'a str>> {
     match metadata.get(key) {
         None => Ok(None),
-        Some(v) => Ok(Some(v.to_string().map_err(|e| anyhow!("`{key}`: {e}"))?.as_str())),
+        Some(v) => Ok(Some(
+            v.to_string().map_err(|e| anyhow!("`{key}`: {e}"))?.as_str(),
+        )),
     }
 }
 
@@ -558,24 +685,40 @@ fn int_of(value: &Value) -> Option<i64> {
 fn gguf_int(metadata: &HashMap<String, Value>, key: &str) -> Result<Option<i64>> {
     match metadata.get(key) {
         None => Ok(None),
-        Some(v) => int_of(v).map(Some).with_context(|| format!("`{key}` is not an integer")),
+        Some(v) => int_of(v)
+            .map(Some)
+            .with_context(|| format!("`{key}` is not an integer")),
     }
 }
 
-fn gguf_strings<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<Option<Vec<&'a str>>> {
-    let Some(value) = metadata.get(key) else { return Ok(None) };
+fn gguf_strings<'a>(
+    metadata: &'a HashMap<String, Value>,
+    key: &str,
+) -> Result<Option<Vec<&'a str>>> {
+    let Some(value) = metadata.get(key) else {
+        return Ok(None);
+    };
     let items = value.to_vec().map_err(|e| anyhow!("`{key}`: {e}"))?;
     let strings = items
         .iter()
-        .map(|v| v.to_string().map(String::as_str).map_err(|e| anyhow!("`{key}`: {e}")))
+        .map(|v| {
+            v.to_string()
+                .map(String::as_str)
+                .map_err(|e| anyhow!("`{key}`: {e}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(strings))
 }
 
 fn gguf_ints(metadata: &HashMap<String, Value>, key: &str) -> Result<Option<Vec<i64>>> {
-    let Some(value) = metadata.get(key) else { return Ok(None) };
+    let Some(value) = metadata.get(key) else {
+        return Ok(None);
+    };
     let items = value.to_vec().map_err(|e| anyhow!("`{key}`: {e}"))?;
-    let ints = items.iter().map(|v| int_of(v).with_context(|| format!("`{key}` holds a non-integer"))).collect::<Result<_>>()?;
+    let ints = items
+        .iter()
+        .map(|v| int_of(v).with_context(|| format!("`{key}` holds a non-integer")))
+        .collect::<Result<_>>()?;
     Ok(Some(ints))
 }
 
@@ -600,7 +743,8 @@ mod tests {
                     return None;
                 }
                 let mut file = std::fs::File::open(&path).expect("open gguf");
-                let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("read gguf");
+                let content =
+                    candle_core::quantized::gguf_file::Content::read(&mut file).expect("read gguf");
                 Some(TextTokenizer::from_gguf_metadata(&content.metadata).expect("build tokenizer"))
             })
             .as_ref()
@@ -658,7 +802,10 @@ mod tests {
     #[test]
     fn smollm_encodes_chat_markers_and_digits() {
         let Some(t) = smollm() else { return };
-        assert_eq!(t.encode("<|im_start|>user\n", true).unwrap(), [1, 4093, 198]);
+        assert_eq!(
+            t.encode("<|im_start|>user\n", true).unwrap(),
+            [1, 4093, 198]
+        );
         // Without parse_special the marker is ordinary text, never id 1.
         let literal = t.encode("<|im_start|>user\n", false).unwrap();
         assert!(literal.len() > 3 && !literal.contains(&1), "{literal:?}");
@@ -721,7 +868,10 @@ mod tests {
             let mut out = String::new();
             for &id in &ids {
                 let piece = d.push(t, id).unwrap();
-                assert!(!piece.contains(char::REPLACEMENT_CHARACTER), "{text:?}: {piece:?}");
+                assert!(
+                    !piece.contains(char::REPLACEMENT_CHARACTER),
+                    "{text:?}: {piece:?}"
+                );
                 out.push_str(&piece);
             }
             out.push_str(&d.flush(t).unwrap());
@@ -752,11 +902,21 @@ mod tests {
         t.save_hf(dir.path()).unwrap();
         let back = TextTokenizer::from_hf_dir(dir.path()).unwrap();
         assert_eq!(back.vocab_size(), t.vocab_size());
-        assert_eq!((back.bos_id, &back.eos_ids, back.pad_id, back.add_bos), (t.bos_id, &t.eos_ids, t.pad_id, t.add_bos));
-        assert_eq!((&back.bos_token, &back.eos_token), (&t.bos_token, &t.eos_token));
+        assert_eq!(
+            (back.bos_id, &back.eos_ids, back.pad_id, back.add_bos),
+            (t.bos_id, &t.eos_ids, t.pad_id, t.add_bos)
+        );
+        assert_eq!(
+            (&back.bos_token, &back.eos_token),
+            (&t.bos_token, &t.eos_token)
+        );
         for text in ROUND_TRIP {
             for parse_special in [true, false] {
-                assert_eq!(back.encode(text, parse_special).unwrap(), t.encode(text, parse_special).unwrap(), "{text:?}");
+                assert_eq!(
+                    back.encode(text, parse_special).unwrap(),
+                    t.encode(text, parse_special).unwrap(),
+                    "{text:?}"
+                );
             }
         }
         assert!((0..17).all(|id| back.is_special(id)) && !back.is_special(17));
@@ -767,7 +927,8 @@ mod tests {
     #[test]
     fn smollm_matches_reference_fixture() {
         let Some(t) = smollm() else { return };
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_reference.json");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_reference.json");
         let Ok(text) = std::fs::read_to_string(&path) else {
             eprintln!("skipping: {} is absent", path.display());
             return;
@@ -780,9 +941,16 @@ mod tests {
         assert!(!cases.is_empty());
         for case in cases {
             let input = case["text"].as_str().expect("case.text");
-            let want: Vec<u32> =
-                case["ids"].as_array().expect("case.ids").iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            let parse_special = case.get("parse_special").and_then(|v| v.as_bool()).unwrap_or(true);
+            let want: Vec<u32> = case["ids"]
+                .as_array()
+                .expect("case.ids")
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let parse_special = case
+                .get("parse_special")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true);
             assert_eq!(t.encode(input, parse_special).unwrap(), want, "{input:?}");
             if let Some(decoded) = case.get("decoded").and_then(|v| v.as_str()) {
                 assert_eq!(t.decode(&want, false).unwrap(), decoded, "{input:?}");
@@ -796,10 +964,17 @@ mod tests {
     #[test]
     fn unsupported_models_are_named() {
         let mut metadata = HashMap::new();
-        metadata.insert("tokenizer.ggml.model".to_string(), Value::String("llama".into()));
-        let err = TextTokenizer::from_gguf_metadata(&metadata).unwrap_err().to_string();
+        metadata.insert(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        );
+        let err = TextTokenizer::from_gguf_metadata(&metadata)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unsupported tokenizer model `llama`"), "{err}");
-        let err = TextTokenizer::from_gguf_metadata(&HashMap::new()).unwrap_err().to_string();
+        let err = TextTokenizer::from_gguf_metadata(&HashMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no tokenizer"), "{err}");
     }
 
@@ -821,11 +996,20 @@ mod tests {
         types.resize(tokens.len(), 1);
         let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
         let mut md = HashMap::new();
-        md.insert("tokenizer.ggml.model".to_string(), Value::String("gpt2".into()));
+        md.insert(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        );
         md.insert("tokenizer.ggml.pre".to_string(), Value::String(pre.into()));
         md.insert("tokenizer.ggml.tokens".to_string(), strings(tokens));
-        md.insert("tokenizer.ggml.merges".to_string(), strings(merges.iter().map(|s| s.to_string()).collect()));
-        md.insert("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(|t| Value::I32(t as i32)).collect()));
+        md.insert(
+            "tokenizer.ggml.merges".to_string(),
+            strings(merges.iter().map(|s| s.to_string()).collect()),
+        );
+        md.insert(
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(types.into_iter().map(|t| Value::I32(t as i32)).collect()),
+        );
         md.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U32(0));
         TextTokenizer::from_gguf_metadata(&md).unwrap()
     }
@@ -833,7 +1017,11 @@ mod tests {
     #[test]
     fn pre_tokenizer_follows_the_gguf_name() {
         let pieces = |t: &TextTokenizer, s: &str| -> Vec<String> {
-            t.encode(s, true).unwrap().iter().map(|&id| t.token_text(id).unwrap()).collect()
+            t.encode(s, true)
+                .unwrap()
+                .iter()
+                .map(|&id| t.token_text(id).unwrap())
+                .collect()
         };
         // gpt2: digits stay together, so "123" merges; "ab" after a space becomes " a" + "b".
         let gpt2 = toy("gpt2");

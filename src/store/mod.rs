@@ -135,7 +135,10 @@ CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job_id, seq);
 
 /// A random id with OpenAI's prefix style (`file-…`, `ftjob-…`).
 pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..24]
+    )
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<String> {
@@ -157,8 +160,12 @@ impl Store {
         // NORMAL` is durable across a process crash, which is the failure this store must survive.
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
-        db.execute_batch(SCHEMA).context("creating the database schema")?;
-        Ok(Self { db: Mutex::new(db), blobs })
+        db.execute_batch(SCHEMA)
+            .context("creating the database schema")?;
+        Ok(Self {
+            db: Mutex::new(db),
+            blobs,
+        })
     }
 
     fn db(&self) -> MutexGuard<'_, Connection> {
@@ -173,12 +180,18 @@ impl Store {
     /// Writes a file's content, then its record: a record never points at a missing blob.
     pub fn insert_file(&self, record: &FileRecord, content: &[u8]) -> Result<()> {
         write_atomically(&self.blob_path(&record.id), content)?;
-        self.db().execute("INSERT INTO files (id, body, purpose) VALUES (?1, ?2, ?3)", params![record.id, to_json(record)?, record.purpose])?;
+        self.db().execute(
+            "INSERT INTO files (id, body, purpose) VALUES (?1, ?2, ?3)",
+            params![record.id, to_json(record)?, record.purpose],
+        )?;
         Ok(())
     }
 
     pub fn file(&self, id: &str) -> Result<Option<FileRecord>> {
-        let body: Option<String> = self.db().query_row("SELECT body FROM files WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        let body: Option<String> = self
+            .db()
+            .query_row("SELECT body FROM files WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
         body.map(|b| from_json(&b)).transpose()
     }
 
@@ -196,8 +209,18 @@ impl Store {
         Ok(removed)
     }
 
-    pub fn list_files(&self, purpose: Option<&str>, after: Option<&str>, limit: usize, ascending: bool) -> Result<Page<FileRecord>> {
-        let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
+    pub fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        ascending: bool,
+    ) -> Result<Page<FileRecord>> {
+        let (cmp, order) = if ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
         let sql = format!(
             "SELECT body FROM files WHERE (?1 IS NULL OR purpose = ?1) \
              AND (?2 IS NULL OR seq {cmp} (SELECT seq FROM files WHERE id = ?2)) ORDER BY seq {order} LIMIT ?3"
@@ -205,27 +228,47 @@ impl Store {
         self.page(&sql, params![purpose, after, limit as i64 + 1], limit)
     }
 
-    fn page<T: for<'de> Deserialize<'de>>(&self, sql: &str, params: impl rusqlite::Params, limit: usize) -> Result<Page<T>> {
+    fn page<T: for<'de> Deserialize<'de>>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        limit: usize,
+    ) -> Result<Page<T>> {
         let db = self.db();
         let mut stmt = db.prepare(sql)?;
-        let rows: Vec<String> = stmt.query_map(params, |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let rows: Vec<String> = stmt
+            .query_map(params, |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         let has_more = rows.len() > limit;
-        let data = rows.iter().take(limit).map(|b| from_json(b)).collect::<Result<_>>()?;
+        let data = rows
+            .iter()
+            .take(limit)
+            .map(|b| from_json(b))
+            .collect::<Result<_>>()?;
         Ok(Page { data, has_more })
     }
 
     pub fn insert_job(&self, job: &JobRecord) -> Result<()> {
-        self.db().execute("INSERT INTO jobs (id, body, status) VALUES (?1, ?2, ?3)", params![job.id, to_json(job)?, job.status])?;
+        self.db().execute(
+            "INSERT INTO jobs (id, body, status) VALUES (?1, ?2, ?3)",
+            params![job.id, to_json(job)?, job.status],
+        )?;
         Ok(())
     }
 
     pub fn update_job(&self, job: &JobRecord) -> Result<()> {
-        self.db().execute("UPDATE jobs SET body = ?2, status = ?3 WHERE id = ?1", params![job.id, to_json(job)?, job.status])?;
+        self.db().execute(
+            "UPDATE jobs SET body = ?2, status = ?3 WHERE id = ?1",
+            params![job.id, to_json(job)?, job.status],
+        )?;
         Ok(())
     }
 
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
-        let body: Option<String> = self.db().query_row("SELECT body FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        let body: Option<String> = self
+            .db()
+            .query_row("SELECT body FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
         body.map(|b| from_json(&b)).transpose()
     }
 
@@ -241,12 +284,20 @@ impl Store {
     }
 
     pub fn insert_event(&self, event: &EventRecord) -> Result<()> {
-        self.db().execute("INSERT INTO events (id, job_id, body) VALUES (?1, ?2, ?3)", params![event.id, event.job_id, to_json(event)?])?;
+        self.db().execute(
+            "INSERT INTO events (id, job_id, body) VALUES (?1, ?2, ?3)",
+            params![event.id, event.job_id, to_json(event)?],
+        )?;
         Ok(())
     }
 
     /// A job's events, newest first.
-    pub fn list_events(&self, job_id: &str, after: Option<&str>, limit: usize) -> Result<Page<EventRecord>> {
+    pub fn list_events(
+        &self,
+        job_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<EventRecord>> {
         let sql = "SELECT body FROM events WHERE job_id = ?1 AND (?2 IS NULL OR seq < (SELECT seq FROM events WHERE id = ?2)) \
                    ORDER BY seq DESC LIMIT ?3";
         self.page(sql, params![job_id, after, limit as i64 + 1], limit)
@@ -266,7 +317,12 @@ impl Store {
         Ok(())
     }
 
-    pub fn list_checkpoints(&self, job_id: &str, after: Option<&str>, limit: usize) -> Result<Page<CheckpointRecord>> {
+    pub fn list_checkpoints(
+        &self,
+        job_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<CheckpointRecord>> {
         let sql = "SELECT body FROM checkpoints WHERE job_id = ?1 AND (?2 IS NULL OR seq < (SELECT seq FROM checkpoints WHERE id = ?2)) \
                    ORDER BY seq DESC LIMIT ?3";
         self.page(sql, params![job_id, after, limit as i64 + 1], limit)
@@ -274,21 +330,29 @@ impl Store {
 
     /// Whether a checkpoint for this step is already recorded (a resumed job replays none twice).
     pub fn has_checkpoint(&self, job_id: &str, step: u64) -> Result<bool> {
-        Ok(self.list_checkpoints(job_id, None, ALL)?.data.iter().any(|c| c.step_number == step))
+        Ok(self
+            .list_checkpoints(job_id, None, ALL)?
+            .data
+            .iter()
+            .any(|c| c.step_number == step))
     }
 }
 
 /// Writes `bytes` to a temporary sibling, syncs it and renames it over `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
@@ -297,7 +361,13 @@ mod tests {
     use super::*;
 
     fn file(id: &str, purpose: &str) -> FileRecord {
-        FileRecord { id: id.into(), bytes: 3, created_at: 1, filename: "a.jsonl".into(), purpose: purpose.into() }
+        FileRecord {
+            id: id.into(),
+            bytes: 3,
+            created_at: 1,
+            filename: "a.jsonl".into(),
+            purpose: purpose.into(),
+        }
     }
 
     #[test]
@@ -305,14 +375,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for i in 0..3 {
-            store.insert_file(&file(&format!("file-{i}"), "fine-tune"), b"abc").unwrap();
+            store
+                .insert_file(&file(&format!("file-{i}"), "fine-tune"), b"abc")
+                .unwrap();
         }
-        store.insert_file(&file("file-r", "fine-tune-results"), b"x,y").unwrap();
+        store
+            .insert_file(&file("file-r", "fine-tune-results"), b"x,y")
+            .unwrap();
         let first = store.list_files(Some("fine-tune"), None, 2, false).unwrap();
-        assert_eq!(first.data.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-2", "file-1"]);
+        assert_eq!(
+            first.data.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(),
+            ["file-2", "file-1"]
+        );
         assert!(first.has_more);
-        let rest = store.list_files(Some("fine-tune"), Some("file-1"), 2, false).unwrap();
-        assert_eq!(rest.data.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-0"]);
+        let rest = store
+            .list_files(Some("fine-tune"), Some("file-1"), 2, false)
+            .unwrap();
+        assert_eq!(
+            rest.data.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(),
+            ["file-0"]
+        );
         assert!(!rest.has_more);
         drop(store);
 

@@ -21,7 +21,9 @@ use crate::train::trainable::Trainable;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     Store,
@@ -66,7 +68,12 @@ enum Below<'a> {
     Float,
     /// Fixed-point states: rebuilt bit-exactly, or (`stored`) looked up, which is the
     /// stored-activation reference the rebuild must match bit for bit.
-    Exact { fp: FixedPoint, bits: Vec<Option<Tensor>>, stored: Option<Vec<States>>, _marker: std::marker::PhantomData<&'a ()> },
+    Exact {
+        fp: FixedPoint,
+        bits: Vec<Option<Tensor>>,
+        stored: Option<Vec<States>>,
+        _marker: std::marker::PhantomData<&'a ()>,
+    },
 }
 
 impl Below<'_> {
@@ -83,7 +90,13 @@ impl Below<'_> {
 /// trained tokens across the whole accumulated step). With `exact`, the residual streams are
 /// fixed point: `reversible` rebuilds them bit-exactly, `store`/`checkpoint` keep every layer's
 /// integer input pair instead (the reference the rebuild must match bit for bit).
-pub fn loss_and_grads(t: &Trainable, batch: &Batch, strategy: Strategy, normalizer: f64, exact: Option<FixedPoint>) -> Result<StepGrads> {
+pub fn loss_and_grads(
+    t: &Trainable,
+    batch: &Batch,
+    strategy: Strategy,
+    normalizer: f64,
+    exact: Option<FixedPoint>,
+) -> Result<StepGrads> {
     if let Some(fp) = exact {
         return exact_loss_and_grads(t, batch, strategy == Strategy::Reversible, normalizer, fp);
     }
@@ -91,7 +104,10 @@ pub fn loss_and_grads(t: &Trainable, batch: &Batch, strategy: Strategy, normaliz
         bail!("the `reversible` strategy needs a reversible scheme; `euler` (the original network) cannot rebuild its states: use `store` or `checkpoint`, or convert the model to a reversible scheme first");
     }
     let (batch_size, seq) = batch.inputs.dims2()?;
-    let layout = || Layout::Uniform { batch: batch_size, seq };
+    let layout = || Layout::Uniform {
+        batch: batch_size,
+        seq,
+    };
     let ids = batch.inputs.flatten_all()?;
     let mut grads = Grads::new(t.vars.len());
     let e = t.frozen.embed(&ids)?;
@@ -102,7 +118,14 @@ pub fn loss_and_grads(t: &Trainable, batch: &Batch, strategy: Strategy, normaliz
         Strategy::Store => {
             let e_var = Var::from_tensor(&e)?;
             let s = t.graph.run_stack(e_var.as_tensor(), &mut layout())?;
-            (States { other: s.other.detach(), last: s.last.detach() }, Some((e_var, s)), Vec::new())
+            (
+                States {
+                    other: s.other.detach(),
+                    last: s.last.detach(),
+                },
+                Some((e_var, s)),
+                Vec::new(),
+            )
         }
         Strategy::Checkpoint => {
             let mut s = t.frozen.seed(&e, &mut layout())?;
@@ -118,10 +141,25 @@ pub fn loss_and_grads(t: &Trainable, batch: &Batch, strategy: Strategy, normaliz
 
     // Read-out and chunked head: cotangents of the top pair.
     let (other, last) = (Var::from_tensor(&top.other)?, Var::from_tensor(&top.last)?);
-    let hidden = t.graph.read_out(&States { other: other.as_tensor().clone(), last: last.as_tensor().clone() })?;
-    let head = chunked_head_loss(&t.graph, &t.vars, &hidden.detach(), &batch.targets, &batch.objective, normalizer, HEAD_CHUNK_ROWS, &mut grads)?;
+    let hidden = t.graph.read_out(&States {
+        other: other.as_tensor().clone(),
+        last: last.as_tensor().clone(),
+    })?;
+    let head = chunked_head_loss(
+        &t.graph,
+        &t.vars,
+        &hidden.detach(),
+        &batch.targets,
+        &batch.objective,
+        normalizer,
+        HEAD_CHUNK_ROWS,
+        &mut grads,
+    )?;
     let store = dot(&hidden, &head.grad_hidden)?.backward()?;
-    let mut g = Adjoint { other: grad_or_zeros(&store, other.as_tensor())?, last: grad_or_zeros(&store, last.as_tensor())? };
+    let mut g = Adjoint {
+        other: grad_or_zeros(&store, other.as_tensor())?,
+        last: grad_or_zeros(&store, last.as_tensor())?,
+    };
 
     // Down the stack to the cotangent of the seed states.
     let g_seed = match strategy {
@@ -150,7 +188,8 @@ pub fn loss_and_grads(t: &Trainable, batch: &Batch, strategy: Strategy, normaliz
     // Through the seeding (an Euler step of block 0 under `EulerStep`) to the embedding.
     let e_var = Var::from_tensor(&e)?;
     let seeded = t.graph.seed(e_var.as_tensor(), &mut layout())?;
-    let store = (dot(&seeded.other, &g_seed.other)? + dot(&seeded.last, &g_seed.last)?)?.backward()?;
+    let store =
+        (dot(&seeded.other, &g_seed.other)? + dot(&seeded.last, &g_seed.last)?)?.backward()?;
     grads.absorb(&store, &t.vars)?;
     let g_e = grad_or_zeros(&store, e_var.as_tensor())?;
     finish_embedding(t, &ids, g_e, head.loss, grads)
@@ -158,21 +197,53 @@ pub fn loss_and_grads(t: &Trainable, batch: &Batch, strategy: Strategy, normaliz
 
 /// Exact mode: fixed-point forward, then the reversible walk with bit-exact rebuilds (or, as
 /// the reference, with every layer's stored integer states).
-fn exact_loss_and_grads(t: &Trainable, batch: &Batch, rebuild: bool, normalizer: f64, fp: FixedPoint) -> Result<StepGrads> {
+fn exact_loss_and_grads(
+    t: &Trainable,
+    batch: &Batch,
+    rebuild: bool,
+    normalizer: f64,
+    fp: FixedPoint,
+) -> Result<StepGrads> {
     let (batch_size, seq) = batch.inputs.dims2()?;
-    let layout = || Layout::Uniform { batch: batch_size, seq };
+    let layout = || Layout::Uniform {
+        batch: batch_size,
+        seq,
+    };
     let ids = batch.inputs.flatten_all()?;
     let mut grads = Grads::new(t.vars.len());
     let e = t.frozen.embed(&ids)?;
     let dtype = t.graph.residual_dtype;
     let fwd = exact::forward(&t.frozen, &fp, &e, &mut layout(), !rebuild)?;
-    let below = Below::Exact { fp, bits: fwd.bits, stored: (!rebuild).then_some(fwd.stored), _marker: std::marker::PhantomData };
+    let below = Below::Exact {
+        fp,
+        bits: fwd.bits,
+        stored: (!rebuild).then_some(fwd.stored),
+        _marker: std::marker::PhantomData,
+    };
 
-    let (other, last) = (Var::from_tensor(&fp.view(&fwd.top.other, dtype)?)?, Var::from_tensor(&fp.view(&fwd.top.last, dtype)?)?);
-    let hidden = t.graph.read_out(&States { other: other.as_tensor().clone(), last: last.as_tensor().clone() })?;
-    let head = chunked_head_loss(&t.graph, &t.vars, &hidden.detach(), &batch.targets, &batch.objective, normalizer, HEAD_CHUNK_ROWS, &mut grads)?;
+    let (other, last) = (
+        Var::from_tensor(&fp.view(&fwd.top.other, dtype)?)?,
+        Var::from_tensor(&fp.view(&fwd.top.last, dtype)?)?,
+    );
+    let hidden = t.graph.read_out(&States {
+        other: other.as_tensor().clone(),
+        last: last.as_tensor().clone(),
+    })?;
+    let head = chunked_head_loss(
+        &t.graph,
+        &t.vars,
+        &hidden.detach(),
+        &batch.targets,
+        &batch.objective,
+        normalizer,
+        HEAD_CHUNK_ROWS,
+        &mut grads,
+    )?;
     let store = dot(&hidden, &head.grad_hidden)?.backward()?;
-    let mut g = Adjoint { other: grad_or_zeros(&store, other.as_tensor())?, last: grad_or_zeros(&store, last.as_tensor())? };
+    let mut g = Adjoint {
+        other: grad_or_zeros(&store, other.as_tensor())?,
+        last: grad_or_zeros(&store, last.as_tensor())?,
+    };
     let mut s = fwd.top;
     for j in (0..t.graph.layers.len()).rev() {
         (s, g) = reversible_layer(t, j, &s, &g, &mut layout(), &mut grads, &below)?;
@@ -183,19 +254,49 @@ fn exact_loss_and_grads(t: &Trainable, batch: &Batch, rebuild: bool, normalizer:
 }
 
 /// Backward through the embedding lookup.
-fn finish_embedding(t: &Trainable, ids: &Tensor, g_e: Tensor, loss: f64, mut grads: Grads) -> Result<StepGrads> {
+fn finish_embedding(
+    t: &Trainable,
+    ids: &Tensor,
+    g_e: Tensor,
+    loss: f64,
+    mut grads: Grads,
+) -> Result<StepGrads> {
     let store = dot(&t.graph.embed(ids)?, &g_e)?.backward()?;
     grads.absorb(&store, &t.vars)?;
-    Ok(StepGrads { loss, grads, grad_embedding: g_e })
+    Ok(StepGrads {
+        loss,
+        grads,
+        grad_embedding: g_e,
+    })
 }
 
 /// Recomputes layer j from its stored input pair with a graph and pulls the cotangent through.
-fn checkpoint_layer(t: &Trainable, j: usize, s_in: &States, g: &Adjoint, layout: &mut Layout<'_>, grads: &mut Grads) -> Result<Adjoint> {
-    let (other, last) = (Var::from_tensor(&s_in.other)?, Var::from_tensor(&s_in.last)?);
-    let out = t.graph.step(j, &States { other: other.as_tensor().clone(), last: last.as_tensor().clone() }, layout)?;
+fn checkpoint_layer(
+    t: &Trainable,
+    j: usize,
+    s_in: &States,
+    g: &Adjoint,
+    layout: &mut Layout<'_>,
+    grads: &mut Grads,
+) -> Result<Adjoint> {
+    let (other, last) = (
+        Var::from_tensor(&s_in.other)?,
+        Var::from_tensor(&s_in.last)?,
+    );
+    let out = t.graph.step(
+        j,
+        &States {
+            other: other.as_tensor().clone(),
+            last: last.as_tensor().clone(),
+        },
+        layout,
+    )?;
     let store = (dot(&out.other, &g.other)? + dot(&out.last, &g.last)?)?.backward()?;
     grads.absorb(&store, &t.vars)?;
-    Ok(Adjoint { other: grad_or_zeros(&store, other.as_tensor())?, last: grad_or_zeros(&store, last.as_tensor())? })
+    Ok(Adjoint {
+        other: grad_or_zeros(&store, other.as_tensor())?,
+        last: grad_or_zeros(&store, last.as_tensor())?,
+    })
 }
 
 /// Undoes layer j: rebuilds the pair below from the pair above and returns the cotangents of
@@ -219,16 +320,39 @@ fn reversible_layer(
             let f = block.f(p.as_tensor(), layout, &ctx)?;
             let prev = match below {
                 Below::Float => coef.inverse(&s.other, &s.last, &f.detach())?,
-                Below::Exact { stored: Some(stored), .. } => stored[j].other.clone(),
-                Below::Exact { fp, bits, stored: None, .. } => {
-                    fp.two_step_inverse(ExactRule::for_step(&coef)?, coef.c, &s.other, &s.last, &f.detach(), bits[j].as_ref())?
-                }
+                Below::Exact {
+                    stored: Some(stored),
+                    ..
+                } => stored[j].other.clone(),
+                Below::Exact {
+                    fp,
+                    bits,
+                    stored: None,
+                    ..
+                } => fp.two_step_inverse(
+                    ExactRule::for_step(&coef)?,
+                    coef.c,
+                    &s.other,
+                    &s.last,
+                    &f.detach(),
+                    bits[j].as_ref(),
+                )?,
             };
             let store = dot(&f, &g.last.affine(coef.c, 0.0)?)?.backward()?;
             grads.absorb(&store, &t.vars)?;
-            let g_p = ((&g.other + grad_or_zeros(&store, p.as_tensor())?)? + g.last.affine(coef.b, 0.0)?)?;
+            let g_p = ((&g.other + grad_or_zeros(&store, p.as_tensor())?)?
+                + g.last.affine(coef.b, 0.0)?)?;
             let g_prev = g.last.affine(coef.a, 0.0)?;
-            Ok((States { other: prev, last: s.other.clone() }, Adjoint { other: g_prev, last: g_p }))
+            Ok((
+                States {
+                    other: prev,
+                    last: s.other.clone(),
+                },
+                Adjoint {
+                    other: g_prev,
+                    last: g_p,
+                },
+            ))
         }
         None => {
             // s = (q_j, p_j): undo p_j = p_{j-1} + h MLP(N2 q_j), then q_j = q_{j-1} + h Attn(N1 p_{j-1}).
@@ -237,7 +361,10 @@ fn reversible_layer(
             let m = block.mlp_branch(q.as_tensor(), &ctx)?;
             let p_prev = match below {
                 Below::Float => (&s.last - m.detach().affine(h, 0.0)?)?,
-                Below::Exact { stored: Some(stored), .. } => stored[j].last.clone(),
+                Below::Exact {
+                    stored: Some(stored),
+                    ..
+                } => stored[j].last.clone(),
                 Below::Exact { fp, .. } => fp.hamiltonian_undo_mlp(h, &s.last, &m.detach())?,
             };
             let store = dot(&m, &g.last.affine(h, 0.0)?)?.backward()?;
@@ -248,13 +375,25 @@ fn reversible_layer(
             let a = block.attention_branch(p.as_tensor(), layout, &ctx)?;
             let q_prev = match below {
                 Below::Float => (&s.other - a.detach().affine(h, 0.0)?)?,
-                Below::Exact { stored: Some(stored), .. } => stored[j].other.clone(),
+                Below::Exact {
+                    stored: Some(stored),
+                    ..
+                } => stored[j].other.clone(),
                 Below::Exact { fp, .. } => fp.hamiltonian_undo_attn(h, &s.other, &a.detach())?,
             };
             let store = dot(&a, &g_q.affine(h, 0.0)?)?.backward()?;
             grads.absorb(&store, &t.vars)?;
             let g_p = (&g.last + grad_or_zeros(&store, p.as_tensor())?)?;
-            Ok((States { other: q_prev, last: p_prev }, Adjoint { other: g_q, last: g_p }))
+            Ok((
+                States {
+                    other: q_prev,
+                    last: p_prev,
+                },
+                Adjoint {
+                    other: g_q,
+                    last: g_p,
+                },
+            ))
         }
     }
 }

@@ -24,16 +24,31 @@ pub struct LoopState {
 }
 
 /// Saves `names`/`vars` (weights), the optimizer and `state` into `dir`.
-pub fn save(dir: &Path, names: &[String], vars: &[Var], optimizer: &AdamW, state: &LoopState) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    names: &[String],
+    vars: &[Var],
+    optimizer: &AdamW,
+    state: &LoopState,
+) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
-    let tmp = parent.join(format!(".{}.tmp", dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")));
+    let tmp = parent.join(format!(
+        ".{}.tmp",
+        dir.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("checkpoint")
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
     let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
-    let weights: HashMap<String, Tensor> = names.iter().zip(vars).map(|(n, v)| Ok((n.clone(), cpu(v.as_tensor())?))).collect::<Result<_>>()?;
+    let weights: HashMap<String, Tensor> = names
+        .iter()
+        .zip(vars)
+        .map(|(n, v)| Ok((n.clone(), cpu(v.as_tensor())?)))
+        .collect::<Result<_>>()?;
     candle_core::safetensors::save(&weights, tmp.join("weights.safetensors"))?;
     let mut moments = HashMap::new();
     for (n, (m, v)) in names.iter().zip(&optimizer.moments) {
@@ -50,30 +65,50 @@ pub fn save(dir: &Path, names: &[String], vars: &[Var], optimizer: &AdamW, state
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
-    std::fs::rename(&tmp, dir).with_context(|| format!("publishing checkpoint {}", dir.display()))?;
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("publishing checkpoint {}", dir.display()))?;
     Ok(())
 }
 
 /// Restores weights and optimizer from `dir` into `vars`/`optimizer`; returns the loop state.
-pub fn load(dir: &Path, names: &[String], vars: &[Var], optimizer: &mut AdamW) -> Result<LoopState> {
+pub fn load(
+    dir: &Path,
+    names: &[String],
+    vars: &[Var],
+    optimizer: &mut AdamW,
+) -> Result<LoopState> {
     let read = |f: &str| -> Result<HashMap<String, Tensor>> {
         let path = dir.join(f);
-        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     };
     let weights = read("weights.safetensors")?;
     let moments = read("optimizer.safetensors")?;
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
     for (i, (n, var)) in names.iter().zip(vars).enumerate() {
-        let (Some(w), Some(m), Some(v)) = (weights.get(n), moments.get(&format!("{n}.m")), moments.get(&format!("{n}.v"))) else {
-            bail!("checkpoint {} lacks `{n}`: it was written for another model or settings", dir.display());
+        let (Some(w), Some(m), Some(v)) = (
+            weights.get(n),
+            moments.get(&format!("{n}.m")),
+            moments.get(&format!("{n}.v")),
+        ) else {
+            bail!(
+                "checkpoint {} lacks `{n}`: it was written for another model or settings",
+                dir.display()
+            );
         };
         if w.dims() != var.dims() {
-            bail!("checkpoint {}: `{n}` has shape {:?}, the model has {:?}", dir.display(), w.dims(), var.dims());
+            bail!(
+                "checkpoint {}: `{n}` has shape {:?}, the model has {:?}",
+                dir.display(),
+                w.dims(),
+                var.dims()
+            );
         }
         let dev = var.device();
         var.set(&w.to_dtype(var.dtype())?.to_device(dev)?)?;
         optimizer.moments[i] = (m.to_device(dev)?, v.to_device(dev)?);
     }
     optimizer.step = meta["optimizer_step"].as_u64().unwrap_or(0) as usize;
-    serde_json::from_value(meta["loop"].clone()).with_context(|| format!("{}: bad state.json", dir.display()))
+    serde_json::from_value(meta["loop"].clone())
+        .with_context(|| format!("{}: bad state.json", dir.display()))
 }

@@ -32,7 +32,10 @@ fn content_text(content: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         Value::Array(parts) => parts
             .iter()
-            .map(|p| (p.get("type")?.as_str()? == "text").then(|| p.get("text")?.as_str().map(String::from))?)
+            .map(|p| {
+                (p.get("type")?.as_str()? == "text")
+                    .then(|| p.get("text")?.as_str().map(String::from))?
+            })
             .collect::<Option<Vec<_>>>()
             .map(|v| v.concat()),
         Value::Null => Some(String::new()),
@@ -51,18 +54,28 @@ pub fn parse_line(line: &str) -> std::result::Result<Example, String> {
         }
         let mut out = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            let role = m.get("role").and_then(Value::as_str).ok_or(format!("messages[{i}] has no string `role`"))?;
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or(format!("messages[{i}] has no string `role`"))?;
             if !ROLES.contains(&role) {
-                return Err(format!("messages[{i}] has role `{role}`; expected one of {}", ROLES.join(", ")));
+                return Err(format!(
+                    "messages[{i}] has role `{role}`; expected one of {}",
+                    ROLES.join(", ")
+                ));
             }
-            let content = content_text(m.get("content").unwrap_or(&Value::Null))
-                .ok_or(format!("messages[{i}].content must be a string or an array of text parts"))?;
+            let content = content_text(m.get("content").unwrap_or(&Value::Null)).ok_or(format!(
+                "messages[{i}].content must be a string or an array of text parts"
+            ))?;
             if role != "assistant" && content.is_empty() && m.get("tool_calls").is_none() {
                 return Err(format!("messages[{i}] ({role}) has empty content"));
             }
             out.push(ChatMessage::new(role, &content));
         }
-        if !out.iter().any(|m| m.role == "assistant" && !m.content.is_empty()) {
+        if !out
+            .iter()
+            .any(|m| m.role == "assistant" && !m.content.is_empty())
+        {
             return Err("no assistant message with content: nothing to train on".into());
         }
         return Ok(Example::Chat(out));
@@ -72,10 +85,15 @@ pub fn parse_line(line: &str) -> std::result::Result<Example, String> {
             if c.is_empty() {
                 return Err("`completion` is empty: nothing to train on".into());
             }
-            Ok(Example::PromptCompletion { prompt: p.clone(), completion: c.clone() })
+            Ok(Example::PromptCompletion {
+                prompt: p.clone(),
+                completion: c.clone(),
+            })
         }
         (Some(_), Some(_)) => Err("`prompt` and `completion` must be strings".into()),
-        _ => Err("expected a `messages` array (chat format) or `prompt` and `completion` strings".into()),
+        _ => Err(
+            "expected a `messages` array (chat format) or `prompt` and `completion` strings".into(),
+        ),
     }
 }
 
@@ -89,11 +107,17 @@ pub fn parse_jsonl(text: &str) -> std::result::Result<Vec<Example>, Vec<LineErro
         }
         match parse_line(line) {
             Ok(e) => examples.push(e),
-            Err(reason) => errors.push(LineError { line: i + 1, reason }),
+            Err(reason) => errors.push(LineError {
+                line: i + 1,
+                reason,
+            }),
         }
     }
     if examples.is_empty() && errors.is_empty() {
-        errors.push(LineError { line: 1, reason: "the file has no examples".into() });
+        errors.push(LineError {
+            line: 1,
+            reason: "the file has no examples".into(),
+        });
     }
     if errors.is_empty() {
         Ok(examples)
@@ -104,7 +128,8 @@ pub fn parse_jsonl(text: &str) -> std::result::Result<Vec<Example>, Vec<LineErro
 
 /// Reads a JSONL file; the error names the file, the first failing lines and the fix.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     parse_jsonl(&text).map_err(|errors| {
         let shown: Vec<String> = errors.iter().take(5).map(|e| format!("{}:{}", path.display(), e)).collect();
         let more = if errors.len() > 5 { format!("\n... and {} more", errors.len() - 5) } else { String::new() };
@@ -131,7 +156,9 @@ impl TokenizedExample {
 }
 
 /// What to do with examples longer than the sequence length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
     Truncate,
@@ -140,12 +167,19 @@ pub enum Overflow {
 
 /// Tokenises an example. Chats train only on assistant turns (their content and end-of-turn
 /// marker); prompt/completion pairs train on the completion and an end-of-sequence token.
-pub fn tokenize(example: &Example, template: &ChatTemplate, tokenizer: &TextTokenizer) -> Result<TokenizedExample> {
+pub fn tokenize(
+    example: &Example,
+    template: &ChatTemplate,
+    tokenizer: &TextTokenizer,
+) -> Result<TokenizedExample> {
     let mut ids = Vec::new();
     let mut weights = Vec::new();
     let mut push = |text: &str, trained: bool, ids: &mut Vec<u32>| -> Result<()> {
         let piece = tokenizer.encode(text, true)?;
-        weights.extend(std::iter::repeat_n(if trained { 1.0 } else { 0.0 }, piece.len()));
+        weights.extend(std::iter::repeat_n(
+            if trained { 1.0 } else { 0.0 },
+            piece.len(),
+        ));
         ids.extend(piece);
         Ok(())
     };
@@ -173,7 +207,12 @@ pub fn tokenize(example: &Example, template: &ChatTemplate, tokenizer: &TextToke
 }
 
 /// Applies the overflow policy; `index` names the example in errors.
-pub fn fit_length(mut ex: TokenizedExample, max_len: usize, overflow: Overflow, index: usize) -> Result<TokenizedExample> {
+pub fn fit_length(
+    mut ex: TokenizedExample,
+    max_len: usize,
+    overflow: Overflow,
+    index: usize,
+) -> Result<TokenizedExample> {
     if ex.ids.len() > max_len {
         if overflow == Overflow::Refuse {
             bail!("example {} has {} tokens, more than the sequence length {max_len} (raise --seq-len or use --overflow truncate)", index + 1, ex.ids.len());
@@ -194,10 +233,23 @@ pub struct PaddedBatch {
 }
 
 /// Pads examples to the longest one; positions past an example's end get weight 0.
-pub fn pad_batch(examples: &[&TokenizedExample], pad_id: u32, device: &Device) -> Result<PaddedBatch> {
-    let t = examples.iter().map(|e| e.ids.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+pub fn pad_batch(
+    examples: &[&TokenizedExample],
+    pad_id: u32,
+    device: &Device,
+) -> Result<PaddedBatch> {
+    let t = examples
+        .iter()
+        .map(|e| e.ids.len().saturating_sub(1))
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let b = examples.len();
-    let (mut inputs, mut targets, mut weights) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    let (mut inputs, mut targets, mut weights) = (
+        Vec::with_capacity(b * t),
+        Vec::with_capacity(b * t),
+        Vec::with_capacity(b * t),
+    );
     let mut tokens = 0;
     for ex in examples {
         let n = ex.ids.len().saturating_sub(1);
@@ -231,7 +283,10 @@ pub fn length_batches(lengths: &[usize], batch_size: usize, seed: u64) -> Vec<Ve
     use rand::SeedableRng;
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| (lengths[i], i));
-    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect();
+    let mut batches: Vec<Vec<usize>> = order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
     batches.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     batches
 }
@@ -260,17 +315,35 @@ mod tests {
     #[test]
     fn array_content_is_flattened() {
         let e = parse_line(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},{"role":"assistant","content":"c"}]}"#).unwrap();
-        assert_eq!(e, Example::Chat(vec![ChatMessage::new("user", "ab"), ChatMessage::new("assistant", "c")]));
+        assert_eq!(
+            e,
+            Example::Chat(vec![
+                ChatMessage::new("user", "ab"),
+                ChatMessage::new("assistant", "c")
+            ])
+        );
     }
 
     #[test]
     fn padding_masks_past_the_end() {
-        let a = TokenizedExample { ids: vec![1, 2, 3], weights: vec![0.0, 1.0, 1.0] };
-        let b = TokenizedExample { ids: vec![4, 5], weights: vec![0.0, 1.0] };
+        let a = TokenizedExample {
+            ids: vec![1, 2, 3],
+            weights: vec![0.0, 1.0, 1.0],
+        };
+        let b = TokenizedExample {
+            ids: vec![4, 5],
+            weights: vec![0.0, 1.0],
+        };
         let p = pad_batch(&[&a, &b], 0, &Device::Cpu).unwrap();
-        assert_eq!(p.inputs.to_vec2::<u32>().unwrap(), vec![vec![1, 2], vec![4, 0]]);
+        assert_eq!(
+            p.inputs.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 2], vec![4, 0]]
+        );
         assert_eq!(p.targets.to_vec1::<u32>().unwrap(), vec![2, 3, 5, 0]);
-        assert_eq!(p.weights.to_vec1::<f32>().unwrap(), vec![1.0, 1.0, 1.0, 0.0]);
+        assert_eq!(
+            p.weights.to_vec1::<f32>().unwrap(),
+            vec![1.0, 1.0, 1.0, 0.0]
+        );
         assert_eq!(p.trained_tokens, 3);
     }
 

@@ -51,13 +51,19 @@ pub enum ExactRule {
 impl ExactRule {
     pub fn for_step(step: &TwoStep) -> Result<Self> {
         if step.a.abs() == 1.0 && step.b.fract() == 0.0 {
-            return Ok(Self::Unit { a: step.a, b: step.b });
+            return Ok(Self::Unit {
+                a: step.a,
+                b: step.b,
+            });
         }
         let k = -(-step.a).log2();
         if step.a < 0.0 && k.fract() == 0.0 && (1.0..=8.0).contains(&k) {
             return Ok(Self::DroppedBits { k: k as u32 });
         }
-        bail!("exact mode needs a = ±1 or a = -2^-k with 1 <= k <= 8; got a = {}", step.a)
+        bail!(
+            "exact mode needs a = ±1 or a = -2^-k with 1 <= k <= 8; got a = {}",
+            step.a
+        )
     }
 
     /// Bits per element per layer this rule must keep.
@@ -106,10 +112,19 @@ impl FixedPoint {
     }
 
     /// P_{j+1} and the dropped bits (u8) of one two-step layer; `f` is f_j(view(P_j)).
-    pub fn two_step_forward(&self, rule: ExactRule, c: f64, prev: &Tensor, cur: &Tensor, f: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn two_step_forward(
+        &self,
+        rule: ExactRule,
+        c: f64,
+        prev: &Tensor,
+        cur: &Tensor,
+        f: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let update = self.quantize_update(f, c)?;
         let (next, bits) = match rule {
-            ExactRule::Unit { a, b } => ((prev.affine(a, 0.0)? + cur.affine(b, 0.0)?)? + update, None),
+            ExactRule::Unit { a, b } => {
+                ((prev.affine(a, 0.0)? + cur.affine(b, 0.0)?)? + update, None)
+            }
             ExactRule::DroppedBits { k } => {
                 let unit = (1u64 << k) as f64;
                 let high = (prev / unit)?.floor()?;
@@ -124,13 +139,25 @@ impl FixedPoint {
     }
 
     /// Rebuilds P_{j-1} from (P_j, P_{j+1}), f_j(view(P_j)) and the kept bits.
-    pub fn two_step_inverse(&self, rule: ExactRule, c: f64, cur: &Tensor, next: &Tensor, f: &Tensor, bits: Option<&Tensor>) -> Result<Tensor> {
+    pub fn two_step_inverse(
+        &self,
+        rule: ExactRule,
+        c: f64,
+        cur: &Tensor,
+        next: &Tensor,
+        f: &Tensor,
+        bits: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let update = self.quantize_update(f, c)?;
         match rule {
-            ExactRule::Unit { a, b } => Ok(((next - cur.affine(b, 0.0)?)? - update)?.affine(a, 0.0)?),
+            ExactRule::Unit { a, b } => {
+                Ok(((next - cur.affine(b, 0.0)?)? - update)?.affine(a, 0.0)?)
+            }
             ExactRule::DroppedBits { k } => {
                 let unit = (1u64 << k) as f64;
-                let Some(bits) = bits else { bail!("exact rebuild needs the kept low bits") };
+                let Some(bits) = bits else {
+                    bail!("exact rebuild needs the kept low bits")
+                };
                 let b_cur = (cur + (cur / unit)?.floor()?)?;
                 let high = ((b_cur + update)? - next)?;
                 Ok(((high * unit)? + bits.to_dtype(DType::F64)?)?)
@@ -175,14 +202,23 @@ pub struct ExactForward {
 
 /// Runs `model`'s stack in fixed point from the embedding `e` (float). Seeding by an Euler
 /// step is not supported in exact mode (it would not be an integer update of the inputs).
-pub fn forward(model: &Model, fp: &FixedPoint, e: &Tensor, layout: &mut Layout<'_>, keep_states: bool) -> Result<ExactForward> {
+pub fn forward(
+    model: &Model,
+    fp: &FixedPoint,
+    e: &Tensor,
+    layout: &mut Layout<'_>,
+    keep_states: bool,
+) -> Result<ExactForward> {
     if model.reversible.first_scheme_layer() != 0 {
         bail!("exact mode needs `duplicate` seeding");
     }
     let dtype = model.residual_dtype;
     let ctx = model.ctx();
     let p0 = fp.encode(e)?;
-    let mut s = States { other: p0.clone(), last: p0 };
+    let mut s = States {
+        other: p0.clone(),
+        last: p0,
+    };
     let mut bits = Vec::with_capacity(model.layers.len());
     let mut stored = Vec::new();
     for (j, block) in model.layers.iter().enumerate() {
@@ -195,7 +231,10 @@ pub fn forward(model: &Model, fp: &FixedPoint, e: &Tensor, layout: &mut Layout<'
                 let f = block.f(&fp.view(&s.last, dtype)?, layout, &ctx)?;
                 let (next, kept) = fp.two_step_forward(rule, step.c, &s.other, &s.last, &f)?;
                 bits.push(kept);
-                States { other: s.last, last: next }
+                States {
+                    other: s.last,
+                    last: next,
+                }
             }
             None => {
                 let (q, p) = fp.hamiltonian_forward(
@@ -211,12 +250,21 @@ pub fn forward(model: &Model, fp: &FixedPoint, e: &Tensor, layout: &mut Layout<'
             }
         };
     }
-    Ok(ExactForward { top: s, bits, stored })
+    Ok(ExactForward {
+        top: s,
+        bits,
+        stored,
+    })
 }
 
 /// Rebuilds every layer's input pair from the top of `fwd` with the fixed-point inverse
 /// (index j holds the pair layer j consumed, like `fwd.stored`).
-pub fn rebuild_all(model: &Model, fp: &FixedPoint, fwd: &ExactForward, layout: &mut Layout<'_>) -> Result<Vec<States>> {
+pub fn rebuild_all(
+    model: &Model,
+    fp: &FixedPoint,
+    fwd: &ExactForward,
+    layout: &mut Layout<'_>,
+) -> Result<Vec<States>> {
     let dtype = model.residual_dtype;
     let ctx = model.ctx();
     let mut s = fwd.top.clone();
@@ -226,13 +274,31 @@ pub fn rebuild_all(model: &Model, fp: &FixedPoint, fwd: &ExactForward, layout: &
         s = match model.reversible.two_step(j) {
             Some(step) => {
                 let f = block.f(&fp.view(&s.other, dtype)?, layout, &ctx)?;
-                let prev = fp.two_step_inverse(ExactRule::for_step(&step)?, step.c, &s.other, &s.last, &f, fwd.bits[j].as_ref())?;
-                States { other: prev, last: s.other.clone() }
+                let prev = fp.two_step_inverse(
+                    ExactRule::for_step(&step)?,
+                    step.c,
+                    &s.other,
+                    &s.last,
+                    &f,
+                    fwd.bits[j].as_ref(),
+                )?;
+                States {
+                    other: prev,
+                    last: s.other.clone(),
+                }
             }
             None => {
                 let h = model.reversible.h;
-                let p = fp.hamiltonian_undo_mlp(h, &s.last, &block.mlp_branch(&fp.view(&s.other, dtype)?, &ctx)?)?;
-                let q = fp.hamiltonian_undo_attn(h, &s.other, &block.attention_branch(&fp.view(&p, dtype)?, layout, &ctx)?)?;
+                let p = fp.hamiltonian_undo_mlp(
+                    h,
+                    &s.last,
+                    &block.mlp_branch(&fp.view(&s.other, dtype)?, &ctx)?,
+                )?;
+                let q = fp.hamiltonian_undo_attn(
+                    h,
+                    &s.other,
+                    &block.attention_branch(&fp.view(&p, dtype)?, layout, &ctx)?,
+                )?;
                 States { other: q, last: p }
             }
         };
@@ -277,27 +343,59 @@ mod tests {
     #[test]
     fn dropped_bits_rule_is_bit_exact() {
         let fp = FixedPoint::default();
-        let rule = ExactRule::for_step(&TwoStep { a: -0.125, b: 1.125, c: 1.0 }).unwrap();
+        let rule = ExactRule::for_step(&TwoStep {
+            a: -0.125,
+            b: 1.125,
+            c: 1.0,
+        })
+        .unwrap();
         assert_eq!(rule, ExactRule::DroppedBits { k: 3 });
         let prev = ints(&[12345.0, -12345.0, 7.0, -1.0, 0.0]);
         let cur = ints(&[-999.0, 31.0, 8.0, 5.0, -3.0]);
         let f = Tensor::new(&[0.1f32, -2.5, 3e-3, 0.0, 1.0], &Device::Cpu).unwrap();
         let (next, bits) = fp.two_step_forward(rule, 1.0, &prev, &cur, &f).unwrap();
-        let back = fp.two_step_inverse(rule, 1.0, &cur, &next, &f, bits.as_ref()).unwrap();
-        assert_eq!(back.to_vec1::<f64>().unwrap(), prev.to_vec1::<f64>().unwrap());
-        assert!(bits.unwrap().to_vec1::<u8>().unwrap().iter().all(|&b| b < 8));
+        let back = fp
+            .two_step_inverse(rule, 1.0, &cur, &next, &f, bits.as_ref())
+            .unwrap();
+        assert_eq!(
+            back.to_vec1::<f64>().unwrap(),
+            prev.to_vec1::<f64>().unwrap()
+        );
+        assert!(bits
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap()
+            .iter()
+            .all(|&b| b < 8));
     }
 
     #[test]
     fn overflow_is_refused() {
         let fp = FixedPoint { frac_bits: 50 };
-        let err = fp.encode(&Tensor::new(&[100.0f32], &Device::Cpu).unwrap()).unwrap_err().to_string();
+        let err = fp
+            .encode(&Tensor::new(&[100.0f32], &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("fixed-point overflow"), "{err}");
     }
 
     #[test]
     fn rules_need_unit_or_power_of_two_blend() {
-        assert!(ExactRule::for_step(&TwoStep { a: -0.1, b: 1.1, c: 1.0 }).is_err());
-        assert_eq!(ExactRule::for_step(&TwoStep { a: 1.0, b: 0.0, c: 2.0 }).unwrap().buffer_bits(), 0);
+        assert!(ExactRule::for_step(&TwoStep {
+            a: -0.1,
+            b: 1.1,
+            c: 1.0
+        })
+        .is_err());
+        assert_eq!(
+            ExactRule::for_step(&TwoStep {
+                a: 1.0,
+                b: 0.0,
+                c: 2.0
+            })
+            .unwrap()
+            .buffer_bits(),
+            0
+        );
     }
 }

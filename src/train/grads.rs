@@ -10,7 +10,9 @@ pub struct Grads {
 
 impl Grads {
     pub fn new(n: usize) -> Self {
-        Self { grads: vec![None; n] }
+        Self {
+            grads: vec![None; n],
+        }
     }
 
     /// Adds the gradients `store` holds for `vars`.
@@ -54,7 +56,11 @@ impl Grads {
     pub fn global_norm(&self) -> Result<f64> {
         let mut sum = 0.0;
         for g in self.grads.iter().flatten() {
-            sum += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            sum += g
+                .to_dtype(candle_core::DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         Ok(sum.sqrt())
     }

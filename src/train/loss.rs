@@ -20,7 +20,10 @@ pub enum Objective<'a> {
     NextToken,
     /// Distillation: KL(teacher || student) per row, the teacher's logits rebuilt chunk by
     /// chunk from its final hidden states (N, d) so they never exist whole either.
-    Distill { teacher: &'a Model, teacher_hidden: Tensor },
+    Distill {
+        teacher: &'a Model,
+        teacher_hidden: Tensor,
+    },
 }
 
 /// What the head pass returns.
@@ -53,7 +56,10 @@ pub fn chunked_head_loss(
         let len = chunk_rows.min(n - start);
         let h = Var::from_tensor(&hidden.narrow(0, start, len)?)?;
         let ids = targets.ids.narrow(0, start, len)?;
-        let w = targets.weights.narrow(0, start, len)?.to_dtype(hidden.dtype())?;
+        let w = targets
+            .weights
+            .narrow(0, start, len)?
+            .to_dtype(hidden.dtype())?;
         let token_loss = row_loss(&model.logits(h.as_tensor())?, &ids, objective, start)?; // (len,)
         let chunk_loss = ((token_loss * w)?.sum_all()? / normalizer)?;
         loss += chunk_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -62,31 +68,62 @@ pub fn chunked_head_loss(
         grad_chunks.push(grad_or_zeros(&store, h.as_tensor())?);
         start += len;
     }
-    Ok(HeadOutput { loss, grad_hidden: Tensor::cat(&grad_chunks, 0)? })
+    Ok(HeadOutput {
+        loss,
+        grad_hidden: Tensor::cat(&grad_chunks, 0)?,
+    })
 }
 
 /// Loss of each row of a chunk of logits starting at row `start` of the batch.
-fn row_loss(logits: &Tensor, ids: &Tensor, objective: &Objective<'_>, start: usize) -> Result<Tensor> {
+fn row_loss(
+    logits: &Tensor,
+    ids: &Tensor,
+    objective: &Objective<'_>,
+    start: usize,
+) -> Result<Tensor> {
     match objective {
         Objective::NextToken => cross_entropy_rows(logits, ids),
-        Objective::Distill { teacher, teacher_hidden } => {
-            let t = teacher.logits(&teacher_hidden.narrow(0, start, logits.dim(0)?)?)?.to_dtype(logits.dtype())?.detach();
+        Objective::Distill {
+            teacher,
+            teacher_hidden,
+        } => {
+            let t = teacher
+                .logits(&teacher_hidden.narrow(0, start, logits.dim(0)?)?)?
+                .to_dtype(logits.dtype())?
+                .detach();
             kl_rows(&t, logits)
         }
     }
 }
 
 /// Weighted sum of row losses of `model`'s head on `hidden` (no gradients), chunked.
-pub fn head_loss_sum(model: &Model, hidden: &Tensor, targets: &Targets, objective: &Objective<'_>, chunk_rows: usize) -> Result<f64> {
+pub fn head_loss_sum(
+    model: &Model,
+    hidden: &Tensor,
+    targets: &Targets,
+    objective: &Objective<'_>,
+    chunk_rows: usize,
+) -> Result<f64> {
     let n = hidden.dim(0)?;
     let mut total = 0.0;
     let mut start = 0;
     while start < n {
         let len = chunk_rows.min(n - start);
         let logits = model.logits(&hidden.narrow(0, start, len)?)?;
-        let loss = row_loss(&logits, &targets.ids.narrow(0, start, len)?, objective, start)?;
-        let w = targets.weights.narrow(0, start, len)?.to_dtype(loss.dtype())?;
-        total += (loss * w)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let loss = row_loss(
+            &logits,
+            &targets.ids.narrow(0, start, len)?,
+            objective,
+            start,
+        )?;
+        let w = targets
+            .weights
+            .narrow(0, start, len)?
+            .to_dtype(loss.dtype())?;
+        total += (loss * w)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         start += len;
     }
     Ok(total)
@@ -108,7 +145,12 @@ pub fn kl_rows(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
 /// -log softmax(logits)[target] per row, computed stably: logsumexp - logit[target].
 pub fn cross_entropy_rows(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
     let picked = logits.gather(&ids.unsqueeze(1)?, 1)?;
     (lse - picked)?.squeeze(1)
 }

@@ -19,7 +19,14 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: 1.0 }
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+        }
     }
 }
 
@@ -39,7 +46,8 @@ impl Schedule {
         }
         let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1);
         let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
-        self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.min_ratio
+            + (1.0 - self.min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 }
 
@@ -62,12 +70,20 @@ impl AdamW {
         let moments = vars
             .iter()
             .map(|v| {
-                let dtype = if v.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+                let dtype = if v.dtype() == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
                 let z = Tensor::zeros(v.shape(), dtype, v.device())?;
                 Ok((z.clone(), z))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { config, moments, step: 0 })
+        Ok(Self {
+            config,
+            moments,
+            step: 0,
+        })
     }
 
     /// Clips `grads` to the configured global norm and applies one AdamW update with rate
@@ -94,7 +110,9 @@ impl AdamW {
             let step = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
             let w = var.as_tensor().detach();
             // Decoupled weight decay (Loshchilov & Hutter): shrink the weight, then the Adam step.
-            let updated = ((w.affine(1.0 - lr * c.weight_decay, 0.0)? - step.affine(lr, 0.0)?.to_dtype(w.dtype())?)?).detach();
+            let updated = ((w.affine(1.0 - lr * c.weight_decay, 0.0)?
+                - step.affine(lr, 0.0)?.to_dtype(w.dtype())?)?)
+            .detach();
             var.set(&updated)?;
         }
         Ok(UpdateStats { grad_norm, lr })
@@ -108,7 +126,11 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let s = Schedule { warmup_steps: 10, total_steps: 110, min_ratio: 0.1 };
+        let s = Schedule {
+            warmup_steps: 10,
+            total_steps: 110,
+            min_ratio: 0.1,
+        };
         assert!((s.factor(0) - 0.1).abs() < 1e-12);
         assert!((s.factor(9) - 1.0).abs() < 1e-12);
         assert!((s.factor(60) - 0.55).abs() < 1e-12);
@@ -120,13 +142,23 @@ mod tests {
     fn adamw_matches_reference_rule() {
         let dev = Device::Cpu;
         let var = Var::from_vec(vec![1.0f64, -2.0], 2, &dev).unwrap();
-        let config = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.01, max_grad_norm: 0.0 };
+        let config = AdamWConfig {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            max_grad_norm: 0.0,
+        };
         let mut opt = AdamW::new(config.clone(), std::slice::from_ref(&var)).unwrap();
         let gs = [[0.5f64, -1.0], [0.25, 2.0]];
         let (mut w, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
         for (t, g) in gs.iter().enumerate() {
-            let mut grads = Grads { grads: vec![Some(Tensor::new(&g[..], &dev).unwrap())] };
-            opt.update(std::slice::from_ref(&var), &mut grads, config.lr).unwrap();
+            let mut grads = Grads {
+                grads: vec![Some(Tensor::new(&g[..], &dev).unwrap())],
+            };
+            opt.update(std::slice::from_ref(&var), &mut grads, config.lr)
+                .unwrap();
             for i in 0..2 {
                 m[i] = 0.9 * m[i] + 0.1 * g[i];
                 v[i] = 0.99 * v[i] + 0.01 * g[i] * g[i];

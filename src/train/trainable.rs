@@ -25,7 +25,11 @@ impl Trainable {
         let mut names = Vec::new();
         let mut vars = Vec::new();
         for (name, t) in model.parameters_mut() {
-            let master = t.to_dtype(if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 })?;
+            let master = t.to_dtype(if t.dtype() == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            })?;
             if train(&name) {
                 let var = Var::from_tensor(&master)?;
                 *t = var.as_tensor().clone();
@@ -39,7 +43,12 @@ impl Trainable {
         for (_, t) in frozen.parameters_mut() {
             *t = t.detach();
         }
-        Ok(Self { graph: model, frozen, names, vars })
+        Ok(Self {
+            graph: model,
+            frozen,
+            names,
+            vars,
+        })
     }
 
     /// Total number of trainable scalars.

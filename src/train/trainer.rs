@@ -2,8 +2,8 @@
 //! warmup + cosine decay, validation loss per epoch, checkpoints, NaN guard, and progress
 //! reported to an observer (the CLI's progress bar, or a job's event log).
 
-use crate::model::decoder::Model;
 use crate::model::block::Layout;
+use crate::model::decoder::Model;
 use crate::train::backward::{loss_and_grads, Batch, Strategy, HEAD_CHUNK_ROWS};
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::data::{length_batches, pad_batch, TokenizedExample};
@@ -95,7 +95,11 @@ pub struct TrainOutcome {
 pub fn peak_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -118,14 +122,34 @@ fn batch_of<'a>(
     let refs: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
     let p = pad_batch(&refs, pad_id, device)?;
     let objective = match teacher {
-        Some(teacher) => Objective::Distill { teacher, teacher_hidden: hidden_states(teacher, &p.inputs)? },
+        Some(teacher) => Objective::Distill {
+            teacher,
+            teacher_hidden: hidden_states(teacher, &p.inputs)?,
+        },
         None => Objective::NextToken,
     };
-    Ok((Batch { inputs: p.inputs, targets: Targets { ids: p.targets, weights: p.weights }, objective }, p.trained_tokens, p.tokens))
+    Ok((
+        Batch {
+            inputs: p.inputs,
+            targets: Targets {
+                ids: p.targets,
+                weights: p.weights,
+            },
+            objective,
+        },
+        p.trained_tokens,
+        p.tokens,
+    ))
 }
 
 /// Mean loss per trained token over `examples` (no update): cross-entropy, or KL to `teacher`.
-pub fn evaluate(t: &Trainable, examples: &[TokenizedExample], config: &TrainConfig, pad_id: u32, teacher: Option<&Model>) -> Result<f64> {
+pub fn evaluate(
+    t: &Trainable,
+    examples: &[TokenizedExample],
+    config: &TrainConfig,
+    pad_id: u32,
+    teacher: Option<&Model>,
+) -> Result<f64> {
     let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     let (mut total, mut count) = (0.0, 0usize);
     for indices in length_batches(&lengths, config.batch_size, 0) {
@@ -134,10 +158,20 @@ pub fn evaluate(t: &Trainable, examples: &[TokenizedExample], config: &TrainConf
             continue;
         }
         let hidden = hidden_states(&t.frozen, &batch.inputs)?;
-        total += head_loss_sum(&t.frozen, &hidden, &batch.targets, &batch.objective, HEAD_CHUNK_ROWS)?;
+        total += head_loss_sum(
+            &t.frozen,
+            &hidden,
+            &batch.targets,
+            &batch.objective,
+            HEAD_CHUNK_ROWS,
+        )?;
         count += trained;
     }
-    Ok(if count == 0 { f64::NAN } else { total / count as f64 })
+    Ok(if count == 0 {
+        f64::NAN
+    } else {
+        total / count as f64
+    })
 }
 
 /// Trains `model` on `train`, validating on `validation` after each epoch. With a `teacher`,
@@ -156,23 +190,44 @@ pub fn train(
         bail!("no training examples");
     }
     let only = config.train_only.clone();
-    let t = Trainable::new(model, |name| only.is_empty() || only.iter().any(|o| name.contains(o.as_str())))?;
+    let t = Trainable::new(model, |name| {
+        only.is_empty() || only.iter().any(|o| name.contains(o.as_str()))
+    })?;
     if t.vars.is_empty() {
-        bail!("no parameter matches {:?}: nothing to train", config.train_only);
+        bail!(
+            "no parameter matches {:?}: nothing to train",
+            config.train_only
+        );
     }
     let device = t.frozen.device.clone();
     let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
     let batches_per_epoch = train.len().div_ceil(config.batch_size.max(1));
     let steps_per_epoch = batches_per_epoch.div_ceil(config.grad_accum.max(1));
     let total_steps = steps_per_epoch * config.epochs;
-    let schedule = Schedule { warmup_steps: ((total_steps as f64) * config.warmup_ratio).ceil() as usize, total_steps, min_ratio: 0.1 };
+    let schedule = Schedule {
+        warmup_steps: ((total_steps as f64) * config.warmup_ratio).ceil() as usize,
+        total_steps,
+        min_ratio: 0.1,
+    };
     let mut optimizer = AdamW::new(config.optimizer.clone(), &t.vars)?;
 
-    let mut state = LoopState { step: 0, epoch: 0, batch_in_epoch: 0, seed: config.seed, losses: Vec::new(), trained_tokens: 0 };
+    let mut state = LoopState {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        seed: config.seed,
+        losses: Vec::new(),
+        trained_tokens: 0,
+    };
     if let Some(dir) = &config.checkpoint_dir {
         if dir.join("state.json").exists() {
             state = checkpoint::load(dir, &t.names, &t.vars, &mut optimizer)?;
-            tracing::info!(step = state.step, epoch = state.epoch, "resumed from checkpoint {}", dir.display());
+            tracing::info!(
+                step = state.step,
+                epoch = state.epoch,
+                "resumed from checkpoint {}",
+                dir.display()
+            );
         }
     }
     let save = |state: &LoopState, optimizer: &AdamW, observer: &mut dyn Observer| -> Result<()> {
@@ -186,7 +241,11 @@ pub fn train(
     let mut validation_loss = None;
     let mut cancelled = false;
     'epochs: while state.epoch < config.epochs {
-        let batches = length_batches(&lengths, config.batch_size, config.seed.wrapping_add(state.epoch as u64));
+        let batches = length_batches(
+            &lengths,
+            config.batch_size,
+            config.seed.wrapping_add(state.epoch as u64),
+        );
         let groups: Vec<&[Vec<usize>]> = batches.chunks(config.grad_accum.max(1)).collect();
         while state.batch_in_epoch < groups.len() {
             if observer.cancelled() {
@@ -195,13 +254,22 @@ pub fn train(
             }
             let started = Instant::now();
             let group = groups[state.batch_in_epoch];
-            let parts: Vec<(Batch, usize, usize)> = group.iter().map(|ix| batch_of(train, ix, pad_id, &device, teacher)).collect::<Result<_>>()?;
+            let parts: Vec<(Batch, usize, usize)> = group
+                .iter()
+                .map(|ix| batch_of(train, ix, pad_id, &device, teacher))
+                .collect::<Result<_>>()?;
             let trained: usize = parts.iter().map(|p| p.1).sum();
             let tokens: usize = parts.iter().map(|p| p.2).sum();
             let mut grads = Grads::new(t.vars.len());
             let mut loss = 0.0;
             for (batch, _, _) in &parts {
-                let out = loss_and_grads(&t, batch, config.strategy, trained.max(1) as f64, config.exact)?;
+                let out = loss_and_grads(
+                    &t,
+                    batch,
+                    config.strategy,
+                    trained.max(1) as f64,
+                    config.exact,
+                )?;
                 loss += out.loss;
                 grads.add(out.grads)?;
             }

@@ -21,21 +21,34 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn write_tiny_model(template_name: &str, template: &str) -> (tempfile::TempDir, PathBuf) {
     use rewind::model::chat_template::ChatTemplate;
     use rewind::model::config::ModelConfig;
-    use rewind::model::loader::{build_model, random::RandomSource, save::save_model, WeightFormat};
+    use rewind::model::loader::{
+        build_model, random::RandomSource, save::save_model, WeightFormat,
+    };
     use rewind::model::reversible::ReversibleConfig;
     use rewind::model::tokenizer::TextTokenizer;
     let mut file = std::fs::File::open(default_model()).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let tokenizer = TextTokenizer::from_gguf_metadata(&content.metadata).unwrap();
-    let template = ChatTemplate::new(template_name, template, "<|im_start|>", "<|im_end|>").unwrap();
+    let template =
+        ChatTemplate::new(template_name, template, "<|im_start|>", "<|im_end|>").unwrap();
     let config: ModelConfig = serde_json::from_value(serde_json::json!({
         "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": tokenizer.vocab_size(),
         "max_position_embeddings": 4096, "tie_word_embeddings": true
     }))
     .unwrap();
-    let src = RandomSource { seed: 7, separate_head: false };
-    let model = build_model(&config, ReversibleConfig::euler(), &src, WeightFormat::F32, &candle_core::Device::Cpu).unwrap();
+    let src = RandomSource {
+        seed: 7,
+        separate_head: false,
+    };
+    let model = build_model(
+        &config,
+        ReversibleConfig::euler(),
+        &src,
+        WeightFormat::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tiny");
     save_model(&model, &tokenizer, &template, &dir, candle_core::DType::F32).unwrap();

@@ -28,8 +28,10 @@ pub fn is_delta(path: &Path) -> bool {
 /// The manifest of a delta directory.
 pub fn manifest(dir: &Path) -> Result<DeltaManifest> {
     let path = dir.join("delta.json");
-    serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
-        .with_context(|| format!("{}: invalid delta manifest", path.display()))
+    serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid delta manifest", path.display()))
 }
 
 /// Writes `model`'s parameters (only the norms when `norms_only`) and scheme as a delta over
@@ -43,33 +45,51 @@ pub fn save(model: &mut Model, base: &Path, norms_only: bool, dir: &Path) -> Res
         .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?)))
         .collect::<Result<_>>()?;
     let manifest = DeltaManifest {
-        base: base.file_name().and_then(|n| n.to_str()).context("base model path has no file name")?.to_string(),
+        base: base
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("base model path has no file name")?
+            .to_string(),
         reversible: model.reversible.clone(),
         parameters: tensors.values().map(Tensor::elem_count).sum(),
     };
     let tmp = dir.join("weights.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join("weights.safetensors"))?;
-    std::fs::write(dir.join("delta.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::write(
+        dir.join("delta.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
     Ok(())
 }
 
 /// Replaces parameters of `model` by those stored in `path`.
 pub fn apply(model: &mut Model, path: &Path) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let device = model.device.clone();
     let mut found = 0;
     for (name, t) in model.parameters_mut() {
         if let Some(new) = tensors.get(&name) {
             if new.dims() != t.dims() {
-                bail!("{}: `{name}` has shape {:?}, the model has {:?}", path.display(), new.dims(), t.dims());
+                bail!(
+                    "{}: `{name}` has shape {:?}, the model has {:?}",
+                    path.display(),
+                    new.dims(),
+                    t.dims()
+                );
             }
             *t = new.to_dtype(t.dtype())?.to_device(&device)?;
             found += 1;
         }
     }
     if found != tensors.len() {
-        bail!("{}: {} of its {} tensors match no parameter of the base model", path.display(), tensors.len() - found, tensors.len());
+        bail!(
+            "{}: {} of its {} tensors match no parameter of the base model",
+            path.display(),
+            tensors.len() - found,
+            tensors.len()
+        );
     }
     Ok(())
 }
@@ -80,10 +100,20 @@ pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let manifest = manifest(dir)?;
     let base = dir.parent().unwrap_or(Path::new(".")).join(&manifest.base);
     if !base.exists() {
-        bail!("{}: its base model {} is missing (run `rewind pull`)", dir.display(), base.display());
+        bail!(
+            "{}: its base model {} is missing (run `rewind pull`)",
+            dir.display(),
+            base.display()
+        );
     }
     let reversible = options.reversible.clone().unwrap_or(manifest.reversible);
-    let mut loaded = load(&base, &LoadOptions { reversible: Some(reversible), ..options.clone() })?;
+    let mut loaded = load(
+        &base,
+        &LoadOptions {
+            reversible: Some(reversible),
+            ..options.clone()
+        },
+    )?;
     apply(&mut loaded.model, &dir.join("weights.safetensors"))?;
     loaded.source = dir.to_path_buf();
     Ok(loaded)

@@ -28,7 +28,12 @@ impl GgufSource {
             .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file ({e})", path.display()))?;
         let config = config_from_metadata(&content.metadata, &content)
             .with_context(|| format!("{}: reading model hyperparameters", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), content, file: Mutex::new(file), config })
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            file: Mutex::new(file),
+            config,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -40,7 +45,10 @@ impl GgufSource {
     }
 
     fn read(&self, gguf_name: &str) -> Result<QTensor> {
-        let mut file = self.file.lock().map_err(|_| anyhow::anyhow!("GGUF reader poisoned"))?;
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| anyhow::anyhow!("GGUF reader poisoned"))?;
         self.content
             .tensor(&mut *file, gguf_name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor `{gguf_name}`: {e}", self.path.display()))
@@ -48,21 +56,31 @@ impl GgufSource {
 }
 
 fn meta<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
-    metadata.get(key).with_context(|| format!("missing metadata key `{key}`"))
+    metadata
+        .get(key)
+        .with_context(|| format!("missing metadata key `{key}`"))
 }
 
 fn meta_usize(metadata: &HashMap<String, Value>, key: &str) -> Result<usize> {
     let value = meta(metadata, key)?;
     // Writers differ in the integer width they use for counts.
-    let n = value.to_u64().or_else(|_| value.to_u32().map(u64::from)).or_else(|_| value.to_i32().map(|v| v.max(0) as u64))?;
+    let n = value
+        .to_u64()
+        .or_else(|_| value.to_u32().map(u64::from))
+        .or_else(|_| value.to_i32().map(|v| v.max(0) as u64))?;
     Ok(n as usize)
 }
 
 fn meta_f64(metadata: &HashMap<String, Value>, key: &str) -> Option<f64> {
-    metadata.get(key).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
+    metadata
+        .get(key)
+        .and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
 }
 
-fn config_from_metadata(metadata: &HashMap<String, Value>, content: &Content) -> Result<ModelConfig> {
+fn config_from_metadata(
+    metadata: &HashMap<String, Value>,
+    content: &Content,
+) -> Result<ModelConfig> {
     let arch_name = meta(metadata, "general.architecture")?.to_string()?.clone();
     let architecture = Architecture::parse(&arch_name)?;
     let p = |k: &str| format!("{arch_name}.{k}");
@@ -160,7 +178,9 @@ impl WeightSource for GgufSource {
     }
 
     fn load(&self, name: &str, format: WeightFormat, device: &Device) -> Result<Weight> {
-        let gname = gguf_name(name).with_context(|| format!("{}: no GGUF name for tensor `{name}`", self.path.display()))?;
+        let gname = gguf_name(name).with_context(|| {
+            format!("{}: no GGUF name for tensor `{name}`", self.path.display())
+        })?;
         if !self.content.tensor_infos.contains_key(&gname) {
             bail!("{}: missing tensor `{gname}` ({name})", self.path.display());
         }
@@ -181,7 +201,11 @@ impl WeightSource for GgufSource {
                     permute_qtensor_rows(&q, &order)?
                 } else {
                     let t = q.dequantize(&Device::Cpu)?;
-                    let idx = Tensor::from_vec(order.iter().map(|&i| i as u32).collect::<Vec<_>>(), rows, &Device::Cpu)?;
+                    let idx = Tensor::from_vec(
+                        order.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                        rows,
+                        &Device::Cpu,
+                    )?;
                     QTensor::quantize(&t.index_select(&idx, 0)?, GgmlDType::F32)?
                 };
             }
@@ -192,7 +216,12 @@ impl WeightSource for GgufSource {
         if keep_quantized {
             // candle's CPU kernels for Q4_1/Q5_0/Q5_1 are scalar (3x slower than f32 here);
             // Q8_0 has a SIMD kernel and holds these 4/5-bit values almost exactly.
-            if device.is_cpu() && matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+            if device.is_cpu()
+                && matches!(
+                    q.dtype(),
+                    GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+                )
+            {
                 q = QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?;
             }
             if device.is_cpu() {
@@ -200,9 +229,15 @@ impl WeightSource for GgufSource {
             }
             let data = q.data()?;
             let storage = QStorage::from_data(Cow::Borrowed(&data), device, q.dtype())?;
-            return Ok(Weight::Quantized(Arc::new(QTensor::new(storage, q.shape().clone())?)));
+            return Ok(Weight::Quantized(Arc::new(QTensor::new(
+                storage,
+                q.shape().clone(),
+            )?)));
         }
-        let dense = q.dequantize(&Device::Cpu)?.to_dtype(format.dense_dtype())?.to_device(device)?;
+        let dense = q
+            .dequantize(&Device::Cpu)?
+            .to_dtype(format.dense_dtype())?
+            .to_device(device)?;
         Ok(Weight::Dense(dense))
     }
 }
@@ -213,9 +248,18 @@ mod tests {
 
     #[test]
     fn names_map_to_llama_cpp() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("blk.3.attn_q.weight"));
-        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
-        assert_eq!(gguf_name("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(),
+            Some("blk.3.attn_q.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
         assert_eq!(gguf_name("model.layers.0.bogus.weight"), None);
     }
 

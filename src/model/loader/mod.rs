@@ -21,7 +21,17 @@ use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
 /// How weights are held in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightFormat {
     #[default]
@@ -49,16 +59,33 @@ pub trait WeightSource {
     fn contains(&self, name: &str) -> bool;
     fn load(&self, name: &str, format: WeightFormat, device: &Device) -> Result<Weight>;
     /// Loads `name` knowing its expected shape (sources that generate weights need it).
-    fn load_shaped(&self, name: &str, _shape: &[usize], format: WeightFormat, device: &Device) -> Result<Weight> {
+    fn load_shaped(
+        &self,
+        name: &str,
+        _shape: &[usize],
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Weight> {
         self.load(name, format, device)
     }
 }
 
 /// Loads `name` and checks its shape; the error names the file and tensor.
-fn load_checked(src: &dyn WeightSource, name: &str, shape: &[usize], format: WeightFormat, device: &Device) -> Result<Weight> {
+fn load_checked(
+    src: &dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    format: WeightFormat,
+    device: &Device,
+) -> Result<Weight> {
     let w = src.load_shaped(name, shape, format, device)?;
     if w.shape() != shape {
-        bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", src.path().display(), w.shape(), shape);
+        bail!(
+            "{}: tensor `{name}` has shape {:?}, expected {:?}",
+            src.path().display(),
+            w.shape(),
+            shape
+        );
     }
     Ok(w)
 }
@@ -81,7 +108,11 @@ pub fn build_model(
     let (q_dim, kv_dim) = (config.num_attention_heads * hd, config.kv_dim());
     let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
         let w = load_checked(src, &format!("{name}.weight"), &[out, inp], format, device)?;
-        let b = if bias { Some(load_vector(src, &format!("{name}.bias"), out, device)?) } else { None };
+        let b = if bias {
+            Some(load_vector(src, &format!("{name}.bias"), out, device)?)
+        } else {
+            None
+        };
         Ok(Linear::new(w, b)?)
     };
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -98,19 +129,49 @@ pub fn build_model(
             head_dim: hd,
         };
         let mlp = Mlp {
-            gate_proj: linear(&format!("{p}.mlp.gate_proj"), config.intermediate_size, d, false)?,
-            up_proj: linear(&format!("{p}.mlp.up_proj"), config.intermediate_size, d, false)?,
-            down_proj: linear(&format!("{p}.mlp.down_proj"), d, config.intermediate_size, false)?,
+            gate_proj: linear(
+                &format!("{p}.mlp.gate_proj"),
+                config.intermediate_size,
+                d,
+                false,
+            )?,
+            up_proj: linear(
+                &format!("{p}.mlp.up_proj"),
+                config.intermediate_size,
+                d,
+                false,
+            )?,
+            down_proj: linear(
+                &format!("{p}.mlp.down_proj"),
+                d,
+                config.intermediate_size,
+                false,
+            )?,
         };
         let norms = (
             load_vector(src, &format!("{p}.input_layernorm.weight"), d, device)?,
-            load_vector(src, &format!("{p}.post_attention_layernorm.weight"), d, device)?,
+            load_vector(
+                src,
+                &format!("{p}.post_attention_layernorm.weight"),
+                d,
+                device,
+            )?,
         );
         layers.push(Block::new(config, attn, mlp, norms));
     }
-    let embed = load_checked(src, "model.embed_tokens.weight", &[config.vocab_size, d], format, device)?;
+    let embed = load_checked(
+        src,
+        "model.embed_tokens.weight",
+        &[config.vocab_size, d],
+        format,
+        device,
+    )?;
     let tied = config.tie_word_embeddings || !src.contains("lm_head.weight");
-    let lm_head = if tied { None } else { Some(linear("lm_head", config.vocab_size, d, false)?) };
+    let lm_head = if tied {
+        None
+    } else {
+        Some(linear("lm_head", config.vocab_size, d, false)?)
+    };
     Ok(Model {
         config: config.clone(),
         reversible,
@@ -118,7 +179,12 @@ pub fn build_model(
         layers,
         norm: load_vector(src, "model.norm.weight", d, device)?,
         lm_head,
-        rope: RopeTables::new(hd, config.rope_theta, config.max_position_embeddings, device)?,
+        rope: RopeTables::new(
+            hd,
+            config.rope_theta,
+            config.max_position_embeddings,
+            device,
+        )?,
         compute_dtype: match format {
             WeightFormat::Bf16 => DType::BF16,
             WeightFormat::F16 => DType::F16,
@@ -150,14 +216,21 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { format: WeightFormat::default(), device: Device::Cpu, reversible: None }
+        Self {
+            format: WeightFormat::default(),
+            device: Device::Cpu,
+            reversible: None,
+        }
     }
 }
 
 /// Loads a GGUF file or a (rewind or HF) model directory.
 pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     if !path.exists() {
-        bail!("model `{}` not found: give a .gguf file or a model directory", path.display());
+        bail!(
+            "model `{}` not found: give a .gguf file or a model directory",
+            path.display()
+        );
     }
     if delta::is_delta(path) {
         delta::load_delta(path, options)
@@ -171,22 +244,53 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
 fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let src = gguf::GgufSource::open(path)?;
     let reversible = options.reversible.clone().unwrap_or_default();
-    let model = build_model(src.config(), reversible, &src, options.format, &options.device)?;
-    let tokenizer = TextTokenizer::from_gguf_metadata(src.metadata()).with_context(|| format!("{}: tokenizer", path.display()))?;
+    let model = build_model(
+        src.config(),
+        reversible,
+        &src,
+        options.format,
+        &options.device,
+    )?;
+    let tokenizer = TextTokenizer::from_gguf_metadata(src.metadata())
+        .with_context(|| format!("{}: tokenizer", path.display()))?;
     let chat_template = ChatTemplate::from_gguf_metadata(src.metadata(), &tokenizer)?;
-    Ok(LoadedModel { model, tokenizer, chat_template, source: path.to_path_buf() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        source: path.to_path_buf(),
+    })
 }
 
 fn load_dir(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let src = safetensors::SafetensorsSource::open(dir)?;
-    let recorded = match src.raw_config.get("rewind").and_then(|r| r.get("reversible")) {
-        Some(value) => serde_json::from_value(value.clone())
-            .with_context(|| format!("{}: invalid `rewind.reversible` settings", dir.join("config.json").display()))?,
+    let recorded = match src
+        .raw_config
+        .get("rewind")
+        .and_then(|r| r.get("reversible"))
+    {
+        Some(value) => serde_json::from_value(value.clone()).with_context(|| {
+            format!(
+                "{}: invalid `rewind.reversible` settings",
+                dir.join("config.json").display()
+            )
+        })?,
         None => ReversibleConfig::euler(),
     };
     let reversible = options.reversible.clone().unwrap_or(recorded);
-    let model = build_model(&src.config, reversible, &src, options.format, &options.device)?;
+    let model = build_model(
+        &src.config,
+        reversible,
+        &src,
+        options.format,
+        &options.device,
+    )?;
     let tokenizer = TextTokenizer::from_hf_dir(dir)?;
     let chat_template = ChatTemplate::from_hf_dir(dir, &tokenizer)?;
-    Ok(LoadedModel { model, tokenizer, chat_template, source: dir.to_path_buf() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        source: dir.to_path_buf(),
+    })
 }

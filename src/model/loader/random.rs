@@ -23,16 +23,30 @@ impl WeightSource for RandomSource {
     }
 
     fn load(&self, name: &str, format: WeightFormat, device: &Device) -> Result<Weight> {
-        Err(anyhow::anyhow!("random weights need a shape: `{name}` ({format:?} on {device:?})"))
+        Err(anyhow::anyhow!(
+            "random weights need a shape: `{name}` ({format:?} on {device:?})"
+        ))
     }
 
-    fn load_shaped(&self, name: &str, shape: &[usize], format: WeightFormat, device: &Device) -> Result<Weight> {
-        let dtype = if shape.len() == 1 { DType::F32 } else { format.dense_dtype() };
+    fn load_shaped(
+        &self,
+        name: &str,
+        shape: &[usize],
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Weight> {
+        let dtype = if shape.len() == 1 {
+            DType::F32
+        } else {
+            format.dense_dtype()
+        };
         let t = if name.ends_with("norm.weight") {
             Tensor::ones(shape, DType::F32, device)?
         } else {
             // A per-name seed keeps models reproducible whatever the loading order.
-            let seed = name.bytes().fold(self.seed, |h, b| h.wrapping_mul(1_099_511_628_211).wrapping_add(b as u64));
+            let seed = name.bytes().fold(self.seed, |h, b| {
+                h.wrapping_mul(1_099_511_628_211).wrapping_add(b as u64)
+            });
             Tensor::from_vec(normal(seed, shape.iter().product(), 0.02), shape, device)?
         };
         Ok(Weight::Dense(t.to_dtype(dtype)?))

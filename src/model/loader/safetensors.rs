@@ -24,14 +24,21 @@ impl SafetensorsSource {
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = ModelConfig::from_hf_file(&config_path)?;
-        let raw_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
+        let raw_config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
         let shards = shard_files(dir)?;
         // Safety: the files are mapped read-only; rewind never writes a model file in place
         // (saves go to a temporary directory that is renamed).
         let tensors = unsafe { MmapedSafetensors::multi(&shards) }
             .map_err(|e| anyhow::anyhow!("{}: unreadable safetensors ({e})", dir.display()))?;
         let names = tensors.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Self { dir: dir.to_path_buf(), tensors, names, config, raw_config })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tensors,
+            names,
+            config,
+            raw_config,
+        })
     }
 }
 
@@ -42,8 +49,14 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if index.exists() {
         let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
             .with_context(|| format!("{}: not valid JSON", index.display()))?;
-        let map = value["weight_map"].as_object().with_context(|| format!("{}: no `weight_map`", index.display()))?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        let map = value["weight_map"]
+            .as_object()
+            .with_context(|| format!("{}: no `weight_map`", index.display()))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -82,6 +95,8 @@ impl WeightSource for SafetensorsSource {
             let q = QTensor::quantize_onto(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0, device)?;
             return Ok(Weight::Quantized(Arc::new(q)));
         }
-        Ok(Weight::Dense(t.to_dtype(format.dense_dtype())?.to_device(device)?))
+        Ok(Weight::Dense(
+            t.to_dtype(format.dense_dtype())?.to_device(device)?,
+        ))
     }
 }

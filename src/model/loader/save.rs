@@ -12,8 +12,17 @@ use std::path::Path;
 
 /// Writes `model` (dense, in `dtype`) with its tokenizer and chat template to `dir`, replacing
 /// any previous content atomically.
-pub fn save_model(model: &Model, tokenizer: &TextTokenizer, template: &ChatTemplate, dir: &Path, dtype: DType) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+pub fn save_model(
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    template: &ChatTemplate,
+    dir: &Path,
+    dtype: DType,
+) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
@@ -39,9 +48,15 @@ pub fn save_model(model: &Model, tokenizer: &TextTokenizer, template: &ChatTempl
     let tensors: HashMap<String, Tensor> = model
         .parameters_mut()
         .into_iter()
-        .map(|(name, t)| Ok((name, t.to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?)))
+        .map(|(name, t)| {
+            Ok((
+                name,
+                t.to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?,
+            ))
+        })
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&tensors, tmp.join("model.safetensors")).context("writing model.safetensors")?;
+    candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))
+        .context("writing model.safetensors")?;
     tokenizer.save_hf(&tmp)?;
     template.save_hf(&tmp)?;
 
@@ -51,11 +66,13 @@ pub fn save_model(model: &Model, tokenizer: &TextTokenizer, template: &ChatTempl
         std::fs::rename(&tmp, dir)?;
         std::fs::remove_dir_all(&old)?;
     } else {
-        std::fs::rename(&tmp, dir).with_context(|| format!("moving the saved model to {}", dir.display()))?;
+        std::fs::rename(&tmp, dir)
+            .with_context(|| format!("moving the saved model to {}", dir.display()))?;
     }
     Ok(())
 }
 
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
