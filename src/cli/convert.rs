@@ -151,15 +151,16 @@ pub struct ConvertArgs {
 }
 
 pub fn run_convert(args: ConvertArgs) -> Result<()> {
-    let base_args = ModelArgs {
-        model: args.from.clone(),
+    // Resolved (and verified) once; the teacher then loads from the path itself.
+    let base_path =
+        crate::provision::resolve(args.from.as_deref().or(Some(crate::provision::BASE_MODEL)))?;
+    let teacher = ModelArgs {
+        model: Some(base_path.display().to_string()),
         format: Default::default(),
         scheme: None,
         cuda: false,
-    };
-    let base_path =
-        crate::provision::resolve(args.from.as_deref().or(Some(crate::provision::BASE_MODEL)))?;
-    let teacher = base_args.load()?;
+    }
+    .load()?;
     let train_examples = match &args.data {
         Some(path) => data::read_jsonl(path)?,
         None => crate::provision::chitchat_examples()?,

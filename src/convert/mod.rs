@@ -141,26 +141,12 @@ pub fn convert(
                 bail!("conversion cancelled during stage {i}; run again to resume");
             }
             student = outcome.model;
-            save_trained(&mut student, config.weights, &done)?;
+            delta::write_weights(&mut student, config.weights == TrainedWeights::Norms, &done)?;
             let _ = std::fs::remove_dir_all(work_dir.join(format!("stage-{i}.checkpoint")));
         }
         on_stage(k, &student)?;
     }
     Ok(student)
-}
-
-/// Saves the trained parameters of `model` (all, or the norms).
-fn save_trained(model: &mut Model, weights: TrainedWeights, path: &Path) -> Result<()> {
-    let tensors: std::collections::HashMap<String, candle_core::Tensor> = model
-        .parameters_mut()
-        .into_iter()
-        .filter(|(n, _)| weights == TrainedWeights::Full || n.contains("norm"))
-        .map(|(n, t)| (n, t.clone()))
-        .collect();
-    let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 /// Where `rewind convert` keeps its stages for `output`.

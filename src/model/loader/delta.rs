@@ -38,12 +38,7 @@ pub fn manifest(dir: &Path) -> Result<DeltaManifest> {
 /// `base` into `dir`.
 pub fn save(model: &mut Model, base: &Path, norms_only: bool, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tensors: HashMap<String, Tensor> = model
-        .parameters_mut()
-        .into_iter()
-        .filter(|(n, _)| !norms_only || n.contains("norm"))
-        .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?)))
-        .collect::<Result<_>>()?;
+    let parameters = write_weights(model, norms_only, &dir.join("weights.safetensors"))?;
     let manifest = DeltaManifest {
         base: base
             .file_name()
@@ -51,16 +46,28 @@ pub fn save(model: &mut Model, base: &Path, norms_only: bool, dir: &Path) -> Res
             .context("base model path has no file name")?
             .to_string(),
         reversible: model.reversible.clone(),
-        parameters: tensors.values().map(Tensor::elem_count).sum(),
+        parameters,
     };
-    let tmp = dir.join("weights.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, dir.join("weights.safetensors"))?;
     std::fs::write(
         dir.join("delta.json"),
         serde_json::to_vec_pretty(&manifest)?,
     )?;
     Ok(())
+}
+
+/// Writes `model`'s parameters (only the norms when `norms_only`) to the safetensors file
+/// `path`, atomically; returns how many scalars it holds.
+pub fn write_weights(model: &mut Model, norms_only: bool, path: &Path) -> Result<usize> {
+    let tensors: HashMap<String, Tensor> = model
+        .parameters_mut()
+        .into_iter()
+        .filter(|(n, _)| !norms_only || n.contains("norm"))
+        .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(tensors.values().map(Tensor::elem_count).sum())
 }
 
 /// Replaces parameters of `model` by those stored in `path`.
