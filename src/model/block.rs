@@ -238,6 +238,11 @@ impl Block {
         attn + mlp
     }
 
+    /// The block's projection matrices with their HF names relative to the layer.
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        projections(&mut self.self_attn, &mut self.mlp)
+    }
+
     /// Named dense parameters (HF names relative to the layer), for training.
     pub fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         let mut out: Vec<(String, &mut Tensor)> = vec![
@@ -247,27 +252,24 @@ impl Block {
                 &mut self.post_attention_layernorm,
             ),
         ];
-        let a = &mut self.self_attn;
-        for (name, lin) in [
-            ("q_proj", &mut a.q_proj),
-            ("k_proj", &mut a.k_proj),
-            ("v_proj", &mut a.v_proj),
-            ("o_proj", &mut a.o_proj),
-        ] {
+        for (name, lin) in projections(&mut self.self_attn, &mut self.mlp) {
             for (kind, t) in lin.dense_tensors_mut() {
-                out.push((format!("self_attn.{name}.{kind}"), t));
-            }
-        }
-        let m = &mut self.mlp;
-        for (name, lin) in [
-            ("gate_proj", &mut m.gate_proj),
-            ("up_proj", &mut m.up_proj),
-            ("down_proj", &mut m.down_proj),
-        ] {
-            for (kind, t) in lin.dense_tensors_mut() {
-                out.push((format!("mlp.{name}.{kind}"), t));
+                out.push((format!("{name}.{kind}"), t));
             }
         }
         out
     }
+}
+
+/// Attention and MLP projections by name (split borrows, so the norms stay available).
+fn projections<'a>(a: &'a mut Attention, m: &'a mut Mlp) -> [(&'static str, &'a mut Linear); 7] {
+    [
+        ("self_attn.q_proj", &mut a.q_proj),
+        ("self_attn.k_proj", &mut a.k_proj),
+        ("self_attn.v_proj", &mut a.v_proj),
+        ("self_attn.o_proj", &mut a.o_proj),
+        ("mlp.gate_proj", &mut m.gate_proj),
+        ("mlp.up_proj", &mut m.up_proj),
+        ("mlp.down_proj", &mut m.down_proj),
+    ]
 }

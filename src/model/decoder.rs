@@ -227,20 +227,10 @@ impl Model {
 
     /// The projection matrices of every block, named `self_attn.q_proj` etc.
     fn projections_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        let mut out = Vec::new();
-        for layer in &mut self.layers {
-            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            out.extend([
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ]);
-        }
-        out
+        self.layers
+            .iter_mut()
+            .flat_map(Block::projections_mut)
+            .collect()
     }
 
     /// Dequantises every quantized weight to f32.
