@@ -38,9 +38,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --features "${FEATURES}" \
     && cp target/release/rewind /usr/local/bin/rewind
-# Provision the default model at build time (checked against its sha256), so the container
-# starts without network access.
-RUN REWIND_MODELS_DIR=/models rewind pull
+# Provision the default model's base GGUF at build time (checked against its sha256), so the
+# container starts without network access; the default model is the delta copied below.
+RUN REWIND_MODELS_DIR=/models rewind pull smollm2-135m-instruct
 
 FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
@@ -49,7 +49,7 @@ RUN apt-get update \
     && useradd --system --uid 10001 --create-home --home-dir /app rewind
 COPY --from=builder /usr/local/bin/rewind /usr/local/bin/rewind
 COPY --from=builder --chown=rewind:rewind /models /app/models
-# rewind's converted model: a small delta over the base GGUF.
+# The default model: rewind's converted SmolLM2, a small delta over the base GGUF.
 COPY --chown=rewind:rewind models/smollm2-135m-instruct-rewind.delta /app/models/smollm2-135m-instruct-rewind.delta
 COPY --chown=rewind:rewind config.toml /app/config.toml
 WORKDIR /app

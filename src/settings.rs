@@ -161,6 +161,9 @@ impl ModelSettings {
         if let Some(id) = &self.id {
             return id.clone();
         }
+        if self.source.eq_ignore_ascii_case("default") {
+            return crate::provision::DEFAULT_MODEL.to_string();
+        }
         if let Some(known) = crate::provision::find_known(&self.source) {
             return known.name.to_string();
         }
@@ -459,7 +462,7 @@ mod tests {
         assert_eq!(s.server.port, 1);
         assert_eq!(
             s.served_models()[0].served_id(),
-            crate::provision::DEFAULT_MODEL
+            crate::provision::BASE_MODEL
         );
         assert_eq!(s.data_dir, PathBuf::from("/srv/rewind"));
     }

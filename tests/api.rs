@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const TINY: &str = "tiny";
-const SMOL: &str = "smollm2-135m-instruct";
+const SMOL: &str = "smollm2-135m-instruct-rewind";
 
 /// A ChatML template that renders `tools` (Hermes style), so the tools path can be exercised.
 const TOOLS_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\nYou may call these tools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}";
@@ -98,7 +98,8 @@ fn tiny() -> &'static App {
     })
 }
 
-/// The shared server of the real default model. f32 weights: see the report on the quantized path.
+/// The shared server of the real default model (the converted SmolLM2). f32 weights: see the
+/// report on the quantized path.
 fn smol() -> &'static App {
     static APP: OnceLock<App> = OnceLock::new();
     APP.get_or_init(|| {

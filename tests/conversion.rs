@@ -23,7 +23,7 @@ fn prompt_ids() -> Vec<u32> {
 /// midpoint(a = 0) is the original network: conversion's step 0 reproduces its logits.
 #[test]
 fn step_zero_reproduces_the_original() {
-    let original = loader::load(&common::default_model(), &LoadOptions::default())
+    let original = loader::load(&common::base_model(), &LoadOptions::default())
         .unwrap()
         .model;
     let zero = convert::step_zero(&original);
@@ -50,7 +50,7 @@ fn step_zero_reproduces_the_original() {
 /// KL of a model against itself is 0 with full agreement; a stage scheme is measurably apart.
 #[test]
 fn evaluation_metrics_on_known_cases() {
-    let original = loader::load(&common::default_model(), &LoadOptions::default())
+    let original = loader::load(&common::base_model(), &LoadOptions::default())
         .unwrap()
         .model;
     let examples = vec![TokenizedExample {
@@ -83,7 +83,7 @@ fn evaluation_metrics_on_known_cases() {
 #[test]
 fn conversion_stage_trains_saves_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let loaded = loader::load(&common::default_model(), &LoadOptions::default()).unwrap();
+    let loaded = loader::load(&common::base_model(), &LoadOptions::default()).unwrap();
     let teacher = loaded.model.clone();
     let examples: Vec<TokenizedExample> = (0..4)
         .map(|i| TokenizedExample {
@@ -125,7 +125,7 @@ fn conversion_stage_trains_saves_and_resumes() {
     let base_dir = dir.path().join("models");
     std::fs::create_dir_all(&base_dir).unwrap();
     let base = base_dir.join("base.gguf");
-    std::fs::copy(common::default_model(), &base).unwrap();
+    std::fs::copy(common::base_model(), &base).unwrap();
     let delta_dir = base_dir.join("converted.delta");
     delta::save(&mut student, &base, true, &delta_dir).unwrap();
     assert!(

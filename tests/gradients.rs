@@ -36,9 +36,7 @@ fn trainable(scheme: &ReversibleConfig, dtype: DType) -> Trainable {
         reversible: Some(scheme.clone()),
         ..Default::default()
     };
-    let mut model = loader::load(&common::default_model(), &options)
-        .unwrap()
-        .model;
+    let mut model = loader::load(&common::base_model(), &options).unwrap().model;
     model.to_precision(dtype).unwrap();
     Trainable::new(model, |_| true).unwrap()
 }

@@ -16,9 +16,7 @@ fn model(spec: &str, dtype: DType) -> Model {
         reversible: Some(ReversibleConfig::parse(spec).unwrap()),
         ..Default::default()
     };
-    let mut model = loader::load(&common::default_model(), &options)
-        .unwrap()
-        .model;
+    let mut model = loader::load(&common::base_model(), &options).unwrap().model;
     model.to_precision(dtype).unwrap();
     model
 }

@@ -56,7 +56,7 @@ fn relative(pairs: impl Iterator<Item = (f64, f64)>) -> f64 {
 #[test]
 fn smollm2_logits_match_reference() {
     let reference = fixture("smollm2_reference.json");
-    let model = loader::load(&common::default_model(), &LoadOptions::default())
+    let model = loader::load(&common::base_model(), &LoadOptions::default())
         .unwrap()
         .model;
     let vocab_ids: Vec<usize> = ids_of(&reference["vocab_ids"])
@@ -139,7 +139,7 @@ fn kv_cache_decode_matches_full_forward() {
     use rewind::model::decoder::SeqInput;
     use rewind::model::kv_cache::KvCache;
     let reference = fixture("smollm2_reference.json");
-    let model = loader::load(&common::default_model(), &LoadOptions::default())
+    let model = loader::load(&common::base_model(), &LoadOptions::default())
         .unwrap()
         .model;
     let a = ids_of(&reference["prompts"][0]["ids"]);
@@ -200,7 +200,7 @@ fn kv_cache_decode_matches_full_forward() {
 fn corrupt_and_mismatched_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     // Truncated GGUF.
-    let bytes = std::fs::read(common::default_model()).unwrap();
+    let bytes = std::fs::read(common::base_model()).unwrap();
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let err = format!(
@@ -268,11 +268,11 @@ fn corrupt_and_mismatched_files_are_reported() {
 #[test]
 fn quantized_weights_track_f32() {
     let reference = fixture("smollm2_reference.json");
-    let f32_model = loader::load(&common::default_model(), &LoadOptions::default())
+    let f32_model = loader::load(&common::base_model(), &LoadOptions::default())
         .unwrap()
         .model;
     let q_model = loader::load(
-        &common::default_model(),
+        &common::base_model(),
         &LoadOptions {
             format: WeightFormat::Quantized,
             ..Default::default()

@@ -70,7 +70,7 @@ fn tokenized(loaded: &LoadedModel, file: &str) -> Vec<TokenizedExample> {
 fn reversible_fine_tuning_learns_a_fact() {
     let scheme = ReversibleConfig::parse("midpoint(a=-0.125)").unwrap();
     let mut loaded = loader::load(
-        &common::default_model(),
+        &common::base_model(),
         &LoadOptions {
             reversible: Some(scheme),
             ..Default::default()

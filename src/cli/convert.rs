@@ -3,7 +3,7 @@
 use crate::cli::progress::StepProgress;
 use crate::cli::ModelArgs;
 use crate::convert::eval::{self, EvalReport};
-use crate::convert::{self, ConvertConfig, TrainedWeights};
+use crate::convert::{self, teacher_answers, ConvertConfig, TrainedWeights};
 use crate::model::loader::LoadedModel;
 use crate::train::data::{self, TokenizedExample};
 use anyhow::Result;
@@ -101,7 +101,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
             args.model
                 .model
                 .clone()
-                .unwrap_or_else(|| crate::provision::CONVERTED_MODEL.name.into()),
+                .unwrap_or_else(|| crate::provision::DEFAULT_MODEL.into()),
         ),
         ..args.model.clone()
     };
@@ -135,6 +135,10 @@ pub struct ConvertArgs {
     /// Chat JSONL to distil on (default: the chitchat dataset, fetched from PyPI).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Also distil on the original's own greedy answers (at most this many tokens each) to
+    /// rewind's instruction prompts, spread through the data; 0 leaves them out.
+    #[arg(long, default_value_t = 192)]
+    pub answer_tokens: usize,
     #[arg(long, value_enum, default_value = "norms")]
     pub weights: TrainedWeights,
     #[arg(long, default_value_t = 2e-3)]
@@ -161,16 +165,29 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
         cuda: false,
     }
     .load()?;
-    let train_examples = match &args.data {
+    let work = convert::work_dir(&args.output);
+    let answers = if args.answer_tokens == 0 {
+        Vec::new()
+    } else {
+        let examples = teacher_answers::load_or_generate(
+            &teacher,
+            &teacher_answers::instruction_prompts(),
+            args.answer_tokens,
+            &work.join("teacher_answers.jsonl"),
+        )?;
+        tokenize_all(&teacher, &examples, args.seq_len)?
+    };
+    let text = match &args.data {
         Some(path) => data::read_jsonl(path)?,
         None => crate::provision::chitchat_examples()?,
     };
-    // Tokenise only as many conversations as the stages consume.
-    let budget = args.tokens * args.stages.len();
-    let mut train = Vec::new();
+    // Tokenise only as much text as the stages consume besides the answers.
+    let answer_tokens: usize = answers.iter().map(|e| e.ids.len()).sum();
+    let text_budget = (args.tokens * args.stages.len()).saturating_sub(answer_tokens);
+    let mut text_examples = Vec::new();
     let mut tokens = 0;
-    for (i, example) in train_examples.iter().enumerate() {
-        if tokens >= budget {
+    for (i, example) in text.iter().enumerate() {
+        if tokens >= text_budget && !text_examples.is_empty() {
             break;
         }
         let ex = data::fit_length(
@@ -180,8 +197,9 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
             i,
         )?;
         tokens += ex.ids.len();
-        train.push(ex);
+        text_examples.push(ex);
     }
+    let train = teacher_answers::interleave(text_examples, answers);
     let validation = tokenize_all(&teacher, &heldout(None)?, args.seq_len)?;
     let config = ConvertConfig {
         stages: args.stages.clone(),
@@ -193,7 +211,6 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
     };
     let mut progress = StepProgress::new("KL");
     let pad = teacher.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let work = convert::work_dir(&args.output);
     let mut student = convert::convert(
         &teacher.model,
         &train,

@@ -9,6 +9,7 @@
 //! original's output distribution into the student, towards a = -1 where nothing is kept.
 
 pub mod eval;
+pub mod teacher_answers;
 
 use crate::model::decoder::Model;
 use crate::model::loader::delta;

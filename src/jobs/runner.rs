@@ -64,6 +64,8 @@ pub(crate) fn run(service: Weak<FineTuning>, queue: mpsc::Receiver<String>) {
             });
         }
         service.forget(&id);
+        // Training's working set is not needed while the server only serves.
+        crate::memory::release_free_heap();
     }
 }
 

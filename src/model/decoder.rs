@@ -141,10 +141,29 @@ impl Model {
         reversible::read_out(self.reversible.readout, &s.other, &s.last)
     }
 
+    /// The final RMSNorm in the compute dtype: the LM head's input.
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps, self.kernels)?
+            .to_dtype(self.compute_dtype)
+    }
+
+    /// The LM head's matrix (vocab, d), the tied embedding when there is no separate head,
+    /// when it is a plain dense matrix (no bias, adapter or quantization), as training needs.
+    pub fn dense_head(&self) -> Option<&Tensor> {
+        let weight = match &self.lm_head {
+            Some(head) if head.bias.is_some() || head.lora.is_some() => return None,
+            Some(head) => &head.weight,
+            None => &self.embed_tokens.weight,
+        };
+        match weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized(_) => None,
+        }
+    }
+
     /// Final norm + LM head: (N, d) -> (N, vocab) in the residual dtype.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps, self.kernels)?
-            .to_dtype(self.compute_dtype)?;
+        let x = self.final_norm(hidden)?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x)?,
             None => Linear::new(self.embed_tokens.weight.clone(), None)?.forward(&x)?,

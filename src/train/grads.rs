@@ -31,6 +31,16 @@ impl Grads {
         Ok(())
     }
 
+    /// Adds `g` to the gradient of variable `index`.
+    pub fn add_at(&mut self, index: usize, g: Tensor) -> Result<()> {
+        let slot = &mut self.grads[index];
+        *slot = Some(match slot.take() {
+            Some(acc) => (acc + g)?,
+            None => g,
+        });
+        Ok(())
+    }
+
     /// Multiplies every gradient by `s` (loss normalisation, accumulation, clipping).
     pub fn scale(&mut self, s: f64) -> Result<()> {
         for g in self.grads.iter_mut().flatten() {

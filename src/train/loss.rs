@@ -37,6 +37,12 @@ pub struct HeadOutput {
 /// Weighted loss (summed, divided by `normalizer`) of `model`'s head applied to `hidden`
 /// (N, d, no graph), with gradients for the head's parameters absorbed into `grads` and
 /// returned for `hidden`.
+///
+/// The (rows, vocab) part of each chunk is differentiated in closed form (see
+/// `loss_and_grad_logits`): through candle's autograd the logits went through some twenty
+/// full passes (the log-softmax composite, and every gradient accumulated into a fresh zero
+/// buffer), the vocabulary-sized head gradient included. Only the final RMSNorm, small at
+/// (rows, d), goes through autograd.
 #[allow(clippy::too_many_arguments)]
 pub fn chunked_head_loss(
     model: &Model,
@@ -48,6 +54,12 @@ pub fn chunked_head_loss(
     chunk_rows: usize,
     grads: &mut Grads,
 ) -> Result<HeadOutput> {
+    let head = model.dense_head().ok_or_else(|| {
+        candle_core::Error::Msg(
+            "training needs a dense LM head (no quantization, bias or adapter on it)".into(),
+        )
+    })?;
+    let head_var = vars.iter().position(|v| v.as_tensor().id() == head.id());
     let n = hidden.dim(0)?;
     let mut loss = 0.0;
     let mut grad_chunks = Vec::new();
@@ -55,15 +67,33 @@ pub fn chunked_head_loss(
     while start < n {
         let len = chunk_rows.min(n - start);
         let h = Var::from_tensor(&hidden.narrow(0, start, len)?)?;
+        let x = model.final_norm(h.as_tensor())?;
+        let x_data = x.detach();
+        let w_compute = head.to_dtype(x.dtype())?.detach();
+        // Softmax and reductions over the vocabulary in f32 at least.
+        let acc = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let logits = x_data.matmul(&w_compute.t()?)?.to_dtype(acc)?;
+        let row_weights = (targets.weights.narrow(0, start, len)?.to_dtype(acc)? / normalizer)?;
         let ids = targets.ids.narrow(0, start, len)?;
-        let w = targets
-            .weights
-            .narrow(0, start, len)?
-            .to_dtype(hidden.dtype())?;
-        let token_loss = row_loss(&model.logits(h.as_tensor())?, &ids, objective, start)?; // (len,)
-        let chunk_loss = ((token_loss * w)?.sum_all()? / normalizer)?;
-        loss += chunk_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let store = chunk_loss.backward()?;
+        let (rows, grad_logits) =
+            loss_and_grad_logits(&logits, &ids, &row_weights, objective, start)?;
+        loss += (rows * &row_weights)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        drop(logits);
+        let grad_logits = grad_logits.to_dtype(x.dtype())?;
+        let grad_x = grad_logits.matmul(&w_compute)?;
+        if let Some(i) = head_var {
+            let grad_w = grad_logits.t()?.matmul(&x_data)?.to_dtype(head.dtype())?;
+            grads.add_at(i, grad_w)?;
+        }
+        // Through the final norm by autograd: <x, grad_x> has gradient grad_x at x.
+        let store = (x * grad_x)?.sum_all()?.backward()?;
         grads.absorb(&store, vars)?;
         grad_chunks.push(grad_or_zeros(&store, h.as_tensor())?);
         start += len;
@@ -72,6 +102,49 @@ pub fn chunked_head_loss(
         loss,
         grad_hidden: Tensor::cat(&grad_chunks, 0)?,
     })
+}
+
+/// Per-row losses of a chunk of logits (rows, vocab; f32 or f64) and dLoss/dlogits for the loss
+/// sum_r row_weights[r] * loss[r], in closed form: softmax minus the one-hot target for
+/// cross-entropy, softmax minus the teacher's softmax for KL(teacher || student).
+fn loss_and_grad_logits(
+    logits: &Tensor,
+    ids: &Tensor,
+    row_weights: &Tensor,
+    objective: &Objective<'_>,
+    start: usize,
+) -> Result<(Tensor, Tensor)> {
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let exp = shifted.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    let log_sum = sum.log()?;
+    let scale = row_weights.unsqueeze(1)?;
+    // softmax * weight, one pass over the chunk.
+    let mut grad = exp.broadcast_mul(&scale.broadcast_div(&sum)?)?;
+    drop(exp);
+    let rows = match objective {
+        Objective::NextToken => {
+            let ids = ids.unsqueeze(1)?;
+            grad.scatter_add_set(&ids, &scale.neg()?, 1)?;
+            // logsumexp - logit[target] = log(sum) - shifted[target].
+            (log_sum - shifted.gather(&ids, 1)?)?.squeeze(1)?
+        }
+        Objective::Distill {
+            teacher,
+            teacher_hidden,
+        } => {
+            let teacher_logits = teacher
+                .logits(&teacher_hidden.narrow(0, start, logits.dim(0)?)?)?
+                .to_dtype(logits.dtype())?;
+            let log_t = log_softmax(&teacher_logits)?;
+            let t = log_t.exp()?;
+            grad = (grad - t.broadcast_mul(&scale)?)?;
+            // sum t (log t - log s), with log s = shifted - log(sum).
+            (t * (log_t - shifted.broadcast_sub(&log_sum)?)?)?.sum(D::Minus1)?
+        }
+    };
+    Ok((rows, grad))
 }
 
 /// Loss of each row of a chunk of logits starting at row `start` of the batch.
@@ -153,4 +226,116 @@ pub fn cross_entropy_rows(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         + &max)?;
     let picked = logits.gather(&ids.unsqueeze(1)?, 1)?;
     (lse - picked)?.squeeze(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{Architecture, ModelConfig};
+    use crate::model::loader::{build_model, random::RandomSource, WeightFormat};
+    use crate::model::reversible::ReversibleConfig;
+    use crate::train::trainable::Trainable;
+    use candle_core::Device;
+
+    fn tiny(seed: u64, separate_head: bool) -> Model {
+        let config = ModelConfig {
+            model_type: Architecture::Llama,
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 2,
+            head_dim: None,
+            vocab_size: 40,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 16,
+            tie_word_embeddings: !separate_head,
+            attention_bias: false,
+        };
+        let source = RandomSource {
+            seed,
+            separate_head,
+        };
+        let mut model = build_model(
+            &config,
+            ReversibleConfig::euler(),
+            &source,
+            WeightFormat::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        model.to_precision(DType::F64).unwrap();
+        model
+    }
+
+    /// The closed-form head against candle's autograd through the composite losses, in f64:
+    /// the loss, every parameter gradient and the hidden gradient.
+    fn check(objective: Objective<'_>, separate_head: bool) {
+        let t = Trainable::new(tiny(1, separate_head), |_| true).unwrap();
+        let dev = Device::Cpu;
+        let n = 7;
+        let hidden = Tensor::randn(0f64, 1.0, (n, 16), &dev).unwrap();
+        let targets = Targets {
+            ids: Tensor::new(&[3u32, 0, 39, 7, 7, 12, 25], &dev).unwrap(),
+            weights: Tensor::new(&[1f32, 0., 1., 1., 0.5, 1., 1.], &dev).unwrap(),
+        };
+        let mut grads = Grads::new(t.vars.len());
+        let out = chunked_head_loss(
+            &t.graph, &t.vars, &hidden, &targets, &objective, 3.0, 3, &mut grads,
+        )
+        .unwrap();
+
+        let h = Var::from_tensor(&hidden).unwrap();
+        let rows = row_loss(
+            &t.graph.logits(h.as_tensor()).unwrap(),
+            &targets.ids,
+            &objective,
+            0,
+        );
+        let w = targets.weights.to_dtype(DType::F64).unwrap();
+        let loss = ((rows.unwrap() * w).unwrap().sum_all().unwrap() / 3.0).unwrap();
+        let store = loss.backward().unwrap();
+        let rel = |a: &Tensor, b: &Tensor| -> f64 {
+            let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+            let nb = b.sqr().unwrap().sum_all().unwrap();
+            (d.to_scalar::<f64>().unwrap() / nb.to_scalar::<f64>().unwrap().max(1e-300)).sqrt()
+        };
+        let want = loss.to_scalar::<f64>().unwrap();
+        assert!(
+            (out.loss - want).abs() <= 1e-12 * want.abs(),
+            "{} vs {want}",
+            out.loss
+        );
+        assert!(rel(&out.grad_hidden, store.get(h.as_tensor()).unwrap()) < 1e-12);
+        let mut checked = 0;
+        for (var, got) in t.vars.iter().zip(&grads.grads) {
+            if let Some(want) = store.get(var.as_tensor()) {
+                let got = got.as_ref().expect("a gradient for every head parameter");
+                assert!(rel(got, want) < 1e-12);
+                checked += 1;
+            }
+        }
+        // The final norm and the head (tied: the embedding).
+        assert_eq!(checked, 2);
+    }
+
+    #[test]
+    fn closed_form_head_matches_autograd_for_cross_entropy() {
+        check(Objective::NextToken, false);
+        check(Objective::NextToken, true);
+    }
+
+    #[test]
+    fn closed_form_head_matches_autograd_for_distillation() {
+        let teacher = tiny(2, false);
+        let teacher_hidden = Tensor::randn(0f64, 1.0, (7, 16), &Device::Cpu).unwrap();
+        check(
+            Objective::Distill {
+                teacher: &teacher,
+                teacher_hidden,
+            },
+            true,
+        );
+    }
 }

@@ -7,9 +7,15 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The default model, fetched by `.ci/run` (or `rewind pull`) before the tests run.
+/// The default model (the converted SmolLM2 delta), provisioned by `.ci/run` (`rewind pull`).
 pub fn default_model() -> PathBuf {
     rewind::provision::resolve(None).expect("the default model is provisioned (run `rewind pull`)")
+}
+
+/// The original SmolLM2-135M-Instruct GGUF the default model is converted from.
+pub fn base_model() -> PathBuf {
+    rewind::provision::resolve(Some(rewind::provision::BASE_MODEL))
+        .expect("the base model is provisioned (run `rewind pull`)")
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -26,7 +32,7 @@ pub fn write_tiny_model(template_name: &str, template: &str) -> (tempfile::TempD
     };
     use rewind::model::reversible::ReversibleConfig;
     use rewind::model::tokenizer::TextTokenizer;
-    let mut file = std::fs::File::open(default_model()).unwrap();
+    let mut file = std::fs::File::open(base_model()).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let tokenizer = TextTokenizer::from_gguf_metadata(&content.metadata).unwrap();
     let template =
