@@ -136,8 +136,9 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Also distil on the original's own greedy answers (at most this many tokens each) to
-    /// rewind's instruction prompts, spread through the data; 0 leaves them out.
-    #[arg(long, default_value_t = 192)]
+    /// rewind's instruction prompts, spread through the data; 0 (the default: measured worse
+    /// on held-out chat, see docs/benchmarks.md) leaves them out.
+    #[arg(long, default_value_t = 0)]
     pub answer_tokens: usize,
     #[arg(long, value_enum, default_value = "norms")]
     pub weights: TrainedWeights,

@@ -31,6 +31,9 @@ const MAX_NUMBER_LEN: usize = 32;
 const MAX_STACKS: usize = 32;
 /// Properties one object schema may declare (they are tracked in a 64-bit set).
 const MAX_PROPERTIES: usize = 64;
+/// FNV-1a, for the hashes of undeclared object keys.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// One schema construct.
 #[derive(Debug, Clone, PartialEq)]
@@ -441,19 +444,24 @@ enum ArrPhase {
 enum Frame {
     /// A value of this node comes next (whitespace first is fine).
     Value(NodeId),
-    /// `value` is the schema of the value after the pending key's colon.
+    /// `value` is the schema of the value after the pending key's colon; `other_keys` hashes
+    /// the undeclared keys already used, so none repeats (RFC 8259: names SHOULD be unique; a
+    /// small model otherwise loops on `"name": ..., "name": ...`).
     Object {
         node: NodeId,
         seen: u64,
         phase: ObjPhase,
         value: NodeId,
+        other_keys: Vec<u64>,
     },
-    /// An object key being read; `candidates` are the declared properties it still matches.
+    /// An object key being read; `candidates` are the declared properties it still matches,
+    /// `hash` is the FNV-1a hash of its bytes so far.
     Key {
         object: NodeId,
         candidates: u64,
         pos: usize,
         text: StrState,
+        hash: u64,
     },
     Array {
         node: NodeId,
@@ -619,6 +627,7 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                             seen: 0,
                             phase: ObjPhase::Start,
                             value: ANY,
+                            other_keys: Vec::new(),
                         });
                         out.push(stack);
                     }
@@ -692,6 +701,7 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
             candidates,
             pos,
             text,
+            hash,
         } => {
             let Node::Object {
                 props, additional, ..
@@ -709,8 +719,21 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                 let Some((value_node, bit)) = chosen else {
                     return;
                 };
+                let key_hash = *hash;
                 stack.pop();
-                if let Some(Frame::Object { seen, value, .. }) = stack.last_mut() {
+                if let Some(Frame::Object {
+                    seen,
+                    value,
+                    other_keys,
+                    ..
+                }) = stack.last_mut()
+                {
+                    if bit == 0 {
+                        if other_keys.contains(&key_hash) {
+                            return;
+                        }
+                        other_keys.push(key_hash);
+                    }
                     *seen |= bit;
                     *value = value_node;
                 }
@@ -720,6 +743,7 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
             if !text.content(b) {
                 return;
             }
+            *hash = (*hash ^ u64::from(b)).wrapping_mul(FNV_PRIME);
             let p = *pos;
             for (i, prop) in props.iter().enumerate() {
                 if *candidates & (1 << i) != 0 && prop.key.get(p) != Some(&b) {
@@ -736,6 +760,7 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
             seen,
             phase,
             value,
+            ..
         } => {
             if is_ws(b) {
                 out.push(stack);
@@ -768,6 +793,7 @@ fn step(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
                         text: StrState {
                             escape: Escape::None,
                         },
+                        hash: FNV_OFFSET,
                     });
                     out.push(stack);
                 }
@@ -846,6 +872,7 @@ mod tests {
             r#"{"a": [1, 2.5, -3e4, true, null, "x\"y\u00e9"], "b": {"c": {}}}"#,
             "{\n  \"k\" : \"v\"\n}",
             r#"{"emoji": "😀"}"#,
+            r#"{"a": {"a": 1}, "b": {"a": 2}}"#,
         ] {
             assert!(accepts(&g, ok), "{ok}");
         }
@@ -856,6 +883,8 @@ mod tests {
             r#"{"a":}"#,
             r#"{"a":1,}"#,
             r#"{"a":01}"#,
+            r#"{"a": 1, "b": 2, "a": 3}"#,
+            r#"{"a": {"b": 1, "b": 2}}"#,
             "{\"a\":\"\u{1}\"}",
             r#"{} x"#,
         ] {

@@ -101,18 +101,21 @@ pub fn apply(model: &mut Model, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads the base model beside `dir`, switches it to the recorded scheme and applies the delta.
+/// Loads the base model (beside `dir` or in the models directory), switches it to the recorded scheme and applies the delta.
 /// Quantized bases keep their quantized matrices under `Quantized` (the delta is dense).
 pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let manifest = manifest(dir)?;
-    let base = dir.parent().unwrap_or(Path::new(".")).join(&manifest.base);
-    if !base.exists() {
+    // Beside the delta, else in the models directory where `rewind pull` puts known models.
+    let beside = dir.parent().unwrap_or(Path::new(".")).join(&manifest.base);
+    let pulled = crate::provision::models_dir().join(&manifest.base);
+    let Some(base) = [&beside, &pulled].into_iter().find(|p| p.exists()) else {
         bail!(
-            "{}: its base model {} is missing (run `rewind pull`)",
+            "{}: its base model {} is neither beside it nor in {} (run `rewind pull`)",
             dir.display(),
-            base.display()
+            manifest.base,
+            crate::provision::models_dir().display()
         );
-    }
+    };
     let reversible = options.reversible.clone().unwrap_or(manifest.reversible);
     let mut loaded = load(
         &base,
