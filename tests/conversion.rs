@@ -173,3 +173,45 @@ fn conversion_stage_trains_saves_and_resumes() {
         .unwrap();
     assert!(diff < 1e-5, "{diff}");
 }
+
+#[test]
+fn teacher_answers_are_generated_once_then_read_back() {
+    use rewind::convert::teacher_answers::load_or_generate;
+    use rewind::train::data::Example;
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let (tmp, dir) = common::write_tiny_model("chatml", template);
+    let teacher = loader::load(&dir, &LoadOptions::default()).unwrap();
+    let cache = tmp.path().join("work").join("answers.jsonl");
+    let prompts = ["Hi there.", "Name a colour."];
+    let answers = load_or_generate(&teacher, &prompts, 4, &cache).unwrap();
+    assert_eq!(answers.len(), 2);
+    for (answer, prompt) in answers.iter().zip(prompts) {
+        let Example::Chat(messages) = answer else {
+            panic!("answers are chats")
+        };
+        assert_eq!(
+            (messages[0].role.as_str(), messages[0].content.as_str()),
+            ("user", prompt)
+        );
+        assert_eq!(messages[1].role, "assistant");
+    }
+    // A second run reads the cache instead of generating again.
+    let edited = std::fs::read_to_string(&cache)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["messages"][1]["content"] = "cached".into();
+            v.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&cache, edited).unwrap();
+    let again = load_or_generate(&teacher, &prompts, 4, &cache).unwrap();
+    for answer in again {
+        let Example::Chat(messages) = answer else {
+            panic!("answers are chats")
+        };
+        assert_eq!(messages[1].content, "cached");
+    }
+}

@@ -399,13 +399,16 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // Deleting the model stops serving it.
+    // Deleting the model stops serving it and removes its weights.
+    let weights = data.path().join("models").join(&job_id);
+    assert!(weights.exists(), "{}", weights.display());
     let res = client()
         .delete(app.url(&format!("/v1/models/{model}")))
         .send()
         .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(post(&app, "/v1/chat/completions", &chat).0, 404);
+    assert!(!weights.exists());
 }
 
 #[test]

@@ -44,8 +44,8 @@ pub async fn delete(
         )));
     }
     state
-        .engine
-        .remove_model(&id)
+        .fine_tuning
+        .delete_model(&id)
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     Ok(HttpResponse::Ok().json(json!({"id": spec.id, "object": "model", "deleted": true})))
 }

@@ -174,7 +174,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
             &teacher,
             &teacher_answers::instruction_prompts(),
             args.answer_tokens,
-            &work.join("teacher_answers.jsonl"),
+            &work.join(format!("teacher_answers_{}.jsonl", args.answer_tokens)),
         )?;
         tokenize_all(&teacher, &examples, args.seq_len)?
     };

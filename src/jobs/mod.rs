@@ -13,6 +13,7 @@
 pub mod report;
 pub mod runner;
 
+use crate::engine::registry::ModelSpec;
 use crate::engine::{unix_now, Engine};
 use crate::settings::Settings;
 use crate::store::{EventRecord, JobError, JobRecord, Store};
@@ -20,6 +21,7 @@ use crate::train::data::{parse_jsonl, Example};
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -47,6 +49,25 @@ pub enum CancelError {
 }
 
 impl FineTuning {
+    /// Stops serving fine-tuned model `id` and deletes its weights, which live under the data
+    /// directory's `models/` (nothing outside it is ever removed). Returns its spec.
+    pub fn delete_model(&self, id: &str) -> Result<Option<ModelSpec>> {
+        let removed = self.engine.remove_model(id)?;
+        if let Some(spec) = &removed {
+            let root = self.settings.data_dir.join("models");
+            let dir = Path::new(&spec.source);
+            if dir.starts_with(&root) && dir != root {
+                match std::fs::remove_dir_all(dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(anyhow!("deleting {}: {e}", dir.display()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Opens the store, starts the runner and re-queues the jobs an earlier run left unfinished
     /// (a running one resumes from its last checkpoint).
     pub fn start(settings: Arc<Settings>, engine: Engine) -> Result<Arc<Self>> {

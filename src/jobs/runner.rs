@@ -322,8 +322,8 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     if job.status == "succeeded" {
         service.event(id, "info", "The job has successfully completed", None)?;
     } else {
-        // Cancelled while the model was being saved: it is not served.
-        let _ = service.engine.remove_model(&model_id);
+        // Cancelled while the model was being saved: it is neither served nor kept.
+        let _ = service.delete_model(&model_id);
     }
     let _ = std::fs::remove_dir_all(job_dir.join("checkpoint"));
     Ok(())
