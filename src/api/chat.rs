@@ -2,7 +2,9 @@
 //! response in both shapes (one JSON object, or `chat.completion.chunk` events).
 
 use crate::api::error::ApiError;
-use crate::api::stream::{self, finish_reason, reported_logprob, usage, ChoiceOutput, ChunkFormat};
+use crate::api::stream::{
+    self, finish_reason, reported_logprob, usage, ChoiceOutput, ChunkFormat, Envelope,
+};
 use crate::api::tools;
 use crate::api::validation::{self, parse_body, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
 use crate::api::{read_body, AppState};
@@ -256,15 +258,18 @@ pub async fn create(
     let chat = request.validate(model.clone(), &state)?;
     let choices = chat.generate.choices();
     let events = stream::submit(&state.engine, chat.generate)?;
-    let id = stream::response_id("chatcmpl");
-    let created = unix_now();
+    let envelope = Envelope {
+        id: stream::response_id("chatcmpl"),
+        created: unix_now(),
+        model: model.clone(),
+        object: "chat.completion",
+        chunk_object: "chat.completion.chunk",
+        include_usage: chat.include_usage,
+    };
     if chat.stream {
         let format = ChatChunks {
-            id,
-            created,
-            model,
+            envelope,
             choices,
-            include_usage: chat.include_usage,
             logprobs: chat.logprobs,
             tools: chat.tools,
             prompt_tokens: chat.prompt_tokens,
@@ -286,25 +291,15 @@ pub async fn create(
             json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model.id,
-        "choices": choices,
-        "usage": usage(chat.prompt_tokens, completion_tokens),
-        "system_fingerprint": null,
-    })))
+    Ok(HttpResponse::Ok()
+        .json(envelope.response(choices, usage(chat.prompt_tokens, completion_tokens))))
 }
 
 /// `chat.completion.chunk` events: the role first for every choice, content deltas, one
 /// chunk with the finish reason per choice, the usage chunk last when asked for.
 struct ChatChunks {
-    id: String,
-    created: u64,
-    model: Arc<ServedModel>,
+    envelope: Envelope,
     choices: usize,
-    include_usage: bool,
     logprobs: bool,
     tools: bool,
     prompt_tokens: usize,
@@ -316,18 +311,9 @@ struct ChatChunks {
 
 impl ChatChunks {
     fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model.id,
-            "system_fingerprint": null,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-        });
-        if self.include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk
+        self.envelope.chunk(
+            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}),
+        )
     }
 }
 
@@ -389,7 +375,7 @@ impl ChunkFormat for ChatChunks {
             return out;
         }
         let logprob = if self.logprobs {
-            reported_logprob(&self.model, &output)
+            reported_logprob(&self.envelope.model, &output)
         } else {
             None
         };
@@ -407,18 +393,8 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn end(&mut self) -> Vec<Value> {
-        if !self.include_usage {
-            return Vec::new();
-        }
-        vec![json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model.id,
-            "system_fingerprint": null,
-            "choices": [],
-            "usage": usage(self.prompt_tokens, self.completion_tokens),
-        })]
+        self.envelope
+            .usage_chunk(usage(self.prompt_tokens, self.completion_tokens))
     }
 }
 

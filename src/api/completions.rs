@@ -2,7 +2,7 @@
 //! same `text_completion` shape as the full response, with partial `text`.
 
 use crate::api::error::ApiError;
-use crate::api::stream::{self, finish_reason, reported_logprob, usage, ChunkFormat};
+use crate::api::stream::{self, finish_reason, reported_logprob, usage, ChunkFormat, Envelope};
 use crate::api::validation::{self, parse_body, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
 use crate::api::{read_body, AppState};
 use crate::engine::registry::ServedModel;
@@ -205,8 +205,14 @@ pub async fn create(
     let n = job.generate.n;
     let choices = job.generate.choices();
     let events = stream::submit(&state.engine, job.generate)?;
-    let id = stream::response_id("cmpl");
-    let created = unix_now();
+    let envelope = Envelope {
+        id: stream::response_id("cmpl"),
+        created: unix_now(),
+        model: model.clone(),
+        object: "text_completion",
+        chunk_object: "text_completion",
+        include_usage: job.include_usage,
+    };
     let echo_of = |choice: usize| {
         job.echo
             .as_ref()
@@ -215,10 +221,7 @@ pub async fn create(
     };
     if job.stream {
         let format = CompletionChunks {
-            id,
-            created,
-            model,
-            include_usage: job.include_usage,
+            envelope,
             logprobs: job.logprobs,
             prompt_tokens: job.prompt_tokens,
             completion_tokens: 0,
@@ -245,22 +248,12 @@ pub async fn create(
             })
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model.id,
-        "choices": choices,
-        "usage": usage(job.prompt_tokens, completion_tokens),
-        "system_fingerprint": null,
-    })))
+    Ok(HttpResponse::Ok()
+        .json(envelope.response(choices, usage(job.prompt_tokens, completion_tokens))))
 }
 
 struct CompletionChunks {
-    id: String,
-    created: u64,
-    model: Arc<ServedModel>,
-    include_usage: bool,
+    envelope: Envelope,
     logprobs: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -272,18 +265,9 @@ struct CompletionChunks {
 
 impl CompletionChunks {
     fn chunk(&self, index: usize, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model.id,
-            "system_fingerprint": null,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        });
-        if self.include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk
+        self.envelope.chunk(
+            json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}),
+        )
     }
 }
 
@@ -303,7 +287,7 @@ impl ChunkFormat for CompletionChunks {
         self.completion_tokens += 1;
         let mut out = Vec::new();
         let logprob = if self.logprobs {
-            reported_logprob(&self.model, &output)
+            reported_logprob(&self.envelope.model, &output)
         } else {
             None
         };
@@ -322,17 +306,7 @@ impl ChunkFormat for CompletionChunks {
     }
 
     fn end(&mut self) -> Vec<Value> {
-        if !self.include_usage {
-            return Vec::new();
-        }
-        vec![json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model.id,
-            "system_fingerprint": null,
-            "choices": [],
-            "usage": usage(self.prompt_tokens, self.completion_tokens),
-        })]
+        self.envelope
+            .usage_chunk(usage(self.prompt_tokens, self.completion_tokens))
     }
 }

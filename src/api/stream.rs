@@ -167,3 +167,56 @@ pub fn sse_response<F: ChunkFormat>(events: EventStream, mut format: F) -> HttpR
 pub fn response_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
+
+/// The fields a response object and every stream chunk of one request share (`id`, `object`,
+/// `created`, `model`, `system_fingerprint`), around the endpoint's own choices.
+pub struct Envelope {
+    pub id: String,
+    pub created: u64,
+    pub model: Arc<ServedModel>,
+    /// `object` of the whole response (`chat.completion`, `text_completion`).
+    pub object: &'static str,
+    /// `object` of a stream chunk (`chat.completion.chunk`, `text_completion`).
+    pub chunk_object: &'static str,
+    /// Stream chunks carry `"usage": null` until the last one, which carries only usage.
+    pub include_usage: bool,
+}
+
+impl Envelope {
+    fn wrap(&self, object: &str, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model.id,
+            "system_fingerprint": null,
+            "choices": choices,
+        })
+    }
+
+    /// The non-streamed response.
+    pub fn response(&self, choices: Vec<Value>, usage: Value) -> Value {
+        let mut out = self.wrap(self.object, Value::Array(choices));
+        out["usage"] = usage;
+        out
+    }
+
+    /// A stream chunk holding one choice.
+    pub fn chunk(&self, choice: Value) -> Value {
+        let mut out = self.wrap(self.chunk_object, json!([choice]));
+        if self.include_usage {
+            out["usage"] = Value::Null;
+        }
+        out
+    }
+
+    /// The stream's last chunk when usage was asked for.
+    pub fn usage_chunk(&self, usage: Value) -> Vec<Value> {
+        if !self.include_usage {
+            return Vec::new();
+        }
+        let mut out = self.wrap(self.chunk_object, json!([]));
+        out["usage"] = usage;
+        vec![out]
+    }
+}

@@ -255,7 +255,7 @@ impl Sampler {
         // `!(l < inf)` catches NaN and +inf; folding without short-circuit lets it vectorize.
         if logits
             .iter()
-            .fold(false, |bad, &l| bad | !(l < f32::INFINITY))
+            .fold(false, |bad, &l| bad | l.is_nan() | (l == f32::INFINITY))
         {
             bail!("the model produced NaN or +inf logits");
         }
@@ -505,7 +505,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let underflow = !(x >= -87.0);
+    let underflow = x.is_nan() || x < -87.0;
     let xc = if underflow { -87.0 } else { x };
     let t = xc * LOG2_E + ROUND;
     let n = t - ROUND;

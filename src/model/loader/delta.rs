@@ -118,7 +118,7 @@ pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     };
     let reversible = options.reversible.clone().unwrap_or(manifest.reversible);
     let mut loaded = load(
-        &base,
+        base,
         &LoadOptions {
             reversible: Some(reversible),
             ..options.clone()
