@@ -14,7 +14,7 @@ use std::path::Path;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeltaManifest {
-    /// File name of the base model, looked up beside the delta directory.
+    /// The base model: a file name looked up beside the delta directory, or an absolute path.
     pub base: String,
     pub reversible: ReversibleConfig,
     /// Number of parameters the delta replaces.
@@ -40,11 +40,7 @@ pub fn save(model: &mut Model, base: &Path, norms_only: bool, dir: &Path) -> Res
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let parameters = write_weights(model, norms_only, &dir.join("weights.safetensors"))?;
     let manifest = DeltaManifest {
-        base: base
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("base model path has no file name")?
-            .to_string(),
+        base: base_reference(base, dir)?,
         reversible: model.reversible.clone(),
         parameters,
     };
@@ -53,6 +49,32 @@ pub fn save(model: &mut Model, base: &Path, norms_only: bool, dir: &Path) -> Res
         serde_json::to_vec_pretty(&manifest)?,
     )?;
     Ok(())
+}
+
+/// How the manifest names `base`: its file name when it lies beside the delta directory `dir`
+/// (a shipped delta and its pulled base, both in the models directory), else its absolute path.
+fn base_reference(base: &Path, dir: &Path) -> Result<String> {
+    let folder = |p: &Path| {
+        std::fs::canonicalize(
+            p.parent()
+                .filter(|f| !f.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )
+        .ok()
+    };
+    let name = base
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("base model path has no file name")?;
+    if folder(base).is_some() && folder(base) == folder(dir) {
+        return Ok(name.to_string());
+    }
+    let absolute =
+        std::path::absolute(base).with_context(|| format!("resolving {}", base.display()))?;
+    absolute
+        .to_str()
+        .map(String::from)
+        .context("base model path is not UTF-8")
 }
 
 /// Writes `model`'s parameters (only the norms when `norms_only`) to the safetensors file
@@ -101,24 +123,21 @@ pub fn apply(model: &mut Model, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads the base model (beside `dir` or in the models directory), switches it to the recorded scheme and applies the delta.
+/// Loads the base model beside `dir` (or where the manifest's path points), switches it to the recorded scheme and applies the delta.
 /// Quantized bases keep their quantized matrices under `Quantized` (the delta is dense).
 pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let manifest = manifest(dir)?;
-    // Beside the delta, else in the models directory where `rewind pull` puts known models.
-    let beside = dir.parent().unwrap_or(Path::new(".")).join(&manifest.base);
-    let pulled = crate::provision::models_dir().join(&manifest.base);
-    let Some(base) = [&beside, &pulled].into_iter().find(|p| p.exists()) else {
+    let base = dir.parent().unwrap_or(Path::new(".")).join(&manifest.base);
+    if !base.exists() {
         bail!(
-            "{}: its base model {} is neither beside it nor in {} (run `rewind pull`)",
+            "{}: its base model {} is missing (run `rewind pull`)",
             dir.display(),
-            manifest.base,
-            crate::provision::models_dir().display()
+            base.display()
         );
-    };
+    }
     let reversible = options.reversible.clone().unwrap_or(manifest.reversible);
     let mut loaded = load(
-        base,
+        &base,
         &LoadOptions {
             reversible: Some(reversible),
             ..options.clone()
@@ -127,4 +146,28 @@ pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     apply(&mut loaded.model, &dir.join("weights.safetensors"))?;
     loaded.source = dir.to_path_buf();
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_name_a_base_beside_them_by_file_name_else_by_absolute_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base.gguf");
+        std::fs::write(&base, b"x").unwrap();
+        let beside = tmp.path().join("m.delta");
+        let elsewhere = tmp.path().join("sub").join("m.delta");
+        std::fs::create_dir_all(&beside).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        assert_eq!(base_reference(&base, &beside).unwrap(), "base.gguf");
+        let reference = base_reference(&base, &elsewhere).unwrap();
+        // load_delta joins the reference to the delta's parent: an absolute path wins.
+        let found = elsewhere.parent().unwrap().join(reference);
+        assert_eq!(
+            std::fs::canonicalize(found).unwrap(),
+            std::fs::canonicalize(&base).unwrap()
+        );
+    }
 }
