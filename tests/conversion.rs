@@ -35,15 +35,10 @@ fn step_zero_reproduces_the_original() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let (a, b) = (original.forward(&ids).unwrap(), zero.forward(&ids).unwrap());
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(
+        &original.forward(&ids).unwrap(),
+        &zero.forward(&ids).unwrap(),
+    );
     assert!(diff <= 1e-4, "step 0 differs from the original by {diff}");
 }
 
@@ -141,14 +136,10 @@ fn conversion_stage_trains_saves_and_resumes() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let diff = (student.forward(&ids).unwrap() - reloaded.forward(&ids).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(
+        &student.forward(&ids).unwrap(),
+        &reloaded.forward(&ids).unwrap(),
+    );
     assert!(diff < 1e-4, "{diff}");
 
     // Resuming finds the finished stage and reloads it.
@@ -163,14 +154,10 @@ fn conversion_stage_trains_saves_and_resumes() {
         |_, _| Ok(()),
     )
     .unwrap();
-    let diff = (again.forward(&ids).unwrap() - student.forward(&ids).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(
+        &again.forward(&ids).unwrap(),
+        &student.forward(&ids).unwrap(),
+    );
     assert!(diff < 1e-5, "{diff}");
 }
 

@@ -301,16 +301,7 @@ fn lora_trains_only_adapters_and_merges_exactly() {
     .unwrap();
     let mut trained = outcome.model;
     let q = &trained.layers[0].self_attn.q_proj;
-    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = common::max_abs_diff;
     assert_eq!(
         diff(
             &q.weight.to_dense(candle_core::DType::F32).unwrap(),

@@ -11,6 +11,14 @@ fn card(spec: &ModelSpec) -> Value {
     json!({"id": spec.id, "object": "model", "created": spec.created, "owned_by": spec.owned_by})
 }
 
+fn find_model(state: &AppState, id: &str) -> Result<ModelSpec, ApiError> {
+    state
+        .engine
+        .registry()
+        .spec(id)
+        .ok_or_else(|| ApiError::model_not_found(id))
+}
+
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {
     let data: Vec<Value> = state.engine.registry().specs().iter().map(card).collect();
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
@@ -20,11 +28,7 @@ pub async fn retrieve(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let spec = state
-        .engine
-        .registry()
-        .spec(&id)
-        .ok_or_else(|| ApiError::model_not_found(&id))?;
+    let spec = find_model(&state, &id)?;
     Ok(HttpResponse::Ok().json(card(&spec)))
 }
 
@@ -33,11 +37,7 @@ pub async fn delete(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let spec = state
-        .engine
-        .registry()
-        .spec(&id)
-        .ok_or_else(|| ApiError::model_not_found(&id))?;
+    let spec = find_model(&state, &id)?;
     if !spec.is_fine_tuned() {
         return Err(ApiError::forbidden(format!(
             "The model `{id}` is a base model served from the configuration; only fine-tuned (`ft:`) models can be deleted."

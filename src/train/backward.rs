@@ -139,27 +139,7 @@ pub fn loss_and_grads(
         Strategy::Reversible => (t.frozen.run_stack(&e, &mut layout())?, None, Vec::new()),
     };
 
-    // Read-out and chunked head: cotangents of the top pair.
-    let (other, last) = (Var::from_tensor(&top.other)?, Var::from_tensor(&top.last)?);
-    let hidden = t.graph.read_out(&States {
-        other: other.as_tensor().clone(),
-        last: last.as_tensor().clone(),
-    })?;
-    let head = chunked_head_loss(
-        &t.graph,
-        &t.vars,
-        &hidden.detach(),
-        &batch.targets,
-        &batch.objective,
-        normalizer,
-        HEAD_CHUNK_ROWS,
-        &mut grads,
-    )?;
-    let store = dot(&hidden, &head.grad_hidden)?.backward()?;
-    let mut g = Adjoint {
-        other: grad_or_zeros(&store, other.as_tensor())?,
-        last: grad_or_zeros(&store, last.as_tensor())?,
-    };
+    let (loss, mut g) = head_adjoint(t, &top, batch, normalizer, &mut grads)?;
 
     // Down the stack to the cotangent of the seed states.
     let g_seed = match strategy {
@@ -168,7 +148,7 @@ pub fn loss_and_grads(
             let store = (dot(&s.other, &g.other)? + dot(&s.last, &g.last)?)?.backward()?;
             grads.absorb(&store, &t.vars)?;
             let g_e = grad_or_zeros(&store, e_var.as_tensor())?;
-            return finish_embedding(t, &ids, g_e, head.loss, grads);
+            return finish_embedding(t, &ids, g_e, loss, grads);
         }
         Strategy::Checkpoint => {
             for (j, s_in) in (first..t.graph.layers.len()).zip(inputs).rev() {
@@ -192,7 +172,7 @@ pub fn loss_and_grads(
         (dot(&seeded.other, &g_seed.other)? + dot(&seeded.last, &g_seed.last)?)?.backward()?;
     grads.absorb(&store, &t.vars)?;
     let g_e = grad_or_zeros(&store, e_var.as_tensor())?;
-    finish_embedding(t, &ids, g_e, head.loss, grads)
+    finish_embedding(t, &ids, g_e, loss, grads)
 }
 
 /// Exact mode: fixed-point forward, then the reversible walk with bit-exact rebuilds (or, as
@@ -221,10 +201,30 @@ fn exact_loss_and_grads(
         _marker: std::marker::PhantomData,
     };
 
-    let (other, last) = (
-        Var::from_tensor(&fp.view(&fwd.top.other, dtype)?)?,
-        Var::from_tensor(&fp.view(&fwd.top.last, dtype)?)?,
-    );
+    let top = States {
+        other: fp.view(&fwd.top.other, dtype)?,
+        last: fp.view(&fwd.top.last, dtype)?,
+    };
+    let (loss, mut g) = head_adjoint(t, &top, batch, normalizer, &mut grads)?;
+    let mut s = fwd.top;
+    for j in (0..t.graph.layers.len()).rev() {
+        (s, g) = reversible_layer(t, j, &s, &g, &mut layout(), &mut grads, &below)?;
+    }
+    // Duplicate seeding: both states are the embedding.
+    let g_e = (g.other + g.last)?;
+    finish_embedding(t, &ids, g_e, loss, grads)
+}
+
+/// Read-out and the chunked head on the top pair of states: the loss, the head's parameter
+/// gradients (into `grads`) and the cotangents of the top pair.
+fn head_adjoint(
+    t: &Trainable,
+    top: &States,
+    batch: &Batch,
+    normalizer: f64,
+    grads: &mut Grads,
+) -> Result<(f64, Adjoint)> {
+    let (other, last) = (Var::from_tensor(&top.other)?, Var::from_tensor(&top.last)?);
     let hidden = t.graph.read_out(&States {
         other: other.as_tensor().clone(),
         last: last.as_tensor().clone(),
@@ -237,20 +237,14 @@ fn exact_loss_and_grads(
         &batch.objective,
         normalizer,
         HEAD_CHUNK_ROWS,
-        &mut grads,
+        grads,
     )?;
     let store = dot(&hidden, &head.grad_hidden)?.backward()?;
-    let mut g = Adjoint {
+    let g = Adjoint {
         other: grad_or_zeros(&store, other.as_tensor())?,
         last: grad_or_zeros(&store, last.as_tensor())?,
     };
-    let mut s = fwd.top;
-    for j in (0..t.graph.layers.len()).rev() {
-        (s, g) = reversible_layer(t, j, &s, &g, &mut layout(), &mut grads, &below)?;
-    }
-    // Duplicate seeding: both states are the embedding.
-    let g_e = (g.other + g.last)?;
-    finish_embedding(t, &ids, g_e, head.loss, grads)
+    Ok((head.loss, g))
 }
 
 /// Backward through the embedding lookup.

@@ -60,6 +60,14 @@ pub fn chunked_head_loss(
         )
     })?;
     let head_var = vars.iter().position(|v| v.as_tensor().id() == head.id());
+    // The head in the compute dtype, cast once for every chunk.
+    let w_compute = head.to_dtype(model.compute_dtype)?.detach();
+    // Softmax and reductions over the vocabulary in f32 at least.
+    let acc = if model.compute_dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let n = hidden.dim(0)?;
     let mut loss = 0.0;
     let mut grad_chunks = Vec::new();
@@ -69,13 +77,6 @@ pub fn chunked_head_loss(
         let h = Var::from_tensor(&hidden.narrow(0, start, len)?)?;
         let x = model.final_norm(h.as_tensor())?;
         let x_data = x.detach();
-        let w_compute = head.to_dtype(x.dtype())?.detach();
-        // Softmax and reductions over the vocabulary in f32 at least.
-        let acc = if x.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
         let logits = x_data.matmul(&w_compute.t()?)?.to_dtype(acc)?;
         let row_weights = (targets.weights.narrow(0, start, len)?.to_dtype(acc)? / normalizer)?;
         let ids = targets.ids.narrow(0, start, len)?;
