@@ -2,6 +2,8 @@
 //! so activation memory can be measured exactly on CPU (the binary installs it; the library
 //! works without it, reporting zeros).
 
+pub mod device;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

@@ -146,19 +146,21 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Resu
     })
 }
 
-/// Peak heap growth and seconds of one forward+backward.
+/// Peak memory growth on the batch's device and seconds of one forward+backward.
 fn measure(
     t: &Trainable,
     batch: &Batch,
     strategy: Strategy,
     exact: Option<FixedPoint>,
 ) -> Result<(usize, f64)> {
-    let before = memory::live_bytes();
-    memory::reset_peak();
+    let device = batch.inputs.device();
+    let before = memory::device::live_bytes(device)?;
+    memory::device::reset_peak(device)?;
     let started = Instant::now();
     let out = loss_and_grads(t, batch, strategy, 1.0, exact)?;
+    device.synchronize()?;
     let secs = started.elapsed().as_secs_f64();
-    let peak = memory::peak_bytes().saturating_sub(before);
+    let peak = memory::device::peak_bytes(device)?.saturating_sub(before);
     drop(out);
     Ok((peak, secs))
 }
@@ -192,7 +194,7 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
                     seed: 1,
                     separate_head: false,
                 },
-                WeightFormat::F32,
+                args.model.format,
                 &device,
             )?
         };

@@ -150,6 +150,9 @@ pub struct ConvertArgs {
     pub seq_len: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run on the GPU (requires a build with `--features cuda`).
+    #[arg(long)]
+    pub cuda: bool,
     /// Output: a delta directory (trained weights + scheme) over the base model file.
     #[arg(long, default_value = "models/converted.delta")]
     pub output: PathBuf,
@@ -163,7 +166,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
         model: Some(base_path.display().to_string()),
         format: Default::default(),
         scheme: None,
-        cuda: false,
+        cuda: args.cuda,
     }
     .load()?;
     let work = convert::work_dir(&args.output);
@@ -237,7 +240,13 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
         args.weights == TrainedWeights::Norms,
         &args.output,
     )?;
-    let converted = crate::model::loader::load(&args.output, &Default::default())?;
+    let converted = crate::model::loader::load(
+        &args.output,
+        &crate::model::loader::LoadOptions {
+            device: teacher.model.device.clone(),
+            ..Default::default()
+        },
+    )?;
     let report = eval::compare(&converted, &teacher, &validation, 48)?;
     std::fs::write(
         args.output.join("report.json"),

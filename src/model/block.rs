@@ -12,7 +12,7 @@ use crate::model::kv_cache::LayerKv;
 use crate::model::linear::Linear;
 use crate::model::ops::{self, Kernels};
 use crate::model::rope::RopeTables;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// How the N token rows of a forward pass are grouped into sequences.
 pub enum Layout<'a> {
@@ -132,7 +132,7 @@ impl Attention {
         let scale = 1.0 / (dh as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(ctx.residual_dtype)?; // (B, KvH, rep*T, K)
         let scores = if seq > 1 {
-            let mask = causal_mask(seq, keys, start, q.device())?.to_dtype(ctx.residual_dtype)?;
+            let mask = ctx.rope.causal_mask(seq, keys, start, ctx.residual_dtype)?;
             scores
                 .reshape((batch, kvh, rep, seq, keys))?
                 .broadcast_add(&mask)?
@@ -146,22 +146,6 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((batch * seq, h * dh))
     }
-}
-
-/// (T, K) additive mask: query i (at position start+i) sees keys 0..=start+i.
-fn causal_mask(seq: usize, keys: usize, start: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..keys).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (seq, keys), device)
 }
 
 #[derive(Debug, Clone)]

@@ -1,11 +1,13 @@
-//! Rotary position embedding tables (rotate-half layout; GGUF Q/K rows are un-permuted at load).
+//! Per-position tables on the model's device: rotary embedding angles (rotate-half layout; GGUF
+//! Q/K rows are un-permuted at load) and the position indices causal masks are built from.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     cos: Tensor, // (max_positions, head_dim/2)
     sin: Tensor,
+    positions: Tensor, // 0..max_positions, u32
 }
 
 impl RopeTables {
@@ -27,6 +29,7 @@ impl RopeTables {
         Ok(Self {
             cos: Tensor::from_vec(cos, (max_positions, half), device)?,
             sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+            positions: Tensor::arange(0u32, max_positions as u32, device)?,
         })
     }
 
@@ -34,18 +37,43 @@ impl RopeTables {
         self.cos.dims()[0]
     }
 
-    /// (cos, sin) rows for positions start..start+len, contiguous.
-    pub fn slice(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        if start + len > self.max_positions() {
+    fn check(&self, end: usize) -> Result<()> {
+        if end > self.max_positions() {
             candle_core::bail!(
-                "position {} beyond the context of {} tokens",
-                start + len,
+                "position {end} beyond the context of {} tokens",
                 self.max_positions()
             );
         }
+        Ok(())
+    }
+
+    /// (cos, sin) rows for positions start..start+len, contiguous.
+    pub fn slice(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        self.check(start + len)?;
         Ok((
             self.cos.narrow(0, start, len)?.contiguous()?,
             self.sin.narrow(0, start, len)?.contiguous()?,
         ))
+    }
+
+    /// (seq, keys) additive mask: query i, at position start+i, sees keys 0..=start+i.
+    /// Built from device-resident indices: a mask made on the host would cost a host-to-device
+    /// copy per layer, and such a copy from pageable memory stalls a GPU stream.
+    pub fn causal_mask(
+        &self,
+        seq: usize,
+        keys: usize,
+        start: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        self.check((start + seq).max(keys))?;
+        let queries = self.positions.narrow(0, start, seq)?.unsqueeze(1)?;
+        let hidden = self
+            .positions
+            .narrow(0, 0, keys)?
+            .unsqueeze(0)?
+            .broadcast_gt(&queries)?;
+        let open = Tensor::zeros((seq, keys), dtype, self.positions.device())?;
+        hidden.where_cond(&(&open + f64::NEG_INFINITY)?, &open)
     }
 }

@@ -62,17 +62,17 @@ impl Grads {
         Ok(())
     }
 
-    /// Global L2 norm, accumulated in f64.
+    /// Global L2 norm, accumulated in f64 on the gradients' device and read once.
     pub fn global_norm(&self) -> Result<f64> {
-        let mut sum = 0.0;
+        let mut sum: Option<Tensor> = None;
         for g in self.grads.iter().flatten() {
-            sum += g
-                .to_dtype(candle_core::DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            let squares = g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?;
+            sum = Some(match sum {
+                Some(acc) => (acc + squares)?,
+                None => squares,
+            });
         }
-        Ok(sum.sqrt())
+        Ok(sum.map_or(Ok(0.0), |s| s.to_scalar::<f64>())?.sqrt())
     }
 }
 

@@ -69,7 +69,8 @@ pub fn chunked_head_loss(
         DType::F32
     };
     let n = hidden.dim(0)?;
-    let mut loss = 0.0;
+    // Summed on the device and read once: a read per chunk would stall a GPU stream.
+    let mut loss = Tensor::zeros((), DType::F64, hidden.device())?;
     let mut grad_chunks = Vec::new();
     let mut start = 0;
     while start < n {
@@ -82,10 +83,7 @@ pub fn chunked_head_loss(
         let ids = targets.ids.narrow(0, start, len)?;
         let (rows, grad_logits) =
             loss_and_grad_logits(&logits, &ids, &row_weights, objective, start)?;
-        loss += (rows * &row_weights)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        loss = (loss + (rows * &row_weights)?.sum_all()?.to_dtype(DType::F64)?)?;
         drop(logits);
         let grad_logits = grad_logits.to_dtype(x.dtype())?;
         let grad_x = grad_logits.matmul(&w_compute)?;
@@ -100,7 +98,7 @@ pub fn chunked_head_loss(
         start += len;
     }
     Ok(HeadOutput {
-        loss,
+        loss: loss.to_scalar::<f64>()?,
         grad_hidden: Tensor::cat(&grad_chunks, 0)?,
     })
 }

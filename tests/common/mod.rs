@@ -30,6 +30,16 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
         .unwrap()
 }
 
+/// The device the numeric tests run on: the first GPU when `REWIND_TEST_DEVICE=cuda` (in a
+/// `--features cuda` build), else the CPU.
+pub fn device() -> candle_core::Device {
+    match std::env::var("REWIND_TEST_DEVICE").as_deref() {
+        Ok("cuda") => candle_core::Device::new_cuda(0).expect("a CUDA device"),
+        Ok("cpu") | Err(_) => candle_core::Device::Cpu,
+        Ok(other) => panic!("REWIND_TEST_DEVICE={other}: expected cpu or cuda"),
+    }
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     repo().join("tests").join("fixtures").join(name)
 }
