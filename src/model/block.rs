@@ -7,6 +7,7 @@
 //! i.e. the whole pre-norm block without its outer skip. Every scheme in `reversible` couples
 //! these same blocks; hamiltonian uses the two halves separately.
 
+use crate::model::attention;
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::LayerKv;
 use crate::model::linear::Linear;
@@ -124,24 +125,39 @@ impl Attention {
             }
             None => (k, v),
         };
-        let keys = k.dim(2)?;
         // Grouped-query attention without copying K/V: the `rep` query heads sharing a KV head
         // are stacked along the row axis, (B, KvH, rep*T, Dh).
         let rep = h / kvh;
         let q = q.reshape((batch, kvh, rep * seq, dh))?;
         let scale = 1.0 / (dh as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(ctx.residual_dtype)?; // (B, KvH, rep*T, K)
-        let scores = if seq > 1 {
-            let mask = ctx.rope.causal_mask(seq, keys, start, ctx.residual_dtype)?;
-            scores
-                .reshape((batch, kvh, rep, seq, keys))?
-                .broadcast_add(&mask)?
-                .reshape((batch, kvh, rep * seq, keys))?
-        } else {
-            scores
+        let out = match ctx.kernels {
+            Kernels::Differentiable => attention::causal_attention(
+                &q,
+                &k,
+                &v,
+                seq,
+                start,
+                scale,
+                ctx.residual_dtype,
+                ctx.rope,
+                attention::CHUNK,
+            )?,
+            Kernels::Fused => {
+                let keys = k.dim(2)?;
+                let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(ctx.residual_dtype)?; // (B, KvH, rep*T, K)
+                let scores = if seq > 1 {
+                    let mask = ctx.rope.causal_mask(seq, keys, start, ctx.residual_dtype)?;
+                    scores
+                        .reshape((batch, kvh, rep, seq, keys))?
+                        .broadcast_add(&mask)?
+                        .reshape((batch, kvh, rep * seq, keys))?
+                } else {
+                    scores
+                };
+                let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)? // (B, KvH, rep*T, Dh)
+            }
         };
-        let probs = ops::softmax_last_dim(&scores, ctx.kernels)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // (B, KvH, rep*T, Dh)
         out.reshape((batch, h, seq, dh))?
             .transpose(1, 2)?
             .reshape((batch * seq, h * dh))

@@ -1,6 +1,7 @@
 //! The model layer: everything needed to load an LLM, express it in a reversible form and
 //! generate from it. Knows nothing of HTTP, jobs or storage.
 
+pub mod attention;
 pub mod block;
 pub mod chat_template;
 pub mod config;

@@ -1,7 +1,7 @@
 //! Kernels with two implementations: candle's fused ones for inference, and composites of
 //! differentiable ops for training.
 //!
-//! candle's fused `rms_norm`, `softmax_last_dim` and `rope` record no backward: a graph through
+//! candle's fused `rms_norm` and `rope` record no backward: a graph through
 //! them silently yields zero gradients. The choice is explicit (not inferred from `track_op`)
 //! because the reversible backward recomputes each block and must get bit-identical results to
 //! the forward, so both passes must run the same kernels.
@@ -48,17 +48,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, kernels: Kernels) -> Resu
     }
 }
 
-/// Softmax over the last dimension.
-pub fn softmax_last_dim(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
-    match kernels {
-        Kernels::Fused => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
-        Kernels::Differentiable => {
-            // Softmax is shift-invariant, so the max needs no gradient.
-            let max = x.max_keepdim(D::Minus1)?.detach();
-            let exp = x.broadcast_sub(&max)?.exp()?;
-            exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
-        }
-    }
+/// Softmax over the last dimension (candle's fused kernel: training differentiates attention by
+/// hand, see `attention`, so no graph ever runs through it).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax_last_dim(&x.contiguous()?)
 }
 
 /// Rotary embedding in the rotate-half (Hugging Face) layout.
@@ -151,11 +144,6 @@ mod tests {
     }
 
     #[test]
-    fn softmax_backward_matches_finite_differences() {
-        check_gradient(|x| softmax_last_dim(x, Kernels::Differentiable), &[2, 3, 5]);
-    }
-
-    #[test]
     fn rope_backward_matches_finite_differences() {
         let cos = Tensor::randn(0f64, 1.0, (4, 3), &Device::Cpu).unwrap();
         let sin = Tensor::randn(0f64, 1.0, (4, 3), &Device::Cpu).unwrap();
@@ -185,10 +173,6 @@ mod tests {
             (
                 rms_norm(&x, &w, 1e-5, Kernels::Fused).unwrap(),
                 rms_norm(&x, &w, 1e-5, Kernels::Differentiable).unwrap(),
-            ),
-            (
-                softmax_last_dim(&x, Kernels::Fused).unwrap(),
-                softmax_last_dim(&x, Kernels::Differentiable).unwrap(),
             ),
             (
                 rope(&x, &cos, &sin, Kernels::Fused).unwrap(),
