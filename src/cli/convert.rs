@@ -142,6 +142,11 @@ pub struct ConvertArgs {
     pub answer_tokens: usize,
     #[arg(long, value_enum, default_value = "norms")]
     pub weights: TrainedWeights,
+    /// Rank of the adapters under `--weights lora` (on every projection).
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
     #[arg(long, default_value_t = 4)]
@@ -211,6 +216,8 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
         batch_size: args.batch_size,
         lr: args.lr,
         weights: args.weights,
+        lora_rank: args.lora_rank,
+        lora_alpha: args.lora_alpha,
         seed: args.seed,
     };
     let mut progress = StepProgress::new("KL");
@@ -237,7 +244,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
     crate::model::loader::delta::save(
         &mut student,
         &base_path,
-        args.weights == TrainedWeights::Norms,
+        &config.delta_contents(),
         &args.output,
     )?;
     let converted = crate::model::loader::load(

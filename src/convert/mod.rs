@@ -12,7 +12,7 @@ pub mod eval;
 pub mod teacher_answers;
 
 use crate::model::decoder::Model;
-use crate::model::loader::delta;
+use crate::model::loader::delta::{self, DeltaContents, LoraSpec};
 use crate::model::reversible::{Blend, ReversibleConfig, SchemeKind};
 use crate::train::backward::Strategy;
 use crate::train::data::TokenizedExample;
@@ -29,6 +29,9 @@ use std::path::{Path, PathBuf};
 pub enum TrainedWeights {
     /// RMSNorm gains only: a tiny delta (~35k parameters for SmolLM2).
     Norms,
+    /// RMSNorm gains and LoRA adapters on every projection (`ConvertConfig::lora_rank`): a
+    /// delta of a few MB that can still move every matrix.
+    Lora,
     /// Every weight.
     Full,
 }
@@ -42,7 +45,36 @@ pub struct ConvertConfig {
     pub batch_size: usize,
     pub lr: f64,
     pub weights: TrainedWeights,
+    /// Rank and alpha of the adapters under `TrainedWeights::Lora`.
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
     pub seed: u64,
+}
+
+/// The projections LoRA conversion adapts: all of them.
+const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl ConvertConfig {
+    /// What the delta of this conversion stores.
+    pub fn delta_contents(&self) -> DeltaContents {
+        match self.weights {
+            TrainedWeights::Norms => DeltaContents::Norms,
+            TrainedWeights::Lora => DeltaContents::NormsAndAdapters(LoraSpec {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha,
+                targets: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
+            }),
+            TrainedWeights::Full => DeltaContents::All,
+        }
+    }
 }
 
 /// The scheme of a stage: midpoint(a = -2^-k), h = 1, duplicate seeding, read-out p_L.
@@ -99,7 +131,12 @@ pub fn convert(
         bail!("stage k = {k}: exact mode keeps at most 8 bits (a = -2^-8)");
     }
     std::fs::create_dir_all(work_dir)?;
+    let contents = config.delta_contents();
     let mut student = teacher.clone();
+    if let DeltaContents::NormsAndAdapters(lora) = &contents {
+        student.densify()?;
+        student.add_lora(lora.rank, lora.alpha, &lora.targets, config.seed)?;
+    }
     let mut offset = 0;
     for (i, &k) in config.stages.iter().enumerate() {
         student.reversible = stage_scheme(k);
@@ -123,6 +160,7 @@ pub fn convert(
                 seed: config.seed.wrapping_add(i as u64),
                 train_only: match config.weights {
                     TrainedWeights::Norms => vec!["norm".into()],
+                    TrainedWeights::Lora => vec!["norm".into(), ".lora_".into()],
                     TrainedWeights::Full => Vec::new(),
                 },
                 checkpoint_dir: Some(work_dir.join(format!("stage-{i}.checkpoint"))),
@@ -142,7 +180,7 @@ pub fn convert(
                 bail!("conversion cancelled during stage {i}; run again to resume");
             }
             student = outcome.model;
-            delta::write_weights(&mut student, config.weights == TrainedWeights::Norms, &done)?;
+            delta::write_weights(&mut student, &contents, &done)?;
             let _ = std::fs::remove_dir_all(work_dir.join(format!("stage-{i}.checkpoint")));
         }
         on_stage(k, &student)?;

@@ -17,8 +17,42 @@ pub struct DeltaManifest {
     /// The base model: a file name looked up beside the delta directory, or an absolute path.
     pub base: String,
     pub reversible: ReversibleConfig,
-    /// Number of parameters the delta replaces.
+    /// Number of parameters the delta stores.
     pub parameters: usize,
+    /// LoRA adapters the delta stores factors of, attached to the base before its tensors apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+}
+
+/// Shape of the LoRA adapters of a delta.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Projection names the adapters sit on (`q_proj`, ..., `down_proj`).
+    pub targets: Vec<String>,
+}
+
+/// Which of a model's parameters a delta stores.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeltaContents {
+    /// The RMSNorm gains.
+    Norms,
+    /// The RMSNorm gains and the factors of these LoRA adapters (a few MB where the weights
+    /// they adapt are hundreds).
+    NormsAndAdapters(LoraSpec),
+    /// Every parameter.
+    All,
+}
+
+impl DeltaContents {
+    fn keeps(&self, name: &str) -> bool {
+        match self {
+            Self::Norms => name.contains("norm"),
+            Self::NormsAndAdapters(_) => name.contains("norm") || name.contains(".lora_"),
+            Self::All => true,
+        }
+    }
 }
 
 pub fn is_delta(path: &Path) -> bool {
@@ -34,15 +68,19 @@ pub fn manifest(dir: &Path) -> Result<DeltaManifest> {
     .with_context(|| format!("{}: invalid delta manifest", path.display()))
 }
 
-/// Writes `model`'s parameters (only the norms when `norms_only`) and scheme as a delta over
-/// `base` into `dir`.
-pub fn save(model: &mut Model, base: &Path, norms_only: bool, dir: &Path) -> Result<()> {
+/// Writes `model`'s parameters named by `contents` and its scheme as a delta over `base` into
+/// `dir`.
+pub fn save(model: &mut Model, base: &Path, contents: &DeltaContents, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let parameters = write_weights(model, norms_only, &dir.join("weights.safetensors"))?;
+    let parameters = write_weights(model, contents, &dir.join("weights.safetensors"))?;
     let manifest = DeltaManifest {
         base: base_reference(base, dir)?,
         reversible: model.reversible.clone(),
         parameters,
+        lora: match contents {
+            DeltaContents::NormsAndAdapters(spec) => Some(spec.clone()),
+            _ => None,
+        },
     };
     std::fs::write(
         dir.join("delta.json"),
@@ -77,13 +115,13 @@ fn base_reference(base: &Path, dir: &Path) -> Result<String> {
         .context("base model path is not UTF-8")
 }
 
-/// Writes `model`'s parameters (only the norms when `norms_only`) to the safetensors file
-/// `path`, atomically; returns how many scalars it holds.
-pub fn write_weights(model: &mut Model, norms_only: bool, path: &Path) -> Result<usize> {
+/// Writes `model`'s parameters named by `contents` to the safetensors file `path`, atomically;
+/// returns how many scalars it holds.
+pub fn write_weights(model: &mut Model, contents: &DeltaContents, path: &Path) -> Result<usize> {
     let tensors: HashMap<String, Tensor> = model
         .parameters_mut()
         .into_iter()
-        .filter(|(n, _)| !norms_only || n.contains("norm"))
+        .filter(|(n, _)| contents.keeps(n))
         .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?)))
         .collect::<Result<_>>()?;
     let tmp = path.with_extension("tmp");
@@ -143,7 +181,23 @@ pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
             ..options.clone()
         },
     )?;
+    if let Some(lora) = &manifest.lora {
+        let attached = loaded
+            .model
+            .add_lora(lora.rank, lora.alpha, &lora.targets, 0)?;
+        if attached == 0 {
+            bail!(
+                "{}: its LoRA targets {:?} match no projection of the base",
+                dir.display(),
+                lora.targets
+            );
+        }
+    }
     apply(&mut loaded.model, &dir.join("weights.safetensors"))?;
+    if options.format != crate::model::loader::WeightFormat::Quantized {
+        // Folded in, the adapters cost nothing at inference; quantized matrices keep them apart.
+        loaded.model.merge_lora()?;
+    }
     loaded.source = dir.to_path_buf();
     Ok(loaded)
 }
