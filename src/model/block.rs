@@ -11,7 +11,7 @@ use crate::model::attention;
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::LayerKv;
 use crate::model::linear::Linear;
-use crate::model::ops::{self, Kernels};
+use crate::model::ops;
 use crate::model::rope::RopeTables;
 use candle_core::{DType, Result, Tensor};
 
@@ -38,7 +38,6 @@ pub struct BlockCtx<'a> {
     /// dtype of the residual states and of softmax/norm reductions: f32 (f64 for reference
     /// gradient checks), whatever the compute dtype.
     pub residual_dtype: DType,
-    pub kernels: Kernels,
 }
 
 #[derive(Debug, Clone)]
@@ -115,8 +114,8 @@ impl Attention {
                 .contiguous()
         };
         let (cos, sin) = ctx.rope.slice(start, seq)?;
-        let q = ops::rope(&heads(q, h)?, &cos, &sin, ctx.kernels)?; // (B, H, T, Dh)
-        let k = ops::rope(&heads(k, kvh)?, &cos, &sin, ctx.kernels)?; // (B, KvH, T, Dh)
+        let q = ops::rope(&heads(q, h)?, &cos, &sin)?; // (B, H, T, Dh)
+        let k = ops::rope(&heads(k, kvh)?, &cos, &sin)?; // (B, KvH, T, Dh)
         let v = heads(v, kvh)?;
         let (k, v) = match cache {
             Some(cache) => {
@@ -130,34 +129,17 @@ impl Attention {
         let rep = h / kvh;
         let q = q.reshape((batch, kvh, rep * seq, dh))?;
         let scale = 1.0 / (dh as f64).sqrt();
-        let out = match ctx.kernels {
-            Kernels::Differentiable => attention::causal_attention(
-                &q,
-                &k,
-                &v,
-                seq,
-                start,
-                scale,
-                ctx.residual_dtype,
-                ctx.rope,
-                attention::CHUNK,
-            )?,
-            Kernels::Fused => {
-                let keys = k.dim(2)?;
-                let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(ctx.residual_dtype)?; // (B, KvH, rep*T, K)
-                let scores = if seq > 1 {
-                    let mask = ctx.rope.causal_mask(seq, keys, start, ctx.residual_dtype)?;
-                    scores
-                        .reshape((batch, kvh, rep, seq, keys))?
-                        .broadcast_add(&mask)?
-                        .reshape((batch, kvh, rep * seq, keys))?
-                } else {
-                    scores
-                };
-                let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-                probs.matmul(&v)? // (B, KvH, rep*T, Dh)
-            }
-        };
+        let out = attention::causal_attention(
+            &q,
+            &k,
+            &v,
+            seq,
+            start,
+            scale,
+            ctx.residual_dtype,
+            ctx.rope,
+            attention::CHUNK,
+        )?;
         out.reshape((batch, h, seq, dh))?
             .transpose(1, 2)?
             .reshape((batch * seq, h * dh))
@@ -212,7 +194,7 @@ impl Block {
         layout: &mut Layout<'_>,
         ctx: &BlockCtx<'_>,
     ) -> Result<Tensor> {
-        let x = ops::rms_norm(p, &self.input_layernorm, self.rms_norm_eps, ctx.kernels)?
+        let x = ops::rms_norm(p, &self.input_layernorm, self.rms_norm_eps)?
             .to_dtype(ctx.compute_dtype)?;
         self.self_attn
             .forward(&x, layout, ctx)?
@@ -221,13 +203,8 @@ impl Block {
 
     /// MLP(N2 q), returned in the residual dtype. q: (N, d).
     pub fn mlp_branch(&self, q: &Tensor, ctx: &BlockCtx<'_>) -> Result<Tensor> {
-        let x = ops::rms_norm(
-            q,
-            &self.post_attention_layernorm,
-            self.rms_norm_eps,
-            ctx.kernels,
-        )?
-        .to_dtype(ctx.compute_dtype)?;
+        let x = ops::rms_norm(q, &self.post_attention_layernorm, self.rms_norm_eps)?
+            .to_dtype(ctx.compute_dtype)?;
         self.mlp.forward(&x)?.to_dtype(ctx.residual_dtype)
     }
 

@@ -6,7 +6,7 @@ use crate::model::block::{Block, BlockCtx, Layout, RaggedSeq};
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::{Embedding, Linear, Weight};
-use crate::model::ops::{self, Kernels};
+use crate::model::ops;
 use crate::model::reversible::{self, ReversibleConfig, SchemeKind};
 use crate::model::rope::RopeTables;
 use candle_core::{DType, Device, Result, Tensor};
@@ -32,7 +32,6 @@ pub struct Model {
     pub compute_dtype: DType,
     /// Residual streams: f32, or f64 for reference computations.
     pub residual_dtype: DType,
-    pub kernels: Kernels,
     pub device: Device,
 }
 
@@ -48,7 +47,6 @@ impl Model {
             rope: &self.rope,
             compute_dtype: self.compute_dtype,
             residual_dtype: self.residual_dtype,
-            kernels: self.kernels,
         }
     }
 
@@ -143,8 +141,7 @@ impl Model {
 
     /// The final RMSNorm in the compute dtype: the LM head's input.
     pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
-        ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps, self.kernels)?
-            .to_dtype(self.compute_dtype)
+        ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?.to_dtype(self.compute_dtype)
     }
 
     /// The LM head's matrix (vocab, d), the tied embedding when there is no separate head,

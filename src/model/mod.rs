@@ -5,6 +5,7 @@ pub mod attention;
 pub mod block;
 pub mod chat_template;
 pub mod config;
+pub mod custom_vjp;
 pub mod decoder;
 pub mod generate;
 pub mod kv_cache;

@@ -1,51 +1,46 @@
-//! Kernels with two implementations: candle's fused ones for inference, and composites of
-//! differentiable ops for training.
+//! The block's elementwise kernels: candle's fused ones, with hand-written backwards.
 //!
-//! candle's fused `rms_norm` and `rope` record no backward: a graph through
-//! them silently yields zero gradients. The choice is explicit (not inferred from `track_op`)
-//! because the reversible backward recomputes each block and must get bit-identical results to
-//! the forward, so both passes must run the same kernels.
+//! candle's fused `rms_norm` and `rope` record no backward: a graph through them would silently
+//! yield zero gradients. Here each kernel runs fused (no graph), and when an input is part of a
+//! graph its output is recorded with its vector-Jacobian product (`custom_vjp`). Inference and
+//! training, the forward and the reversible recomputation, all run the same kernels, so a
+//! recomputed block is bit-identical to its forward.
 
+use crate::model::custom_vjp;
 use candle_core::{DType, Result, Tensor, D};
 
-/// Which implementation the ops use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Kernels {
-    /// candle's fused kernels: fastest, no backward.
-    #[default]
-    Fused,
-    /// Composites of ops with a backward: used by every training forward and recomputation.
-    Differentiable,
+/// RMSNorm over the last dimension (f64 inputs, the reference computations, are normalised by
+/// a composite: candle has no fused f64 kernel).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let out = if x.dtype() == DType::F64 {
+        let x = x.detach();
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&r)?
+            .broadcast_mul(&weight.detach().to_dtype(DType::F64)?)?
+    } else {
+        let weight = weight.detach().to_dtype(x.dtype())?;
+        candle_nn::ops::rms_norm(&x.detach().contiguous()?, &weight, eps as f32)?
+    };
+    custom_vjp::record2(x, weight, out, move |x, w, g| rms_norm_vjp(x, w, eps, g))
 }
 
-/// RMSNorm over the last dimension, normalised in f32 (f64 for f64 inputs).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor> {
-    // candle has no fused f64 kernel; f64 runs are reference computations anyway.
-    let kernels = if x.dtype() == DType::F64 {
-        Kernels::Differentiable
+/// Cotangents of x and the gain for y = x r w, r = (mean(x^2) + eps)^-1/2:
+/// dx = r (g w - x r^2 mean(g w x)), dw = sum over rows of g x r; in f32 at least.
+fn rms_norm_vjp(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let work = if x.dtype() == DType::F64 {
+        DType::F64
     } else {
-        kernels
+        DType::F32
     };
-    match kernels {
-        Kernels::Fused => {
-            let weight = weight.to_dtype(x.dtype())?;
-            candle_nn::ops::rms_norm(&x.contiguous()?, &weight, eps as f32)
-        }
-        Kernels::Differentiable => {
-            let dtype = x.dtype();
-            let work = if dtype == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            };
-            let xw = x.to_dtype(work)?;
-            let mean_square = xw.sqr()?.mean_keepdim(D::Minus1)?;
-            let normed = xw.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
-            normed
-                .broadcast_mul(&weight.to_dtype(work)?)?
-                .to_dtype(dtype)
-        }
-    }
+    let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
+    let (x, g) = (x.to_dtype(work)?, g.to_dtype(work)?);
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let gw = g.broadcast_mul(&w.to_dtype(work)?)?;
+    let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
+    let grad_x = (gw - x.broadcast_mul(&(r.sqr()? * dot)?)?)?.broadcast_mul(&r)?;
+    let d = x.dim(D::Minus1)?;
+    let grad_w = (g * x.broadcast_mul(&r)?)?.reshape(((), d))?.sum(0)?;
+    Ok((grad_x.to_dtype(x_dtype)?, grad_w.to_dtype(w_dtype)?))
 }
 
 /// Softmax over the last dimension (candle's fused kernel: training differentiates attention by
@@ -56,26 +51,15 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary embedding in the rotate-half (Hugging Face) layout.
 /// `x`: (B, H, T, Dh); `cos`, `sin`: (T, Dh/2).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, kernels: Kernels) -> Result<Tensor> {
-    let cos = cos.to_dtype(x.dtype())?;
-    let sin = sin.to_dtype(x.dtype())?;
-    match kernels {
-        Kernels::Fused => {
-            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)
-        }
-        Kernels::Differentiable => {
-            let half = x.dim(D::Minus1)? / 2;
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let (cos, sin) = (
-                cos.unsqueeze(0)?.unsqueeze(0)?,
-                sin.unsqueeze(0)?.unsqueeze(0)?,
-            );
-            let first = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-            let second = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-            Tensor::cat(&[&first, &second], D::Minus1)
-        }
-    }
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let cos = cos.to_dtype(x.dtype())?.contiguous()?;
+    let sin = sin.to_dtype(x.dtype())?.contiguous()?;
+    let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
+    // A rotation's transpose rotates by the opposite angle.
+    let back = sin.neg()?;
+    custom_vjp::record1(x, out, move |_, g| {
+        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &back)
+    })
 }
 
 /// SiLU(gate) * up, the SwiGLU activation. candle's `silu` has a backward, so one form serves both.
@@ -140,17 +124,16 @@ mod tests {
     #[test]
     fn rms_norm_backward_matches_finite_differences() {
         let w = Tensor::randn(1f64, 0.1, 6, &Device::Cpu).unwrap();
-        check_gradient(|x| rms_norm(x, &w, 1e-5, Kernels::Differentiable), &[3, 6]);
+        check_gradient(|x| rms_norm(x, &w, 1e-5), &[3, 6]);
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 6), &Device::Cpu).unwrap();
+        check_gradient(|w| rms_norm(&x, w, 1e-5), &[6]);
     }
 
     #[test]
     fn rope_backward_matches_finite_differences() {
         let cos = Tensor::randn(0f64, 1.0, (4, 3), &Device::Cpu).unwrap();
         let sin = Tensor::randn(0f64, 1.0, (4, 3), &Device::Cpu).unwrap();
-        check_gradient(
-            |x| rope(x, &cos, &sin, Kernels::Differentiable),
-            &[1, 2, 4, 6],
-        );
+        check_gradient(|x| rope(x, &cos, &sin), &[1, 2, 4, 6]);
     }
 
     #[test]
@@ -159,36 +142,30 @@ mod tests {
         check_gradient(|x| swiglu(x, &up), &[3, 4]);
     }
 
-    /// The composites compute what candle's fused kernels compute.
+    /// The f64 reference normalisation computes what candle's fused f32 kernel computes.
     #[test]
-    fn composites_match_fused_kernels() {
+    fn f64_rms_norm_matches_the_fused_kernel() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
-        let (cos, sin) = (
-            Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap(),
-            Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap(),
-        );
-        let pairs = [
-            (
-                rms_norm(&x, &w, 1e-5, Kernels::Fused).unwrap(),
-                rms_norm(&x, &w, 1e-5, Kernels::Differentiable).unwrap(),
-            ),
-            (
-                rope(&x, &cos, &sin, Kernels::Fused).unwrap(),
-                rope(&x, &cos, &sin, Kernels::Differentiable).unwrap(),
-            ),
-        ];
-        for (fused, composite) in pairs {
-            let diff = (fused - composite)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-5, "{diff}");
-        }
+        let fused = rms_norm(&x, &w, 1e-5)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let reference = rms_norm(
+            &x.to_dtype(DType::F64).unwrap(),
+            &w.to_dtype(DType::F64).unwrap(),
+            1e-5,
+        )
+        .unwrap();
+        let diff = (fused - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
     }
 }

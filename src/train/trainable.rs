@@ -3,7 +3,6 @@
 //! reversible and checkpoint strategies do not keep).
 
 use crate::model::decoder::Model;
-use crate::model::ops::Kernels;
 use anyhow::Result;
 use candle_core::{DType, Var};
 
@@ -21,7 +20,6 @@ impl Trainable {
     /// `train` says no (they stay constant and get no gradient).
     pub fn new(mut model: Model, train: impl Fn(&str) -> bool) -> Result<Self> {
         model.densify()?;
-        model.kernels = Kernels::Differentiable;
         let mut names = Vec::new();
         let mut vars = Vec::new();
         for (name, t) in model.parameters_mut() {

@@ -311,10 +311,8 @@ pub fn train(
         save(&state, &optimizer, observer)?;
     }
 
-    let mut model = t.frozen;
-    model.kernels = crate::model::ops::Kernels::Fused;
     Ok(TrainOutcome {
-        model,
+        model: t.frozen,
         final_loss: state.losses.last().map(|l| l.1),
         validation_loss,
         trained_tokens: state.trained_tokens,

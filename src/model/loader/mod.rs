@@ -12,7 +12,6 @@ use crate::model::chat_template::ChatTemplate;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Model;
 use crate::model::linear::{Embedding, Linear, Weight};
-use crate::model::ops::Kernels;
 use crate::model::reversible::ReversibleConfig;
 use crate::model::rope::RopeTables;
 use crate::model::tokenizer::TextTokenizer;
@@ -191,7 +190,6 @@ pub fn build_model(
             _ => DType::F32,
         },
         residual_dtype: DType::F32,
-        kernels: Kernels::Fused,
         device: device.clone(),
     })
 }
