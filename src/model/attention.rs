@@ -82,13 +82,18 @@ impl Geometry {
         let (b, kvh, rows, _) = q_rows.dims4()?;
         let k = k.narrow(2, 0, c.keys)?;
         let scores = (q_rows.matmul(&k.t()?)? * self.scale)?.to_dtype(self.score_dtype)?;
-        let mask = self
-            .masks
-            .causal_mask(c.len, c.keys, self.start + c.t0, self.score_dtype)?;
-        let scores = scores
-            .reshape((b, kvh, self.rep, c.len, c.keys))?
-            .broadcast_add(&mask)?
-            .reshape((b, kvh, rows, c.keys))?;
+        // Only when the chunk's first query cannot see every key (not in one-token decoding).
+        let scores = if self.start + c.t0 + 1 < c.keys {
+            let mask = self
+                .masks
+                .causal_mask(c.len, c.keys, self.start + c.t0, self.score_dtype)?;
+            scores
+                .reshape((b, kvh, self.rep, c.len, c.keys))?
+                .broadcast_add(&mask)?
+                .reshape((b, kvh, rows, c.keys))?
+        } else {
+            scores
+        };
         ops::softmax_last_dim(&scores)
     }
 
