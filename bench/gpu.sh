@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md, on a machine with one CUDA device and no Rust
+# toolchain: build here with `cargo build --release --features cuda` (and, for the gradient
+# tests, `cargo test --release --features cuda --no-run --test gradients`), copy the binaries over.
+#
+#   REWIND=./rewind GRADIENTS=./gradients-<hash> bench/gpu.sh [results-dir]
+#
+# Needs the default model pulled into $REWIND_MODELS_DIR (or ./models) for the real-model steps.
+# Each step has its own time limit and log; a failing step does not stop the others.
+set -u
+REWIND=${REWIND:?set REWIND to a --features cuda build of rewind}
+OUT=${1:-gpu-results}
+mkdir -p "$OUT"
+export RUST_LOG=${RUST_LOG:-info}
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "$name: exit $? after $((SECONDS - started)) s" | tee -a "$OUT/summary.log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/summary.log"
+
+if [ -n "${GRADIENTS:-}" ]; then
+    step gradients 300 env REWIND_TEST_DEVICE=cuda "$GRADIENTS" --test-threads 1 --nocapture
+fi
+
+# The synthetic decoder of the PyTorch reference numbers in docs/benchmarks.md.
+step bench_depth 300 "$REWIND" bench train --cuda --format bf16 --depths 8,96 --batch 4 \
+    --seq 1024 --steps 3 --budget-gib 80 --exact --json
+step bench_batch 300 "$REWIND" bench train --cuda --format bf16 --depths 96 --batch 64 \
+    --seq 1024 --steps 2 --strategies reversible --budget-gib 80 --json
+
+# Fine-tuning SmolLM2-135M, and conversion throughput (the last step's tokens/s in the log).
+step bench_real 120 "$REWIND" bench train --real-model --model smollm2-135m-instruct --cuda \
+    --format bf16 --batch 16 --seq 256 --steps 3 --budget-gib 80 --exact --json
+step convert 300 "$REWIND" convert --cuda --stages 3 --tokens 65536 --batch-size 16 \
+    --seq-len 256 --output "$OUT/converted.delta"
