@@ -84,9 +84,9 @@ impl Geometry {
         let scores = (q_rows.matmul(&k.t()?)? * self.scale)?.to_dtype(self.score_dtype)?;
         // Only when the chunk's first query cannot see every key (not in one-token decoding).
         let scores = if self.start + c.t0 + 1 < c.keys {
-            let mask = self
-                .masks
-                .causal_mask(c.len, c.keys, self.start + c.t0, self.score_dtype)?;
+            let mask =
+                self.masks
+                    .causal_mask(c.len, c.keys, self.start + c.t0, self.score_dtype)?;
             scores
                 .reshape((b, kvh, self.rep, c.len, c.keys))?
                 .broadcast_add(&mask)?

@@ -99,7 +99,10 @@ impl FixedPoint {
     }
 
     fn check(&self, integer: &Tensor, where_: &str) -> Result<()> {
-        let max = integer.abs()?.max_all()?.to_scalar::<f64>()?;
+        self.check_peak(integer.abs()?.max_all()?.to_scalar::<f64>()?, where_)
+    }
+
+    fn check_peak(&self, max: f64, where_: &str) -> Result<()> {
         if !max.is_finite() || max >= EXACT_LIMIT {
             bail!(
                 "fixed-point overflow at {where_}: |p| reached {:.3e}, beyond the exact range {:.3e} of 2^-{} resolution; lower the fraction bits",
@@ -133,9 +136,7 @@ impl FixedPoint {
                 (((b_cur - high)? + update), Some(low.to_dtype(DType::U8)?))
             }
         };
-        let next = next?;
-        self.check(&next, "a layer output")?;
-        Ok((next, bits))
+        Ok((next?, bits))
     }
 
     /// Rebuilds P_{j-1} from (P_j, P_{j+1}), f_j(view(P_j)) and the kept bits.
@@ -177,8 +178,6 @@ impl FixedPoint {
     ) -> Result<(Tensor, Tensor)> {
         let q_next = (q + self.quantize_update(&attn(&self.view(p, dtype)?)?, h)?)?;
         let p_next = (p + self.quantize_update(&mlp(&self.view(&q_next, dtype)?)?, h)?)?;
-        self.check(&p_next, "a layer output")?;
-        self.check(&q_next, "a layer output")?;
         Ok((q_next, p_next))
     }
 
@@ -221,6 +220,9 @@ pub fn forward(
     };
     let mut bits = Vec::with_capacity(model.layers.len());
     let mut stored = Vec::new();
+    // Each layer's largest |state|, read once after the stack: a read per layer would stall a
+    // GPU stream.
+    let mut peaks = Vec::with_capacity(model.layers.len());
     for (j, block) in model.layers.iter().enumerate() {
         if keep_states {
             stored.push(s.clone());
@@ -249,6 +251,16 @@ pub fn forward(
                 States { other: q, last: p }
             }
         };
+        peaks.push(
+            s.other
+                .abs()?
+                .max_all()?
+                .maximum(&s.last.abs()?.max_all()?)?,
+        );
+    }
+    let peaks = Tensor::stack(&peaks, 0)?.to_vec1::<f64>()?;
+    for (j, &peak) in peaks.iter().enumerate() {
+        fp.check_peak(peak, &format!("layer {j}"))?;
     }
     Ok(ExactForward {
         top: s,
@@ -377,6 +389,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("fixed-point overflow"), "{err}");
+    }
+
+    /// An overflow inside the stack (the embedding fits) names its layer.
+    #[test]
+    fn layer_overflow_is_refused_with_its_layer() {
+        use crate::model::loader::{build_model, random::RandomSource, WeightFormat};
+        use crate::model::reversible::ReversibleConfig;
+        let dev = Device::Cpu;
+        let config = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "vocab_size": 50, "max_position_embeddings": 16, "tie_word_embeddings": true
+        }))
+        .unwrap();
+        // h = 100 multiplies every block's output into the overflow range.
+        let model = build_model(
+            &config,
+            ReversibleConfig::parse("midpoint(h=100)").unwrap(),
+            &RandomSource {
+                seed: 1,
+                separate_head: false,
+            },
+            WeightFormat::F32,
+            &dev,
+        )
+        .unwrap();
+        let e = model
+            .embed(&Tensor::new(&[1u32, 2, 3], &dev).unwrap())
+            .unwrap();
+        let largest = e
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let fp = FixedPoint {
+            frac_bits: (EXACT_LIMIT / largest).log2().floor() as u32 - 1,
+        };
+        let mut layout = Layout::Uniform { batch: 1, seq: 3 };
+        let err = forward(&model, &fp, &e, &mut layout, false)
+            .err()
+            .expect("the stack overflows")
+            .to_string();
+        assert!(err.contains("fixed-point overflow at layer"), "{err}");
     }
 
     #[test]
