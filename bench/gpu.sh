@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, on a machine with one CUDA device and no Rust
-# toolchain: build here with `cargo build --release --features cuda` (and, for the gradient
-# tests, `cargo test --release --features cuda --no-run --test gradients`), copy the binaries over.
+# toolchain: build here with `cargo build --release --features cuda` (and, for the numeric tests,
+# `cargo test --release --features cuda --no-run --test gradients --test training --test
+# invertibility`), copy the binaries over.
 #
-#   REWIND=./rewind GRADIENTS=./gradients-<hash> bench/gpu.sh [results-dir]
+#   REWIND=./rewind TESTS="./gradients-<hash> ./training-<hash>" bench/gpu.sh [results-dir]
 #
 # Needs the default model pulled into $REWIND_MODELS_DIR (or ./models) for the real-model steps.
 # Each step has its own time limit and log; a failing step does not stop the others.
@@ -23,9 +24,10 @@ step() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/summary.log"
 
-if [ -n "${GRADIENTS:-}" ]; then
-    step gradients 300 env REWIND_TEST_DEVICE=cuda "$GRADIENTS" --test-threads 1 --nocapture
-fi
+for test in ${TESTS:-}; do
+    name=$(basename "$test")
+    step "test-${name%%-*}" 300 env REWIND_TEST_DEVICE=cuda "$test" --test-threads 1 --nocapture
+done
 
 # The synthetic decoder of the PyTorch reference numbers in docs/benchmarks.md.
 step bench_depth 300 "$REWIND" bench train --cuda --format bf16 --depths 8,96 --batch 4 \

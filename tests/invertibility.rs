@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rewind::model::block::Layout;
 use rewind::model::decoder::{Model, States};
 use rewind::model::loader::{self, LoadOptions};
@@ -14,6 +14,7 @@ use rewind::train::exact::{self, FixedPoint};
 fn model(spec: &str, dtype: DType) -> Model {
     let options = LoadOptions {
         reversible: Some(ReversibleConfig::parse(spec).unwrap()),
+        device: common::device(),
         ..Default::default()
     };
     let mut model = loader::load(&common::base_model(), &options).unwrap().model;
@@ -24,7 +25,7 @@ fn model(spec: &str, dtype: DType) -> Model {
 /// Random states with the embedding's scale, (T, d).
 fn input(model: &Model) -> Tensor {
     let d = model.config.hidden_size;
-    Tensor::randn(0f32, 0.1, (12, d), &Device::Cpu)
+    Tensor::randn(0f32, 0.1, (12, d), &model.device)
         .unwrap()
         .to_dtype(model.residual_dtype)
         .unwrap()

@@ -3,7 +3,6 @@
 
 mod common;
 
-use candle_core::Device;
 use rewind::model::chat_template::ChatMessage;
 use rewind::model::config::{Architecture, ModelConfig};
 use rewind::model::decoder::Model;
@@ -73,6 +72,7 @@ fn reversible_fine_tuning_learns_a_fact() {
         &common::base_model(),
         &LoadOptions {
             reversible: Some(scheme),
+            device: common::device(),
             ..Default::default()
         },
     )
@@ -139,7 +139,7 @@ fn tiny_model() -> Model {
             separate_head: false,
         },
         WeightFormat::F32,
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap()
 }
@@ -324,7 +324,7 @@ fn lora_trains_only_adapters_and_merges_exactly() {
             > 0.0,
         "the adapter trained"
     );
-    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 13]], &Device::Cpu).unwrap();
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 13]], &trained.device).unwrap();
     let before = trained.forward(&ids).unwrap();
     trained.merge_lora().unwrap();
     assert!(trained.layers[0].self_attn.q_proj.lora.is_none());

@@ -30,8 +30,8 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
         .unwrap()
 }
 
-/// The device the numeric tests run on: the first GPU when `REWIND_TEST_DEVICE=cuda` (in a
-/// `--features cuda` build), else the CPU.
+/// The device the numeric tests (gradients, training, invertibility) run on: the first GPU when
+/// `REWIND_TEST_DEVICE=cuda` (in a `--features cuda` build), else the CPU.
 pub fn device() -> candle_core::Device {
     match std::env::var("REWIND_TEST_DEVICE").as_deref() {
         Ok("cuda") => candle_core::Device::new_cuda(0).expect("a CUDA device"),
