@@ -11,6 +11,7 @@
 pub mod eval;
 pub mod teacher_answers;
 
+use crate::model::block::PROJECTION_NAMES;
 use crate::model::decoder::Model;
 use crate::model::loader::delta::{self, DeltaContents, LoraSpec};
 use crate::model::reversible::{Blend, ReversibleConfig, SchemeKind};
@@ -51,17 +52,6 @@ pub struct ConvertConfig {
     pub seed: u64,
 }
 
-/// The projections LoRA conversion adapts: all of them.
-const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 impl ConvertConfig {
     /// What the delta of this conversion stores.
     pub fn delta_contents(&self) -> DeltaContents {
@@ -70,7 +60,7 @@ impl ConvertConfig {
             TrainedWeights::Lora => DeltaContents::NormsAndAdapters(LoraSpec {
                 rank: self.lora_rank,
                 alpha: self.lora_alpha,
-                targets: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
+                targets: PROJECTION_NAMES.iter().map(|t| t.to_string()).collect(),
             }),
             TrainedWeights::Full => DeltaContents::All,
         }

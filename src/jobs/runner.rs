@@ -27,15 +27,6 @@ use std::sync::{mpsc, Arc, Weak};
 const BASE_LEARNING_RATE: f64 = 1e-4;
 /// LoRA adapters start at zero and train few weights: they take a larger step.
 const BASE_LORA_LEARNING_RATE: f64 = 1e-3;
-const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 pub(crate) fn run(service: Weak<FineTuning>, queue: mpsc::Receiver<String>) {
     while let Ok(id) = queue.recv() {
@@ -178,7 +169,10 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     let mut train_only = Vec::new();
     if lora_rank > 0 {
         model.densify()?;
-        let targets: Vec<String> = LORA_TARGETS.iter().map(|s| s.to_string()).collect();
+        let targets: Vec<String> = crate::model::block::PROJECTION_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         model.add_lora(
             lora_rank,
             job.rewind.lora_alpha.unwrap_or(16.0),

@@ -238,6 +238,17 @@ impl Block {
     }
 }
 
+/// Short names of the block's seven projections, as LoRA targets name them.
+pub const PROJECTION_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// Attention and MLP projections by name (split borrows, so the norms stay available).
 fn projections<'a>(a: &'a mut Attention, m: &'a mut Mlp) -> [(&'static str, &'a mut Linear); 7] {
     [
