@@ -177,6 +177,7 @@ pub fn causal_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ops::max_abs_diff as diff;
     use candle_core::Device;
 
     /// The plain form (as inference runs it), differentiated by autograd: the reference.
@@ -237,16 +238,6 @@ mod tests {
                 chunk,
             )
             .unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
             assert!(diff(&got, &want) < 1e-13, "chunk {chunk}: output");
             let grads = (&got * &weights)
                 .unwrap()

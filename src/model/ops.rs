@@ -67,6 +67,23 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(gate)? * up
 }
 
+/// max |a - b| over all elements, in f64 (for the kernels' tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap(),
+        b.to_dtype(DType::F64).unwrap(),
+    );
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,24 +165,14 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
-        let fused = rms_norm(&x, &w, 1e-5)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
+        let fused = rms_norm(&x, &w, 1e-5).unwrap();
         let reference = rms_norm(
             &x.to_dtype(DType::F64).unwrap(),
             &w.to_dtype(DType::F64).unwrap(),
             1e-5,
         )
         .unwrap();
-        let diff = (fused - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = max_abs_diff(&fused, &reference);
         assert!(diff < 1e-5, "{diff}");
     }
 }
