@@ -19,9 +19,13 @@ use candle_core::{DType, Result, Tensor, D};
 /// Query positions per chunk: bounds a chunk's scores to `CHUNK` x keys per head.
 pub const CHUNK: usize = 128;
 
-/// The shapes and settings one attention call shares between its forward and backward.
+/// One causal attention call: the shapes and settings its forward and backward share.
+///
+/// Queries are (B, KvH, rep*T, Dh), the `rep` query heads sharing a KV head stacked along the
+/// rows, at positions `start..start+T`; keys and values are (B, KvH, K, Dh) at positions 0..K.
+/// Scores and softmax run in `score_dtype`; matmuls in q's dtype.
 #[derive(Clone)]
-struct Geometry {
+pub struct CausalAttention {
     /// Query heads per KV head: q rows are `rep` stacked blocks of `seq` positions.
     rep: usize,
     seq: usize,
@@ -41,7 +45,42 @@ struct Chunk {
     keys: usize,
 }
 
-impl Geometry {
+impl CausalAttention {
+    /// For `q_rows` query rows per KV head (rep * seq).
+    pub fn new(
+        q_rows: usize,
+        seq: usize,
+        start: usize,
+        scale: f64,
+        score_dtype: DType,
+        masks: &RopeTables,
+    ) -> Self {
+        Self {
+            rep: q_rows / seq.max(1),
+            seq,
+            start,
+            scale,
+            score_dtype,
+            chunk: CHUNK,
+            masks: masks.clone(),
+        }
+    }
+
+    /// The same attention over chunks of `chunk` query positions (tests cross chunk borders).
+    pub fn with_chunk(self, chunk: usize) -> Self {
+        Self { chunk, ..self }
+    }
+
+    /// The output, recorded with its hand-written backward when an input is part of a graph.
+    pub fn apply(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let output = self.forward(&q.detach(), &k.detach(), &v.detach())?;
+        let this = self.clone();
+        custom_vjp::record3(&q, &k, &v, output, move |q, k, v, g| {
+            this.backward(q, k, v, g)
+        })
+    }
+
     fn chunks(&self, total_keys: usize) -> impl Iterator<Item = Chunk> + '_ {
         (0..self.seq).step_by(self.chunk.max(1)).map(move |t0| {
             let len = self.chunk.max(1).min(self.seq - t0);
@@ -97,8 +136,8 @@ impl Geometry {
         ops::softmax_last_dim(&scores)
     }
 
-    /// softmax(q k^T * scale + mask) v, chunk by chunk, with no graph.
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// softmax(q k^T * scale + mask) v, chunk by chunk, with no graph. (B, KvH, rep*T, Dh).
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let parts = self
             .chunks(k.dim(2)?)
             .map(|c| {
@@ -110,7 +149,7 @@ impl Geometry {
     }
 
     /// Cotangents of q, k and v for the output cotangent `g`.
-    fn backward(
+    pub fn backward(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -139,39 +178,6 @@ impl Geometry {
         }
         Ok((self.assemble(grad_q)?, grad_k, grad_v))
     }
-}
-
-/// Causal attention of query rows `q` (B, KvH, rep*T, Dh: the `rep` query heads sharing a KV
-/// head stacked along the rows), at positions `start..start+T`, over keys and values (B, KvH,
-/// K, Dh) at positions 0..K. Scores and softmax run in `score_dtype`; matmuls in q's dtype.
-/// Returns (B, KvH, rep*T, Dh).
-#[allow(clippy::too_many_arguments)]
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    seq: usize,
-    start: usize,
-    scale: f64,
-    score_dtype: DType,
-    masks: &RopeTables,
-    chunk: usize,
-) -> Result<Tensor> {
-    let rep = q.dim(2)? / seq.max(1);
-    let geometry = Geometry {
-        rep,
-        seq,
-        start,
-        scale,
-        score_dtype,
-        chunk,
-        masks: masks.clone(),
-    };
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let output = geometry.forward(&q.detach(), &k.detach(), &v.detach())?;
-    custom_vjp::record3(&q, &k, &v, output, move |q, k, v, g| {
-        geometry.backward(q, k, v, g)
-    })
 }
 
 #[cfg(test)]
@@ -226,18 +232,10 @@ mod tests {
             .backward()
             .unwrap();
         for chunk in [4, 11, 128] {
-            let got = causal_attention(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                seq,
-                0,
-                0.125,
-                DType::F64,
-                &masks,
-                chunk,
-            )
-            .unwrap();
+            let got = CausalAttention::new(rep * seq, seq, 0, 0.125, DType::F64, &masks)
+                .with_chunk(chunk)
+                .apply(q.as_tensor(), k.as_tensor(), v.as_tensor())
+                .unwrap();
             assert!(diff(&got, &want) < 1e-13, "chunk {chunk}: output");
             let grads = (&got * &weights)
                 .unwrap()
@@ -268,7 +266,9 @@ mod tests {
         let (q, k, v) = (x(20), x(10), x(10));
         let q_var = candle_core::Var::from_tensor(&q).unwrap();
         let run = |q: &Tensor| {
-            causal_attention(q, &k, &v, 10, 0, 0.3, DType::F32, &masks, 4)
+            CausalAttention::new(20, 10, 0, 0.3, DType::F32, &masks)
+                .with_chunk(4)
+                .apply(q, &k, &v)
                 .unwrap()
                 .flatten_all()
                 .unwrap()

@@ -107,16 +107,7 @@ impl Attention {
         cache: Option<&mut LayerKv>,
         ctx: &BlockCtx<'_>,
     ) -> Result<Tensor> {
-        let (h, kvh, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: &Tensor, n: usize| {
-            t.reshape((batch, seq, n, dh))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (cos, sin) = ctx.rope.slice(start, seq)?;
-        let q = ops::rope(&heads(q, h)?, &cos, &sin)?; // (B, H, T, Dh)
-        let k = ops::rope(&heads(k, kvh)?, &cos, &sin)?; // (B, KvH, T, Dh)
-        let v = heads(v, kvh)?;
+        let (q, k, v) = self.split_heads(q, k, v, batch, seq, start, ctx)?;
         let (k, v) = match cache {
             Some(cache) => {
                 let (k, v) = cache.append(&k.squeeze(0)?, &v.squeeze(0)?)?;
@@ -124,22 +115,53 @@ impl Attention {
             }
             None => (k, v),
         };
-        // Grouped-query attention without copying K/V: the `rep` query heads sharing a KV head
-        // are stacked along the row axis, (B, KvH, rep*T, Dh).
-        let rep = h / kvh;
-        let q = q.reshape((batch, kvh, rep * seq, dh))?;
-        let scale = 1.0 / (dh as f64).sqrt();
-        let out = attention::causal_attention(
-            &q,
-            &k,
-            &v,
-            seq,
-            start,
-            scale,
-            ctx.residual_dtype,
-            ctx.rope,
-            attention::CHUNK,
-        )?;
+        let out = self.kernel(&q, seq, start, ctx).apply(&q, &k, &v)?;
+        self.merge_heads(&out, batch, seq)
+    }
+
+    /// Projected rows (N, heads*Dh) to rotated heads: q as (B, KvH, rep*T, Dh), the `rep` query
+    /// heads sharing a KV head stacked along the rows (grouped-query attention without copying
+    /// K/V); k and v as (B, KvH, T, Dh).
+    #[allow(clippy::too_many_arguments)]
+    pub fn split_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: usize,
+        seq: usize,
+        start: usize,
+        ctx: &BlockCtx<'_>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (h, kvh, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: &Tensor, n: usize| {
+            t.reshape((batch, seq, n, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (cos, sin) = ctx.rope.slice(start, seq)?;
+        let q = ops::rope(&heads(q, h)?, &cos, &sin)?;
+        let k = ops::rope(&heads(k, kvh)?, &cos, &sin)?;
+        let q = q.reshape((batch, kvh, (h / kvh) * seq, dh))?;
+        Ok((q, k, heads(v, kvh)?))
+    }
+
+    /// The attention kernel for stacked query rows `q` at positions `start..start+seq`.
+    pub fn kernel(
+        &self,
+        q: &Tensor,
+        seq: usize,
+        start: usize,
+        ctx: &BlockCtx<'_>,
+    ) -> attention::CausalAttention {
+        let q_rows = q.dims().get(2).copied().unwrap_or(0);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        attention::CausalAttention::new(q_rows, seq, start, scale, ctx.residual_dtype, ctx.rope)
+    }
+
+    /// Stacked attention outputs (B, KvH, rep*T, Dh) back to rows (N, H*Dh).
+    pub fn merge_heads(&self, out: &Tensor, batch: usize, seq: usize) -> Result<Tensor> {
+        let (h, dh) = (self.num_heads, self.head_dim);
         out.reshape((batch, h, seq, dh))?
             .transpose(1, 2)?
             .reshape((batch * seq, h * dh))
@@ -194,8 +216,7 @@ impl Block {
         layout: &mut Layout<'_>,
         ctx: &BlockCtx<'_>,
     ) -> Result<Tensor> {
-        let x = ops::rms_norm(p, &self.input_layernorm, self.rms_norm_eps)?
-            .to_dtype(ctx.compute_dtype)?;
+        let x = self.attention_input(p, ctx)?;
         self.self_attn
             .forward(&x, layout, ctx)?
             .to_dtype(ctx.residual_dtype)
@@ -203,9 +224,19 @@ impl Block {
 
     /// MLP(N2 q), returned in the residual dtype. q: (N, d).
     pub fn mlp_branch(&self, q: &Tensor, ctx: &BlockCtx<'_>) -> Result<Tensor> {
-        let x = ops::rms_norm(q, &self.post_attention_layernorm, self.rms_norm_eps)?
-            .to_dtype(ctx.compute_dtype)?;
+        let x = self.mlp_input(q, ctx)?;
         self.mlp.forward(&x)?.to_dtype(ctx.residual_dtype)
+    }
+
+    /// N1 p in the compute dtype: what the attention projections read.
+    pub fn attention_input(&self, p: &Tensor, ctx: &BlockCtx<'_>) -> Result<Tensor> {
+        ops::rms_norm(p, &self.input_layernorm, self.rms_norm_eps)?.to_dtype(ctx.compute_dtype)
+    }
+
+    /// N2 q in the compute dtype: what the MLP projections read.
+    pub fn mlp_input(&self, q: &Tensor, ctx: &BlockCtx<'_>) -> Result<Tensor> {
+        ops::rms_norm(q, &self.post_attention_layernorm, self.rms_norm_eps)?
+            .to_dtype(ctx.compute_dtype)
     }
 
     /// f(p) = Attn(N1 p) + MLP(N2 (p + Attn(N1 p))).

@@ -26,7 +26,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Cotangents of x and the gain for y = x r w, r = (mean(x^2) + eps)^-1/2:
 /// dx = r (g w - x r^2 mean(g w x)), dw = sum over rows of g x r; in f32 at least.
-fn rms_norm_vjp(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn rms_norm_vjp(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<(Tensor, Tensor)> {
     let work = if x.dtype() == DType::F64 {
         DType::F64
     } else {
@@ -55,16 +55,31 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let cos = cos.to_dtype(x.dtype())?.contiguous()?;
     let sin = sin.to_dtype(x.dtype())?.contiguous()?;
     let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
-    // A rotation's transpose rotates by the opposite angle.
-    let back = sin.neg()?;
-    custom_vjp::record1(x, out, move |_, g| {
-        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &back)
-    })
+    custom_vjp::record1(x, out, move |_, g| rope_transpose(g, &cos, &sin))
+}
+
+/// The cotangent of `rope`'s input: a rotation's transpose rotates by the opposite angle.
+pub fn rope_transpose(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let cos = cos.to_dtype(g.dtype())?.contiguous()?;
+    let back = sin.to_dtype(g.dtype())?.neg()?;
+    candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &back)
 }
 
 /// SiLU(gate) * up, the SwiGLU activation. candle's `silu` has a backward, so one form serves both.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(gate)? * up
+}
+
+/// Cotangents of gate and up for `swiglu`'s output cotangent `g`: with s = sigmoid(gate),
+/// d gate = g up s (1 + gate (1 - s)), d up = g gate s.
+pub fn swiglu_vjp(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s = candle_nn::ops::sigmoid(gate)?;
+    let silu = (gate * &s)?;
+    let grad_up = (g * &silu)?;
+    // s (1 + gate (1 - s)) = s + silu - silu s.
+    let slope = ((&s + &silu)? - (silu * &s)?)?;
+    let grad_gate = ((g * up)? * slope)?;
+    Ok((grad_gate, grad_up))
 }
 
 /// max |a - b| over all elements, in f64 (for the kernels' tests).
@@ -91,10 +106,34 @@ mod tests {
 
     /// Checks the backward of `op` (through sum(op(x) * w) for a fixed random w) against
     /// central finite differences in f64.
+    /// `op`'s autograd gradient of sum(op(x) * w) against central finite differences.
     fn check_gradient(op: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
+        check_vjp(
+            &op,
+            |x, w| {
+                let x = Var::from_tensor(x).unwrap();
+                let grads = (op(x.as_tensor()).unwrap() * w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                grads.get(x.as_tensor()).expect("op has a backward").clone()
+            },
+            shape,
+        );
+    }
+
+    /// `vjp(x, w)`, the claimed gradient of sum(op(x) * w) at x, against central finite
+    /// differences.
+    fn check_vjp(
+        op: impl Fn(&Tensor) -> Result<Tensor>,
+        vjp: impl Fn(&Tensor, &Tensor) -> Tensor,
+        shape: &[usize],
+    ) {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f64, 1.0, op(x.as_tensor()).unwrap().shape(), &dev).unwrap();
+        let x = Tensor::randn(0f64, 1.0, shape, &dev).unwrap();
+        let w = Tensor::randn(0f64, 1.0, op(&x).unwrap().shape(), &dev).unwrap();
         let objective = |t: &Tensor| {
             (op(t).unwrap() * &w)
                 .unwrap()
@@ -103,25 +142,8 @@ mod tests {
                 .to_scalar::<f64>()
                 .unwrap()
         };
-        let grads = (op(x.as_tensor()).unwrap() * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let analytic = grads
-            .get(x.as_tensor())
-            .expect("op has a backward")
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let flat = x
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let analytic = vjp(&x, &w).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let flat = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let eps = 1e-6;
         for i in 0..flat.len() {
             let mut plus = flat.clone();
@@ -157,6 +179,15 @@ mod tests {
     fn swiglu_backward_matches_finite_differences() {
         let up = Tensor::randn(0f64, 1.0, (3, 4), &Device::Cpu).unwrap();
         check_gradient(|x| swiglu(x, &up), &[3, 4]);
+    }
+
+    #[test]
+    fn hand_written_swiglu_vjp_matches_finite_differences() {
+        let other = Tensor::randn(0f64, 1.0, (3, 4), &Device::Cpu).unwrap();
+        let vjp_gate = |x: &Tensor, w: &Tensor| swiglu_vjp(x, &other, w).unwrap().0;
+        check_vjp(|x| swiglu(x, &other), vjp_gate, &[3, 4]);
+        let vjp_up = |x: &Tensor, w: &Tensor| swiglu_vjp(&other, x, w).unwrap().1;
+        check_vjp(|x| swiglu(&other, x), vjp_up, &[3, 4]);
     }
 
     /// The f64 reference normalisation computes what candle's fused f32 kernel computes.

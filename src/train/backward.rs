@@ -1,11 +1,14 @@
 //! Loss and parameter gradients of one batch under three backward strategies:
 //!
 //! - `store`: ordinary autograd through the whole stack (every activation kept);
-//! - `checkpoint`: keep each layer's input pair, recompute that layer with a graph on the way
-//!   down;
+//! - `checkpoint`: keep each layer's input pair; walking down, re-evaluate each block from it
+//!   for its vector-Jacobian product;
 //! - `reversible`: keep only the top pair; walking down, one evaluation of each block serves
 //!   both the rebuild of the states below (the scheme's inverse) and its vector-Jacobian
 //!   product. Activation memory is one block's working set plus two states, whatever the depth.
+//!
+//! The two memory-light strategies differentiate blocks by hand (`block_vjp`); `store`, the
+//! reference they are tested against, uses autograd.
 //!
 //! For p_{j+1} = A p_{j-1} + B p_j + C f_j(p_j) the adjoints are
 //!     g_j     += B g_{j+1} + VJP(f_j, p_j, C g_{j+1})
@@ -14,6 +17,7 @@
 
 use crate::model::block::Layout;
 use crate::model::decoder::States;
+use crate::train::block_vjp::{self, Sink};
 use crate::train::exact::{self, ExactRule, FixedPoint};
 use crate::train::grads::{grad_or_zeros, Grads};
 use crate::train::loss::{chunked_head_loss, Objective, Targets};
@@ -66,6 +70,9 @@ fn dot(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 enum Below<'a> {
     /// Float states, rebuilt by the scheme's inverse.
     Float,
+    /// Float states the forward kept (the checkpoint strategy): layer j's input pair is
+    /// `inputs[j - first]`.
+    Kept { inputs: Vec<States>, first: usize },
     /// Fixed-point states: rebuilt bit-exactly, or (`stored`) looked up, which is the
     /// stored-activation reference the rebuild must match bit for bit.
     Exact {
@@ -80,7 +87,7 @@ impl Below<'_> {
     /// What a block sees of a carried state.
     fn view(&self, x: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
         match self {
-            Below::Float => Ok(x.clone()),
+            Below::Float | Below::Kept { .. } => Ok(x.clone()),
             Below::Exact { fp, .. } => fp.view(x, dtype),
         }
     }
@@ -150,16 +157,14 @@ pub fn loss_and_grads(
             let g_e = grad_or_zeros(&store, e_var.as_tensor())?;
             return finish_embedding(t, &ids, g_e, loss, grads);
         }
-        Strategy::Checkpoint => {
-            for (j, s_in) in (first..t.graph.layers.len()).zip(inputs).rev() {
-                g = checkpoint_layer(t, j, &s_in, &g, &mut layout(), &mut grads)?;
-            }
-            g
-        }
-        Strategy::Reversible => {
+        Strategy::Checkpoint | Strategy::Reversible => {
+            let below = match strategy {
+                Strategy::Checkpoint => Below::Kept { inputs, first },
+                _ => Below::Float,
+            };
             let mut s = top;
             for j in (first..t.graph.layers.len()).rev() {
-                (s, g) = reversible_layer(t, j, &s, &g, &mut layout(), &mut grads, &Below::Float)?;
+                (s, g) = reversible_layer(t, j, &s, &g, &layout(), &mut grads, &below)?;
             }
             g
         }
@@ -208,7 +213,7 @@ fn exact_loss_and_grads(
     let (loss, mut g) = head_adjoint(t, &top, batch, normalizer, &mut grads)?;
     let mut s = fwd.top;
     for j in (0..t.graph.layers.len()).rev() {
-        (s, g) = reversible_layer(t, j, &s, &g, &mut layout(), &mut grads, &below)?;
+        (s, g) = reversible_layer(t, j, &s, &g, &layout(), &mut grads, &below)?;
     }
     // Duplicate seeding: both states are the embedding.
     let g_e = (g.other + g.last)?;
@@ -264,56 +269,34 @@ fn finish_embedding(
     })
 }
 
-/// Recomputes layer j from its stored input pair with a graph and pulls the cotangent through.
-fn checkpoint_layer(
-    t: &Trainable,
-    j: usize,
-    s_in: &States,
-    g: &Adjoint,
-    layout: &mut Layout<'_>,
-    grads: &mut Grads,
-) -> Result<Adjoint> {
-    let (other, last) = (
-        Var::from_tensor(&s_in.other)?,
-        Var::from_tensor(&s_in.last)?,
-    );
-    let out = t.graph.step(
-        j,
-        &States {
-            other: other.as_tensor().clone(),
-            last: last.as_tensor().clone(),
-        },
-        layout,
-    )?;
-    let store = (dot(&out.other, &g.other)? + dot(&out.last, &g.last)?)?.backward()?;
-    grads.absorb(&store, &t.vars)?;
-    Ok(Adjoint {
-        other: grad_or_zeros(&store, other.as_tensor())?,
-        last: grad_or_zeros(&store, last.as_tensor())?,
-    })
-}
-
 /// Undoes layer j: rebuilds the pair below from the pair above and returns the cotangents of
-/// the pair below. One block evaluation serves the rebuild and the VJP.
+/// the pair below. One block evaluation serves the rebuild and the VJP (both by hand, see
+/// `block_vjp`).
 fn reversible_layer(
     t: &Trainable,
     j: usize,
     s: &States,
     g: &Adjoint,
-    layout: &mut Layout<'_>,
+    layout: &Layout<'_>,
     grads: &mut Grads,
     below: &Below<'_>,
 ) -> Result<(States, Adjoint)> {
-    let ctx = t.graph.ctx();
-    let block = &t.graph.layers[j];
-    let dtype = t.graph.residual_dtype;
-    match t.graph.reversible.two_step(j) {
+    let ctx = t.frozen.ctx();
+    let block = &t.frozen.layers[j];
+    let dtype = t.frozen.residual_dtype;
+    let mut sink = Sink {
+        trainable: t,
+        grads,
+    };
+    match t.frozen.reversible.two_step(j) {
         Some(coef) => {
             // s = (p_j, p_{j+1}), g = (g_j, g_{j+1}).
-            let p = Var::from_tensor(&below.view(&s.other, dtype)?)?;
-            let f = block.f(p.as_tensor(), layout, &ctx)?;
+            let p = below.view(&s.other, dtype)?;
+            let df = g.last.affine(coef.c, 0.0)?;
+            let (f, d_p) = block_vjp::f_and_vjp(block, &p, &df, layout, &ctx, &mut sink)?;
             let prev = match below {
-                Below::Float => coef.inverse(&s.other, &s.last, &f.detach())?,
+                Below::Float => coef.inverse(&s.other, &s.last, &f)?,
+                Below::Kept { inputs, first } => inputs[j - first].other.clone(),
                 Below::Exact {
                     stored: Some(stored),
                     ..
@@ -328,14 +311,11 @@ fn reversible_layer(
                     coef.c,
                     &s.other,
                     &s.last,
-                    &f.detach(),
+                    &f,
                     bits[j].as_ref(),
                 )?,
             };
-            let store = dot(&f, &g.last.affine(coef.c, 0.0)?)?.backward()?;
-            grads.absorb(&store, &t.vars)?;
-            let g_p = ((&g.other + grad_or_zeros(&store, p.as_tensor())?)?
-                + g.last.affine(coef.b, 0.0)?)?;
+            let g_p = ((&g.other + d_p)? + g.last.affine(coef.b, 0.0)?)?;
             let g_prev = g.last.affine(coef.a, 0.0)?;
             Ok((
                 States {
@@ -350,34 +330,42 @@ fn reversible_layer(
         }
         None => {
             // s = (q_j, p_j): undo p_j = p_{j-1} + h MLP(N2 q_j), then q_j = q_{j-1} + h Attn(N1 p_{j-1}).
-            let h = t.graph.reversible.h;
-            let q = Var::from_tensor(&below.view(&s.other, dtype)?)?;
-            let m = block.mlp_branch(q.as_tensor(), &ctx)?;
+            let h = t.frozen.reversible.h;
+            let (batch, seq) = block_vjp::uniform(layout)?;
+            let q = below.view(&s.other, dtype)?;
+            let (m, mlp_tape) = block_vjp::mlp_forward(block, &q, &ctx)?;
             let p_prev = match below {
-                Below::Float => (&s.last - m.detach().affine(h, 0.0)?)?,
+                Below::Float => (&s.last - m.affine(h, 0.0)?)?,
+                Below::Kept { inputs, first } => inputs[j - first].last.clone(),
                 Below::Exact {
                     stored: Some(stored),
                     ..
                 } => stored[j].last.clone(),
-                Below::Exact { fp, .. } => fp.hamiltonian_undo_mlp(h, &s.last, &m.detach())?,
+                Below::Exact { fp, .. } => fp.hamiltonian_undo_mlp(h, &s.last, &m)?,
             };
-            let store = dot(&m, &g.last.affine(h, 0.0)?)?.backward()?;
-            grads.absorb(&store, &t.vars)?;
-            let g_q = (&g.other + grad_or_zeros(&store, q.as_tensor())?)?;
+            let d_q =
+                block_vjp::mlp_backward(block, mlp_tape, &g.last.affine(h, 0.0)?, &ctx, &mut sink)?;
+            let g_q = (&g.other + d_q)?;
 
-            let p = Var::from_tensor(&below.view(&p_prev, dtype)?)?;
-            let a = block.attention_branch(p.as_tensor(), layout, &ctx)?;
+            let p = below.view(&p_prev, dtype)?;
+            let (a, attn_tape) = block_vjp::attention_forward(block, &p, batch, seq, &ctx)?;
             let q_prev = match below {
-                Below::Float => (&s.other - a.detach().affine(h, 0.0)?)?,
+                Below::Float => (&s.other - a.affine(h, 0.0)?)?,
+                Below::Kept { inputs, first } => inputs[j - first].other.clone(),
                 Below::Exact {
                     stored: Some(stored),
                     ..
                 } => stored[j].other.clone(),
-                Below::Exact { fp, .. } => fp.hamiltonian_undo_attn(h, &s.other, &a.detach())?,
+                Below::Exact { fp, .. } => fp.hamiltonian_undo_attn(h, &s.other, &a)?,
             };
-            let store = dot(&a, &g_q.affine(h, 0.0)?)?.backward()?;
-            grads.absorb(&store, &t.vars)?;
-            let g_p = (&g.last + grad_or_zeros(&store, p.as_tensor())?)?;
+            let d_p = block_vjp::attention_backward(
+                block,
+                attn_tape,
+                &g_q.affine(h, 0.0)?,
+                &ctx,
+                &mut sink,
+            )?;
+            let g_p = (&g.last + d_p)?;
             Ok((
                 States {
                     other: q_prev,

@@ -3,6 +3,7 @@
 //! optimizer, data and checkpoints. Knows nothing of HTTP or jobs.
 
 pub mod backward;
+pub mod block_vjp;
 pub mod checkpoint;
 pub mod data;
 pub mod exact;

@@ -4,7 +4,8 @@
 
 use crate::model::decoder::Model;
 use anyhow::Result;
-use candle_core::{DType, Var};
+use candle_core::{DType, Tensor, TensorId, Var};
+use std::collections::HashMap;
 
 pub struct Trainable {
     /// Parameters are variables: forward passes through it build a graph.
@@ -13,6 +14,9 @@ pub struct Trainable {
     pub frozen: Model,
     pub names: Vec<String>,
     pub vars: Vec<Var>,
+    /// Index into `vars` of each trainable tensor of `frozen` (the hand-written backward reads
+    /// the frozen view and files its gradients by this).
+    frozen_vars: HashMap<TensorId, usize>,
 }
 
 impl Trainable {
@@ -37,16 +41,35 @@ impl Trainable {
                 *t = master.detach();
             }
         }
+        let var_index: HashMap<TensorId, usize> = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_tensor().id(), i))
+            .collect();
         let mut frozen = model.clone();
-        for (_, t) in frozen.parameters_mut() {
+        let mut frozen_vars = HashMap::new();
+        for ((_, t), (_, graph_t)) in frozen
+            .parameters_mut()
+            .into_iter()
+            .zip(model.parameters_mut())
+        {
             *t = t.detach();
+            if let Some(&i) = var_index.get(&graph_t.id()) {
+                frozen_vars.insert(t.id(), i);
+            }
         }
         Ok(Self {
             graph: model,
             frozen,
             names,
             vars,
+            frozen_vars,
         })
+    }
+
+    /// The variable index of a tensor of `frozen`, or None when it is not trained.
+    pub fn var_of(&self, frozen_tensor: &Tensor) -> Option<usize> {
+        self.frozen_vars.get(&frozen_tensor.id()).copied()
     }
 
     /// Total number of trainable scalars.
