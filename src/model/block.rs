@@ -59,9 +59,7 @@ impl Attention {
         layout: &mut Layout<'_>,
         ctx: &BlockCtx<'_>,
     ) -> Result<Tensor> {
-        let q = self.q_proj.forward(x)?; // (N, H*Dh)
-        let k = self.k_proj.forward(x)?; // (N, KvH*Dh)
-        let v = self.v_proj.forward(x)?;
+        let (q, k, v) = self.project(x)?; // (N, H*Dh), (N, KvH*Dh), (N, KvH*Dh)
         let out = match layout {
             Layout::Uniform { batch, seq } => {
                 self.attend(&q, &k, &v, *batch, *seq, 0, None, ctx)?
@@ -92,6 +90,15 @@ impl Attention {
             }
         };
         self.o_proj.forward(&out)
+    }
+
+    /// The query, key and value projections of normalised rows x.
+    pub fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        ))
     }
 
     /// Causal attention for `batch` sequences of `seq` new tokens starting at position `start`.
@@ -177,10 +184,13 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&ops::swiglu(
-            &self.gate_proj.forward(x)?,
-            &self.up_proj.forward(x)?,
-        )?)
+        let (gate, up) = self.gate_and_up(x)?;
+        self.down_proj.forward(&ops::swiglu(&gate, &up)?)
+    }
+
+    /// The gate and up projections of normalised rows x.
+    pub fn gate_and_up(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.gate_proj.forward(x)?, self.up_proj.forward(x)?))
     }
 }
 

@@ -49,19 +49,8 @@ fn linear_backward(lin: &Linear, x: &Tensor, dy: &Tensor, sink: &mut Sink<'_>) -
     let Weight::Dense(w) = &lin.weight else {
         bail!("training needs dense weights (quantized weights are densified first)");
     };
-    // The input and weight gradients are independent matmuls: run side by side, two small
-    // GEMMs keep both cores busier than one split in two.
-    let (dx, dw) = rayon::join(
-        || dy.matmul(&w.to_dtype(dy.dtype())?),
-        || match sink.is_trained(w) {
-            true => dy.t()?.matmul(x).map(Some),
-            false => Ok(None),
-        },
-    );
-    let mut dx = dx?;
-    if let Some(dw) = dw? {
-        sink.add(w, || Ok(dw))?;
-    }
+    let mut dx = dy.matmul(&w.to_dtype(dy.dtype())?)?;
+    sink.add(w, || dy.t()?.matmul(x))?;
     if let Some(b) = &lin.bias {
         sink.add(b, || dy.sum(0))?;
     }
@@ -104,11 +93,7 @@ pub fn attention_forward(
 ) -> Result<(Tensor, AttentionTape)> {
     let attn = &block.self_attn;
     let x = block.attention_input(p, ctx)?;
-    let (q, k, v) = (
-        attn.q_proj.forward(&x)?,
-        attn.k_proj.forward(&x)?,
-        attn.v_proj.forward(&x)?,
-    );
+    let (q, k, v) = attn.project(&x)?;
     let (q, k, v) = attn.split_heads(&q, &k, &v, batch, seq, 0, ctx)?;
     let kernel = attn.kernel(&q, seq, 0, ctx);
     let merged = attn.merge_heads(&kernel.forward(&q, &k, &v)?, batch, seq)?;
@@ -186,7 +171,7 @@ pub struct MlpTape {
 pub fn mlp_forward(block: &Block, q: &Tensor, ctx: &BlockCtx<'_>) -> Result<(Tensor, MlpTape)> {
     let mlp = &block.mlp;
     let x = block.mlp_input(q, ctx)?;
-    let (gate, up) = (mlp.gate_proj.forward(&x)?, mlp.up_proj.forward(&x)?);
+    let (gate, up) = mlp.gate_and_up(&x)?;
     let act = ops::swiglu(&gate, &up)?;
     let y = mlp.down_proj.forward(&act)?.to_dtype(ctx.residual_dtype)?;
     let tape = MlpTape {
