@@ -342,6 +342,19 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
     let (status, reply) = post(&app, "/v1/chat/completions", &chat);
     assert_eq!(status, 200, "{reply}");
 
+    // Every epoch's checkpoint is a model of its own: listed and served.
+    let (_, models) = get(&app, "/v1/models");
+    for c in checkpoints["data"].as_array().unwrap() {
+        let name = c["fine_tuned_model_checkpoint"].as_str().unwrap();
+        assert!(
+            models["data"].as_array().unwrap().iter().any(|m| m["id"] == name),
+            "{name} not in {models}"
+        );
+        let ask = json!({"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        let (status, reply) = post(&app, "/v1/chat/completions", &ask);
+        assert_eq!(status, 200, "{name}: {reply}");
+    }
+
     // Cancelling a finished job is refused.
     let (status, body) = post(
         &app,
@@ -396,6 +409,15 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "{reply}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Checkpoint models are served again too.
+    let newest = checkpoints["data"][0]["fine_tuned_model_checkpoint"].clone();
+    let ask = json!({"model": newest, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let started = Instant::now();
+    while post(&app, "/v1/chat/completions", &ask).0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(30), "{newest} not served");
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -659,8 +681,22 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
         }
     }
     assert_eq!(seen.len(), 80, "every step has metrics");
+    // Ten epochs, ten checkpoints made; the last three kept, the older ones' weights deleted.
     let checkpoints = server.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100"));
-    assert_eq!(checkpoints["data"].as_array().unwrap().len(), 10);
+    let steps: Vec<u64> = checkpoints["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.len(), rewind::jobs::runner::KEPT_CHECKPOINTS);
+    assert_eq!(steps, [80, 72, 64]);
+    let kept: Vec<_> = std::fs::read_dir(data.path().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("-step-"))
+        .collect();
+    assert_eq!(kept.len(), 3, "{kept:?}");
 }
 
 /// The end-to-end check on the real default model: a LoRA job on the facts file teaches

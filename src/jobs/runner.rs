@@ -8,9 +8,12 @@
 use crate::engine::registry::ModelSpec;
 use crate::engine::unix_now;
 use crate::jobs::{report, FineTuning};
+use crate::model::chat_template::ChatTemplate;
+use crate::model::decoder::Model;
 use crate::model::loader::save::save_model;
 use crate::model::loader::{self, LoadOptions, WeightFormat};
 use crate::model::reversible::ReversibleConfig;
+use crate::model::tokenizer::TextTokenizer;
 use crate::store::{CheckpointRecord, FileRecord, JobError, JobRecord};
 use crate::train::backward::Strategy;
 use crate::train::data::{fit_length, tokenize, Example, Overflow, TokenizedExample};
@@ -225,6 +228,8 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
         epochs,
         steps_per_epoch: usize::MAX,
         last: None,
+        tokenizer: &loaded.tokenizer,
+        template: &loaded.chat_template,
     };
     let outcome = trainer::train(
         model,
@@ -251,28 +256,15 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
         job.model,
         job.suffix.clone().unwrap_or_default()
     );
-    let model_dir = service.settings.data_dir.join("models").join(id);
-    save_model(
+    publish_model(
+        service,
         &outcome.model,
         &loaded.tokenizer,
         &loaded.chat_template,
-        &model_dir,
-        candle_core::DType::F32,
+        &model_id,
+        id,
     )?;
     drop(outcome);
-    let spec = ModelSpec {
-        id: model_id.clone(),
-        source: path_string(&model_dir)?,
-        scheme: None,
-        format: WeightFormat::F32,
-        created: unix_now(),
-        owned_by: "rewind".into(),
-    };
-    let loaded = service.engine.add_model(spec)?;
-    loaded
-        .blocking_recv()
-        .map_err(|_| anyhow!("the engine stopped"))?
-        .map_err(|e| anyhow!("loading the fine-tuned model: {e}"))?;
     service.event(
         id,
         "info",
@@ -323,6 +315,48 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Saves `model` under the data directory's `models/{dir_name}` and serves it as `model_id`
+/// (the registry keeps it across restarts).
+fn publish_model(
+    service: &FineTuning,
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    template: &ChatTemplate,
+    model_id: &str,
+    dir_name: &str,
+) -> Result<()> {
+    let model_dir = service.settings.data_dir.join("models").join(dir_name);
+    save_model(
+        model,
+        tokenizer,
+        template,
+        &model_dir,
+        candle_core::DType::F32,
+    )?;
+    let spec = ModelSpec {
+        id: model_id.to_string(),
+        source: path_string(&model_dir)?,
+        scheme: None,
+        format: WeightFormat::F32,
+        created: unix_now(),
+        owned_by: "rewind".into(),
+    };
+    service
+        .engine
+        .add_model(spec)?
+        .blocking_recv()
+        .map_err(|_| anyhow!("the engine stopped"))?
+        .map_err(|e| anyhow!("loading {model_id}: {e}"))
+}
+
+/// Epoch-end checkpoint models a job keeps (older ones are deleted).
+pub const KEPT_CHECKPOINTS: usize = 3;
+
+/// The folder of a checkpoint model under `models/`, beside the job's final model.
+fn checkpoint_dir_name(job_id: &str, step: usize) -> String {
+    format!("{job_id}-step-{step}")
+}
+
 fn outcome_tokens(events: &[crate::store::EventRecord]) -> u64 {
     events
         .iter()
@@ -351,6 +385,8 @@ struct JobObserver<'a> {
     epochs: usize,
     steps_per_epoch: usize,
     last: Option<StepMetrics>,
+    tokenizer: &'a TextTokenizer,
+    template: &'a ChatTemplate,
 }
 
 impl JobObserver<'_> {
@@ -392,8 +428,10 @@ impl Observer for JobObserver<'_> {
         );
     }
 
-    /// The trainer saves every 50 steps and at each epoch's end; the API lists the epoch ends.
-    fn on_checkpoint(&mut self, step: usize, _dir: &Path) {
+    /// The trainer saves every 50 steps and at each epoch's end. Each epoch end becomes a
+    /// checkpoint model, served under its `ckpt-step-N` name; the newest `KEPT_CHECKPOINTS`
+    /// stay, as OpenAI keeps the last epochs'.
+    fn on_checkpoint(&mut self, step: usize, _dir: &Path, model: &Model) {
         if step == 0 || !step.is_multiple_of(self.steps_per_epoch) {
             return;
         }
@@ -413,20 +451,38 @@ impl Observer for JobObserver<'_> {
                 self.job.suffix.clone().unwrap_or_default(),
                 id
             );
+            publish_model(
+                self.service,
+                model,
+                self.tokenizer,
+                self.template,
+                &name,
+                &checkpoint_dir_name(id, step),
+            )?;
             self.service.store.insert_checkpoint(&CheckpointRecord {
                 id: crate::store::new_id("ftckpt_"),
                 job_id: id.clone(),
                 created_at: unix_now(),
                 step_number: step as u64,
-                fine_tuned_model_checkpoint: name,
+                fine_tuned_model_checkpoint: name.clone(),
                 metrics: json!({"step": step, "train_loss": train_loss}),
             })?;
             self.service.event(
                 id,
                 "info",
-                &format!("Checkpoint created at step {step}"),
+                &format!("Checkpoint created at step {step}: {name}"),
                 None,
-            )
+            )?;
+            let kept = self
+                .service
+                .store
+                .list_checkpoints(id, None, crate::store::ALL)?;
+            for old in kept.data.iter().skip(KEPT_CHECKPOINTS) {
+                self.service
+                    .delete_model(&old.fine_tuned_model_checkpoint)?;
+                self.service.store.delete_checkpoint(&old.id)?;
+            }
+            Ok(())
         })();
         self.record(result);
     }

@@ -328,6 +328,12 @@ impl Store {
         self.page(sql, params![job_id, after, limit as i64 + 1], limit)
     }
 
+    pub fn delete_checkpoint(&self, id: &str) -> Result<()> {
+        self.db()
+            .execute("DELETE FROM checkpoints WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
     /// Whether a checkpoint for this step is already recorded (a resumed job replays none twice).
     pub fn has_checkpoint(&self, job_id: &str, step: u64) -> Result<bool> {
         Ok(self

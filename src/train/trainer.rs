@@ -75,7 +75,8 @@ pub struct StepMetrics {
 pub trait Observer {
     fn on_step(&mut self, metrics: &StepMetrics);
     fn on_validation(&mut self, _epoch: usize, _step: usize, _loss: f64) {}
-    fn on_checkpoint(&mut self, _step: usize, _dir: &std::path::Path) {}
+    /// A checkpoint was saved in `dir` after `step` steps; `model` holds the weights it saved.
+    fn on_checkpoint(&mut self, _step: usize, _dir: &std::path::Path, _model: &Model) {}
     fn cancelled(&self) -> bool {
         false
     }
@@ -233,7 +234,7 @@ pub fn train(
     let save = |state: &LoopState, optimizer: &AdamW, observer: &mut dyn Observer| -> Result<()> {
         if let Some(dir) = &config.checkpoint_dir {
             checkpoint::save(dir, &t.names, &t.vars, optimizer, state)?;
-            observer.on_checkpoint(state.step, dir);
+            observer.on_checkpoint(state.step, dir, &t.frozen);
         }
         Ok(())
     };
