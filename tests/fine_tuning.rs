@@ -347,7 +347,11 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
     for c in checkpoints["data"].as_array().unwrap() {
         let name = c["fine_tuned_model_checkpoint"].as_str().unwrap();
         assert!(
-            models["data"].as_array().unwrap().iter().any(|m| m["id"] == name),
+            models["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == name),
             "{name} not in {models}"
         );
         let ask = json!({"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
@@ -414,10 +418,14 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
 
     // Checkpoint models are served again too.
     let newest = checkpoints["data"][0]["fine_tuned_model_checkpoint"].clone();
-    let ask = json!({"model": newest, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let ask =
+        json!({"model": newest, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
     let started = Instant::now();
     while post(&app, "/v1/chat/completions", &ask).0 != 200 {
-        assert!(started.elapsed() < Duration::from_secs(30), "{newest} not served");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{newest} not served"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -520,6 +528,97 @@ fn legacy_reversible_lora_failed_and_cancelled_jobs() {
         .0,
         400
     );
+}
+
+/// Steps of a job's metrics events, in order.
+fn metric_steps(app: &App, id: &str) -> Vec<u64> {
+    let mut steps: Vec<u64> = all_events(app, id)
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .map(|e| e["data"]["step"].as_u64().unwrap())
+        .collect();
+    steps.reverse();
+    steps
+}
+
+/// A running job paused stops training (having saved its state), stays paused, and when
+/// resumed continues from where it stopped: every step trained exactly once overall.
+#[test]
+fn a_paused_job_resumes_where_it_stopped() {
+    let data = tempfile::tempdir().unwrap();
+    let app = spawn_app(data.path());
+    let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
+    let (_, job) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 6, "batch_size": 1}}),
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    let pause = format!("/v1/fine_tuning/jobs/{id}/pause");
+    let resume = format!("/v1/fine_tuning/jobs/{id}/resume");
+    assert_eq!(post(&app, &resume, &json!({})).0, 400, "not paused yet");
+
+    let started = Instant::now();
+    while metric_steps(&app, &id).len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no training steps"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, paused) = post(&app, &pause, &json!({}));
+    assert_eq!(
+        (status, paused["status"].as_str()),
+        (200, Some("paused")),
+        "{paused}"
+    );
+    let (status, again) = post(&app, &pause, &json!({}));
+    assert_eq!(status, 400, "{again}");
+    assert_eq!(again["error"]["code"], "invalid_state");
+    assert_eq!(
+        post(&app, "/v1/fine_tuning/jobs/ftjob-none/pause", &json!({})).0,
+        404
+    );
+
+    // Training stops: no new steps arrive while paused.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = metric_steps(&app, &id);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(metric_steps(&app, &id), before, "trained while paused");
+    let (_, job) = get(&app, &format!("/v1/fine_tuning/jobs/{id}"));
+    assert_eq!(job["status"], "paused");
+    assert!(
+        before.len() < 48,
+        "the job finished before the pause took effect"
+    );
+
+    let (status, resumed) = post(&app, &resume, &json!({}));
+    assert_eq!(
+        (status, resumed["status"].as_str()),
+        (200, Some("queued")),
+        "{resumed}"
+    );
+    let done = wait_for(&app, &id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        metric_steps(&app, &id),
+        (1..=48).collect::<Vec<u64>>(),
+        "each step once, in order"
+    );
+    let messages: Vec<String> = all_events(&app, &id)
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    for wanted in [
+        "Job paused.",
+        "Job resumed.",
+        "continues from its checkpoint",
+    ] {
+        assert!(
+            messages.iter().any(|m| m.contains(wanted)),
+            "{wanted}: {messages:?}"
+        );
+    }
 }
 
 /// A free port on localhost (bound, read and released).

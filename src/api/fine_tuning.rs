@@ -1,4 +1,4 @@
-//! `/v1/fine_tuning/jobs`: create, list, retrieve, cancel, events, checkpoints.
+//! `/v1/fine_tuning/jobs`: create, list, retrieve, cancel, pause, resume, events, checkpoints.
 //!
 //! Besides OpenAI's fields, a create request may carry rewind's own options in one extension
 //! field, `rewind`: `{"scheme": "midpoint(a=-0.125)", "strategy": "reversible", "lora_rank": 8,
@@ -9,7 +9,7 @@ use crate::api::error::ApiError;
 use crate::api::files::{bad_request, file_not_found, internal};
 use crate::api::AppState;
 use crate::engine::unix_now;
-use crate::jobs::CancelError;
+use crate::jobs::StateError;
 use crate::model::reversible::ReversibleConfig;
 use crate::store::{CheckpointRecord, EventRecord, JobRecord, RewindOptions};
 use crate::train::backward::Strategy;
@@ -238,14 +238,21 @@ pub fn find_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
 }
 
 pub fn cancel_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
-    state.fine_tuning.cancel(id).map_err(|e| match e {
-        CancelError::NotFound(id) => job_not_found(&id),
-        CancelError::Finished(_) => bad_request(
-            format!("Job `{id}` cannot be cancelled: {e}."),
-            None,
-            "invalid_state",
-        ),
-        CancelError::Store(e) => internal(e),
+    state_change(state.fine_tuning.cancel(id), id)
+}
+
+/// A pause, resume or cancel's result in the API's terms: 404 for an unknown job, 400 for a
+/// job whose status does not allow it.
+fn state_change(
+    result: std::result::Result<JobRecord, StateError>,
+    id: &str,
+) -> Result<JobRecord, ApiError> {
+    result.map_err(|e| match e {
+        StateError::NotFound(id) => job_not_found(&id),
+        StateError::WrongState { .. } => {
+            bad_request(format!("Job `{id}`: {e}."), None, "invalid_state")
+        }
+        StateError::Store(e) => internal(e),
     })
 }
 
@@ -348,6 +355,22 @@ pub async fn cancel(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(job_object(&cancel_job(&state, &id)?)))
+}
+
+pub async fn pause(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let job = state_change(state.fine_tuning.pause(&id), &id)?;
+    Ok(HttpResponse::Ok().json(job_object(&job)))
+}
+
+pub async fn resume(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let job = state_change(state.fine_tuning.resume(&id), &id)?;
+    Ok(HttpResponse::Ok().json(job_object(&job)))
 }
 
 pub async fn events(

@@ -140,6 +140,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/v1/fine_tuning/jobs/{id}/cancel").route(web::post().to(fine_tuning::cancel)),
         )
         .service(
+            resource("/v1/fine_tuning/jobs/{id}/pause").route(web::post().to(fine_tuning::pause)),
+        )
+        .service(
+            resource("/v1/fine_tuning/jobs/{id}/resume").route(web::post().to(fine_tuning::resume)),
+        )
+        .service(
             resource("/v1/fine_tuning/jobs/{id}/events").route(web::get().to(fine_tuning::events)),
         )
         .service(

@@ -39,13 +39,26 @@ pub struct FineTuning {
 
 /// Why a job could not be cancelled.
 #[derive(Debug, thiserror::Error)]
-pub enum CancelError {
+pub enum StateError {
     #[error("no fine-tuning job `{0}`")]
     NotFound(String),
-    #[error("the job has already {0}; only validating, queued or running jobs can be cancelled")]
-    Finished(String),
+    #[error("the job is {status}; only {allowed} jobs can be {action}")]
+    WrongState {
+        status: String,
+        allowed: &'static str,
+        action: &'static str,
+    },
     #[error(transparent)]
     Store(#[from] anyhow::Error),
+}
+
+/// A status change a request asks for: from which statuses, to which, and what it is called.
+struct Transition {
+    from: &'static [&'static str],
+    allowed: &'static str,
+    to: &'static str,
+    action: &'static str,
+    message: &'static str,
 }
 
 impl FineTuning {
@@ -243,30 +256,80 @@ impl FineTuning {
             .remove(id);
     }
 
+    /// Pauses a queued or running job: it is `paused` at once, and a running trainer saves a
+    /// checkpoint and stops at its next step.
+    pub fn pause(&self, id: &str) -> std::result::Result<JobRecord, StateError> {
+        let pause = Transition {
+            from: &["queued", "running"],
+            allowed: "queued or running",
+            to: "paused",
+            action: "paused",
+            message: "Job paused.",
+        };
+        let job = self.transition(id, pause)?;
+        self.cancel_flag(id).store(true, Ordering::Relaxed);
+        Ok(job)
+    }
+
+    /// Resumes a paused job: re-queued, it continues from the checkpoint the pause saved.
+    pub fn resume(&self, id: &str) -> std::result::Result<JobRecord, StateError> {
+        let resume = Transition {
+            from: &["paused"],
+            allowed: "paused",
+            to: "queued",
+            action: "resumed",
+            message: "Job resumed.",
+        };
+        let job = self.transition(id, resume)?;
+        self.cancel_flag(id).store(false, Ordering::Relaxed);
+        self.enqueue(id);
+        Ok(job)
+    }
+
     /// Cancels a job that has not finished: it is `cancelled` at once, and a running trainer
     /// stops at its next step.
-    pub fn cancel(&self, id: &str) -> std::result::Result<JobRecord, CancelError> {
-        let current = self
-            .store
-            .job(id)?
-            .ok_or_else(|| CancelError::NotFound(id.to_string()))?;
-        if current.is_terminal() {
-            return Err(CancelError::Finished(current.status));
-        }
+    pub fn cancel(&self, id: &str) -> std::result::Result<JobRecord, StateError> {
+        let cancel = Transition {
+            from: &["validating_files", "queued", "running", "paused"],
+            allowed: "validating, queued, running or paused",
+            to: "cancelled",
+            action: "cancelled",
+            message: "Job cancelled.",
+        };
+        let job = self.transition(id, cancel)?;
         self.cancel_flag(id).store(true, Ordering::Relaxed);
-        let mut finished = None;
-        let job = self.update(id, |j| {
-            if j.is_terminal() {
-                finished = Some(j.status.clone());
+        Ok(job)
+    }
+
+    /// Applies `t` if the job's status (read under the update lock, so a racing change wins
+    /// cleanly) is one it starts from.
+    fn transition(&self, id: &str, t: Transition) -> std::result::Result<JobRecord, StateError> {
+        let mut refused = None;
+        let result = self.update(id, |j| {
+            if t.from.contains(&j.status.as_str()) {
+                j.status = t.to.into();
+                if j.is_terminal() {
+                    j.finished_at = Some(unix_now());
+                }
             } else {
-                j.status = "cancelled".into();
-                j.finished_at = Some(unix_now());
+                refused = Some(j.status.clone());
             }
-        })?;
-        if let Some(status) = finished {
-            return Err(CancelError::Finished(status));
+        });
+        let job = match result {
+            Ok(job) => job,
+            Err(_) if self.store.job(id)?.is_none() => {
+                return Err(StateError::NotFound(id.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(status) = refused {
+            return Err(StateError::WrongState {
+                status,
+                allowed: t.allowed,
+                action: t.action,
+            });
         }
-        self.event(id, "info", "Job cancelled.", None)?;
+        self.event(id, "info", t.message, None)?;
         Ok(job)
     }
 }

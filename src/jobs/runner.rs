@@ -92,11 +92,16 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     if job.status != "running" {
         return Ok(()); // cancelled while queued
     }
-    if started {
-        service.event(id, "info", "Fine-tuning job started", None)?;
-    }
     let cancel = service.cancel_flag(id);
     let job_dir = service.settings.data_dir.join("jobs").join(id);
+    if started {
+        let message = if job_dir.join("checkpoint").join("state.json").exists() {
+            "Fine-tuning job continues from its checkpoint"
+        } else {
+            "Fine-tuning job started"
+        };
+        service.event(id, "info", message, None)?;
+    }
 
     // The base model, as the server loads it.
     let spec = service
@@ -241,7 +246,7 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
         &mut observer,
     )?;
     if outcome.cancelled {
-        return Ok(()); // `cancel` already set the status and wrote the event
+        return Ok(()); // `cancel` or `pause` already set the status and wrote the event
     }
 
     // Save, register and serve the model.

@@ -71,7 +71,7 @@ pub struct StepMetrics {
     pub peak_memory_bytes: u64,
 }
 
-/// Receives progress; `cancelled` is polled between steps.
+/// Receives progress; `cancelled` is polled between steps (a stop saves a checkpoint first).
 pub trait Observer {
     fn on_step(&mut self, metrics: &StepMetrics);
     fn on_validation(&mut self, _epoch: usize, _step: usize, _loss: f64) {}
@@ -250,6 +250,8 @@ pub fn train(
         let groups: Vec<&[Vec<usize>]> = batches.chunks(config.grad_accum.max(1)).collect();
         while state.batch_in_epoch < groups.len() {
             if observer.cancelled() {
+                // Saved, so a paused run resumes exactly here.
+                save(&state, &optimizer, observer)?;
                 cancelled = true;
                 break 'epochs;
             }
