@@ -7,7 +7,8 @@
 //! recomputed block is bit-identical to its forward.
 
 use crate::model::custom_vjp;
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Storage, Tensor, D};
+use rayon::prelude::*;
 
 /// RMSNorm over the last dimension (f64 inputs, the reference computations, are normalised by
 /// a composite: candle has no fused f64 kernel).
@@ -65,21 +66,99 @@ pub fn rope_transpose(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
     candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &back)
 }
 
-/// SiLU(gate) * up, the SwiGLU activation. candle's `silu` has a backward, so one form serves both.
+/// SiLU(gate) * up, the SwiGLU activation, recorded with `swiglu_vjp` as its backward.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(gate)? * up
+    let (g, u) = (gate.detach(), up.detach());
+    let fused = on_cpu_f32(&[&g, &u], |x| {
+        let (g, u) = (x[0], x[1]);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .enumerate()
+            .for_each(|(c, y)| {
+                let at = c * ELEMENTWISE_CHUNK;
+                for (i, y) in y.iter_mut().enumerate() {
+                    let (g, u) = (g[at + i], u[at + i]);
+                    *y = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        y
+    });
+    let out = match fused {
+        Some(y) => Tensor::from_vec(y?, g.shape(), g.device())?,
+        None => (candle_nn::ops::silu(&g)? * &u)?,
+    };
+    custom_vjp::record2(gate, up, out, swiglu_vjp)
 }
 
 /// Cotangents of gate and up for `swiglu`'s output cotangent `g`: with s = sigmoid(gate),
 /// d gate = g up s (1 + gate (1 - s)), d up = g gate s.
 pub fn swiglu_vjp(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let fused = on_cpu_f32(&[gate, up, g], |x| {
+        let (gate, up, g) = (x[0], x[1], x[2]);
+        let mut d_gate = vec![0f32; gate.len()];
+        let mut d_up = vec![0f32; gate.len()];
+        d_gate
+            .par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(d_up.par_chunks_mut(ELEMENTWISE_CHUNK))
+            .enumerate()
+            .for_each(|(c, (d_gate, d_up))| {
+                let at = c * ELEMENTWISE_CHUNK;
+                for i in 0..d_gate.len() {
+                    let (x, u, g) = (gate[at + i], up[at + i], g[at + i]);
+                    let e = (-x).exp();
+                    let s = 1.0 / (1.0 + e);
+                    // 1 - s as e s: exact where 1 - s would cancel (large x).
+                    let s_neg = if e.is_finite() { e * s } else { 1.0 };
+                    d_up[i] = g * x * s;
+                    d_gate[i] = g * u * s * (1.0 + x * s_neg);
+                }
+            });
+        (d_gate, d_up)
+    });
+    if let Some(grads) = fused {
+        let (d_gate, d_up) = grads?;
+        let shape = gate.shape();
+        return Ok((
+            Tensor::from_vec(d_gate, shape, gate.device())?,
+            Tensor::from_vec(d_up, shape, gate.device())?,
+        ));
+    }
     let s = candle_nn::ops::sigmoid(gate)?;
-    let silu = (gate * &s)?;
-    let grad_up = (g * &silu)?;
-    // s (1 + gate (1 - s)) = s + silu - silu s.
-    let slope = ((&s + &silu)? - (silu * &s)?)?;
+    let grad_up = (g * (gate * &s)?)?;
+    // 1 - s as sigmoid(-gate), which does not cancel for large gates.
+    let slope = (s * (gate * candle_nn::ops::sigmoid(&gate.neg()?)?)?.affine(1.0, 1.0)?)?;
     let grad_gate = ((g * up)? * slope)?;
     Ok((grad_gate, grad_up))
+}
+
+/// Elements per parallel task of the fused CPU kernels.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// `f` over the data of same-shaped contiguous f32 CPU tensors, or None for any other kind
+/// (the caller then falls back to candle's ops). candle's own CPU unary ops run on one core.
+fn on_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<Result<R>> {
+    let suitable = |t: &&Tensor| {
+        t.device().is_cpu()
+            && t.dtype() == DType::F32
+            && t.is_contiguous()
+            && t.shape() == ts[0].shape()
+    };
+    if !ts.iter().all(suitable) {
+        return None;
+    }
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            return None;
+        };
+        let (start, end) = layout.contiguous_offsets()?;
+        match cpu.as_slice::<f32>() {
+            Ok(data) => slices.push(&data[start..end]),
+            Err(e) => return Some(Err(e)),
+        }
+    }
+    Some(Ok(f(&slices)))
 }
 
 /// max |a - b| over all elements, in f64 (for the kernels' tests).
@@ -179,6 +258,39 @@ mod tests {
     fn swiglu_backward_matches_finite_differences() {
         let up = Tensor::randn(0f64, 1.0, (3, 4), &Device::Cpu).unwrap();
         check_gradient(|x| swiglu(x, &up), &[3, 4]);
+    }
+
+    /// The fused f32 CPU kernels (several parallel chunks) against the f64 composite.
+    #[test]
+    fn fused_swiglu_kernels_match_the_f64_composite() {
+        let dev = Device::Cpu;
+        let shape = (3, ELEMENTWISE_CHUNK + 77);
+        let [gate, up, g] = [0, 1, 2].map(|_| Tensor::randn(0f32, 2.0, shape, &dev).unwrap());
+        let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        // Within a few f32 roundings of the size of each element's terms (a relative bound
+        // on the result itself cannot hold where the terms cancel to zero).
+        let close = |got: &Tensor, want: &Tensor, scale: Tensor| {
+            let err = (got.to_dtype(DType::F64).unwrap() - want)
+                .unwrap()
+                .abs()
+                .unwrap();
+            let bound = ((scale * 1e-6).unwrap() + 1e-30).unwrap();
+            let ratio = (err / bound).unwrap().max_all().unwrap();
+            let ratio = ratio.to_scalar::<f64>().unwrap();
+            assert!(ratio <= 1.0, "error {ratio}x the bound");
+        };
+        let (x, u, dy) = (
+            wide(&gate).abs().unwrap(),
+            wide(&up).abs().unwrap(),
+            wide(&g).abs().unwrap(),
+        );
+        let want = swiglu(&wide(&gate), &wide(&up)).unwrap();
+        close(&swiglu(&gate, &up).unwrap(), &want, (&x * &u).unwrap());
+        let (d_gate, d_up) = swiglu_vjp(&gate, &up, &g).unwrap();
+        let (want_gate, want_up) = swiglu_vjp(&wide(&gate), &wide(&up), &wide(&g)).unwrap();
+        let gate_scale = ((&dy * &u).unwrap() * (&x + 1.0).unwrap()).unwrap();
+        close(&d_gate, &want_gate, gate_scale);
+        close(&d_up, &want_up, (&dy * &x).unwrap());
     }
 
     #[test]
