@@ -619,6 +619,58 @@ fn a_paused_job_resumes_where_it_stopped() {
             "{wanted}: {messages:?}"
         );
     }
+
+    // A paused job can be cancelled; the state it saved for resuming goes with it.
+    let (_, job) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 6, "batch_size": 1}}),
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    while metric_steps(&app, &id).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no training steps"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    post(
+        &app,
+        &format!("/v1/fine_tuning/jobs/{id}/pause"),
+        &json!({}),
+    );
+    let state = data.path().join("jobs").join(&id).join("checkpoint");
+    let started = Instant::now();
+    while !state.join("state.json").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the pause saved nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Until the trainer has stopped: no new steps for a second.
+    loop {
+        let before = metric_steps(&app, &id);
+        std::thread::sleep(Duration::from_millis(1000));
+        if metric_steps(&app, &id) == before {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still training"
+        );
+    }
+    let (status, cancelled) = post(
+        &app,
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        &json!({}),
+    );
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (200, Some("cancelled"))
+    );
+    assert!(!state.exists(), "{}", state.display());
 }
 
 /// A free port on localhost (bound, read and released).

@@ -59,6 +59,8 @@ struct Transition {
     to: &'static str,
     action: &'static str,
     message: &'static str,
+    /// The trainer's stop flag once the job has moved.
+    stop: bool,
 }
 
 impl FineTuning {
@@ -265,10 +267,9 @@ impl FineTuning {
             to: "paused",
             action: "paused",
             message: "Job paused.",
+            stop: true,
         };
-        let job = self.transition(id, pause)?;
-        self.cancel_flag(id).store(true, Ordering::Relaxed);
-        Ok(job)
+        Ok(self.transition(id, pause)?.0)
     }
 
     /// Resumes a paused job: re-queued, it continues from the checkpoint the pause saved.
@@ -279,9 +280,9 @@ impl FineTuning {
             to: "queued",
             action: "resumed",
             message: "Job resumed.",
+            stop: false,
         };
-        let job = self.transition(id, resume)?;
-        self.cancel_flag(id).store(false, Ordering::Relaxed);
+        let (job, _) = self.transition(id, resume)?;
         self.enqueue(id);
         Ok(job)
     }
@@ -295,19 +296,39 @@ impl FineTuning {
             to: "cancelled",
             action: "cancelled",
             message: "Job cancelled.",
+            stop: true,
         };
-        let job = self.transition(id, cancel)?;
-        self.cancel_flag(id).store(true, Ordering::Relaxed);
+        let (job, previous) = self.transition(id, cancel)?;
+        // A running trainer holds its own handle on the flag.
+        self.forget(id);
+        if previous == "paused" {
+            // No trainer will resume from the state the pause saved.
+            let state = self
+                .settings
+                .data_dir
+                .join("jobs")
+                .join(id)
+                .join("checkpoint");
+            let _ = std::fs::remove_dir_all(state);
+        }
         Ok(job)
     }
 
-    /// Applies `t` if the job's status (read under the update lock, so a racing change wins
-    /// cleanly) is one it starts from.
-    fn transition(&self, id: &str, t: Transition) -> std::result::Result<JobRecord, StateError> {
+    /// Applies `t` if the job's status is one it starts from, setting the trainer's stop flag
+    /// under the same lock as the status (so racing requests leave the two consistent).
+    /// Returns the job and its previous status.
+    fn transition(
+        &self,
+        id: &str,
+        t: Transition,
+    ) -> std::result::Result<(JobRecord, String), StateError> {
+        let flag = self.cancel_flag(id);
+        let mut previous = String::new();
         let mut refused = None;
         let result = self.update(id, |j| {
             if t.from.contains(&j.status.as_str()) {
-                j.status = t.to.into();
+                previous = std::mem::replace(&mut j.status, t.to.into());
+                flag.store(t.stop, Ordering::Relaxed);
                 if j.is_terminal() {
                     j.finished_at = Some(unix_now());
                 }
@@ -330,6 +351,6 @@ impl FineTuning {
             });
         }
         self.event(id, "info", t.message, None)?;
-        Ok(job)
+        Ok((job, previous))
     }
 }

@@ -346,12 +346,17 @@ fn publish_model(
         created: unix_now(),
         owned_by: "rewind".into(),
     };
-    service
+    let loaded = service
         .engine
         .add_model(spec)?
         .blocking_recv()
         .map_err(|_| anyhow!("the engine stopped"))?
-        .map_err(|e| anyhow!("loading {model_id}: {e}"))
+        .map_err(|e| anyhow!("loading {model_id}: {e}"));
+    if loaded.is_err() {
+        // Not left registered (and reloaded at every start) as a model that cannot load.
+        let _ = service.delete_model(model_id);
+    }
+    loaded
 }
 
 /// Epoch-end checkpoint models a job keeps (older ones are deleted).
