@@ -513,7 +513,17 @@ fn legacy_reversible_lora_failed_and_cancelled_jobs() {
         (200, Some("cancelled")),
         "{cancelled}"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // The trainer stops and its saved state, of no use to a cancelled job, goes.
+    let state = data.path().join("jobs").join(long_id).join("checkpoint");
+    let started = Instant::now();
+    while state.exists() || started.elapsed() < Duration::from_millis(500) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            state.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (_, after) = get(&app, &format!("/v1/fine_tuning/jobs/{long_id}"));
     assert_eq!(
         (after["status"].as_str(), after["fine_tuned_model"].as_str()),

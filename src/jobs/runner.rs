@@ -246,7 +246,16 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
         &mut observer,
     )?;
     if outcome.cancelled {
-        return Ok(()); // `cancel` or `pause` already set the status and wrote the event
+        // `cancel` or `pause` already set the status and wrote the event. A pause keeps the
+        // saved state for its resume; a cancel has no use for it.
+        if service
+            .store
+            .job(id)?
+            .is_some_and(|j| j.status == "cancelled")
+        {
+            let _ = std::fs::remove_dir_all(job_dir.join("checkpoint"));
+        }
+        return Ok(());
     }
 
     // Save, register and serve the model.
