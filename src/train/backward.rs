@@ -24,6 +24,7 @@ use crate::train::loss::{chunked_head_loss, Objective, Targets};
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
+use std::cell::RefCell;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
@@ -70,9 +71,9 @@ fn dot(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 enum Below<'a> {
     /// Float states, rebuilt by the scheme's inverse.
     Float,
-    /// Float states the forward kept (the checkpoint strategy): layer j's input pair is
-    /// `inputs[j - first]`.
-    Kept { inputs: Vec<States>, first: usize },
+    /// Float states the forward kept (the checkpoint strategy), one input pair per layer in
+    /// order; the walk down takes (and so frees) each as it reaches its layer.
+    Kept(RefCell<Vec<States>>),
     /// Fixed-point states: rebuilt bit-exactly, or (`stored`) looked up, which is the
     /// stored-activation reference the rebuild must match bit for bit.
     Exact {
@@ -87,7 +88,7 @@ impl Below<'_> {
     /// What a block sees of a carried state.
     fn view(&self, x: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
         match self {
-            Below::Float | Below::Kept { .. } => Ok(x.clone()),
+            Below::Float | Below::Kept(_) => Ok(x.clone()),
             Below::Exact { fp, .. } => fp.view(x, dtype),
         }
     }
@@ -159,7 +160,7 @@ pub fn loss_and_grads(
         }
         Strategy::Checkpoint | Strategy::Reversible => {
             let below = match strategy {
-                Strategy::Checkpoint => Below::Kept { inputs, first },
+                Strategy::Checkpoint => Below::Kept(RefCell::new(inputs)),
                 _ => Below::Float,
             };
             let mut s = top;
@@ -288,6 +289,15 @@ fn reversible_layer(
         trainable: t,
         grads,
     };
+    let kept_input = match below {
+        Below::Kept(inputs) => inputs.borrow_mut().pop(),
+        _ => None,
+    };
+    let kept = || {
+        kept_input
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no input pair kept for layer {j}"))
+    };
     match t.frozen.reversible.two_step(j) {
         Some(coef) => {
             // s = (p_j, p_{j+1}), g = (g_j, g_{j+1}).
@@ -296,7 +306,7 @@ fn reversible_layer(
             let (f, d_p) = block_vjp::f_and_vjp(block, &p, &df, layout, &ctx, &mut sink)?;
             let prev = match below {
                 Below::Float => coef.inverse(&s.other, &s.last, &f)?,
-                Below::Kept { inputs, first } => inputs[j - first].other.clone(),
+                Below::Kept(_) => kept()?.other.clone(),
                 Below::Exact {
                     stored: Some(stored),
                     ..
@@ -336,7 +346,7 @@ fn reversible_layer(
             let (m, mlp_tape) = block_vjp::mlp_forward(block, &q, &ctx)?;
             let p_prev = match below {
                 Below::Float => (&s.last - m.affine(h, 0.0)?)?,
-                Below::Kept { inputs, first } => inputs[j - first].last.clone(),
+                Below::Kept(_) => kept()?.last.clone(),
                 Below::Exact {
                     stored: Some(stored),
                     ..
@@ -351,7 +361,7 @@ fn reversible_layer(
             let (a, attn_tape) = block_vjp::attention_forward(block, &p, batch, seq, &ctx)?;
             let q_prev = match below {
                 Below::Float => (&s.other - a.affine(h, 0.0)?)?,
-                Below::Kept { inputs, first } => inputs[j - first].other.clone(),
+                Below::Kept(_) => kept()?.other.clone(),
                 Below::Exact {
                     stored: Some(stored),
                     ..
