@@ -32,23 +32,14 @@ fn input(model: &Model) -> Tensor {
 }
 
 fn max_relative(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let diff = (&a - &b)
+    let scale = b
+        .to_dtype(DType::F64)
         .unwrap()
         .abs()
         .unwrap()
         .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
         .unwrap();
-    diff / b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    common::max_abs_diff(a, b) / scale.to_scalar::<f64>().unwrap()
 }
 
 /// Forward through every layer, inverse back; returns the max relative error of both states.
