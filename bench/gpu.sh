@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, on a machine with one CUDA device and no Rust
-# toolchain: build here with `cargo build --release --features cuda` (and, for the numeric tests,
-# `cargo test --release --features cuda --no-run --test gradients --test training --test
-# invertibility`), copy the binaries over.
+# toolchain: build here with `cargo build --release --no-default-features --features cuda` (no
+# OpenBLAS needed there; and, for the numeric tests, `cargo test --release --no-default-features
+# --features cuda --no-run --test gradients --test training --test invertibility`), copy the
+# binaries over.
 #
 #   REWIND=./rewind TESTS="./gradients-<hash> ./training-<hash>" bench/gpu.sh [results-dir]
 #

@@ -12,6 +12,7 @@
 //! between the two (the exact reversible mode depends on that).
 
 use crate::model::custom_vjp;
+use crate::model::matmul::matmul;
 use crate::model::ops;
 use crate::model::rope::RopeTables;
 use candle_core::{DType, Result, Tensor, D};
@@ -120,7 +121,7 @@ impl CausalAttention {
     fn probabilities(&self, q_rows: &Tensor, k: &Tensor, c: &Chunk) -> Result<Tensor> {
         let (b, kvh, rows, _) = q_rows.dims4()?;
         let k = k.narrow(2, 0, c.keys)?;
-        let scores = (q_rows.matmul(&k.t()?)? * self.scale)?.to_dtype(self.score_dtype)?;
+        let scores = (matmul(q_rows, &k.t()?)? * self.scale)?.to_dtype(self.score_dtype)?;
         // Only when the chunk's first query cannot see every key (not in one-token decoding).
         let scores = if self.start + c.t0 + 1 < c.keys {
             let mask =
@@ -142,7 +143,7 @@ impl CausalAttention {
             .chunks(k.dim(2)?)
             .map(|c| {
                 let p = self.probabilities(&self.rows(q, &c)?, k, &c)?;
-                p.to_dtype(v.dtype())?.matmul(&v.narrow(2, 0, c.keys)?)
+                matmul(&p.to_dtype(v.dtype())?, &v.narrow(2, 0, c.keys)?)
             })
             .collect::<Result<Vec<_>>>()?;
         self.assemble(parts)
@@ -167,14 +168,14 @@ impl CausalAttention {
             let p = self.probabilities(&q_rows, k, &c)?;
             let p_compute = p.to_dtype(v.dtype())?;
             let pad = total_keys - c.keys;
-            grad_v = (grad_v + p_compute.t()?.matmul(&g_rows)?.pad_with_zeros(2, 0, pad)?)?;
+            grad_v = (grad_v + matmul(&p_compute.t()?, &g_rows)?.pad_with_zeros(2, 0, pad)?)?;
             // Softmax backward: dS = P * (dP - rowsum(dP * P)).
-            let grad_p = g_rows.matmul(&v_c.t()?)?.to_dtype(self.score_dtype)?;
+            let grad_p = matmul(&g_rows, &v_c.t()?)?.to_dtype(self.score_dtype)?;
             let inner = (&grad_p * &p)?.sum_keepdim(D::Minus1)?;
             let grad_scores = (p * grad_p.broadcast_sub(&inner)?)?;
             let grad_qk = (grad_scores * self.scale)?.to_dtype(q.dtype())?;
-            grad_q.push(grad_qk.matmul(&k_c)?);
-            grad_k = (grad_k + grad_qk.t()?.matmul(&q_rows)?.pad_with_zeros(2, 0, pad)?)?;
+            grad_q.push(matmul(&grad_qk, &k_c)?);
+            grad_k = (grad_k + matmul(&grad_qk.t()?, &q_rows)?.pad_with_zeros(2, 0, pad)?)?;
         }
         Ok((self.assemble(grad_q)?, grad_k, grad_v))
     }

@@ -1,6 +1,7 @@
 //! Weight matrices that are either dense tensors (trainable) or GGUF-quantized blocks
 //! (inference only: CPU decoding is memory-bound, so Q4/Q8 weights decode faster).
 
+use crate::model::matmul::matmul;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use std::sync::Arc;
@@ -69,7 +70,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, &self.quantized) {
             (_, Some(q)) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
-            (Weight::Dense(w), None) => x.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+            (Weight::Dense(w), None) => matmul(x, &w.to_dtype(x.dtype())?.t()?)?,
             (Weight::Quantized(_), None) => candle_core::bail!("quantized weight without a kernel"),
         };
         let y = match &self.bias {
@@ -78,9 +79,10 @@ impl Linear {
         };
         match &self.lora {
             Some(l) => {
-                let low = x
-                    .matmul(&l.a.to_dtype(x.dtype())?.t()?)?
-                    .matmul(&l.b.to_dtype(x.dtype())?.t()?)?;
+                let low = matmul(
+                    &matmul(x, &l.a.to_dtype(x.dtype())?.t()?)?,
+                    &l.b.to_dtype(x.dtype())?.t()?,
+                )?;
                 y + (low * l.scale)?
             }
             None => Ok(y),

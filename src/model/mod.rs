@@ -11,6 +11,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;
+pub mod matmul;
 pub mod ops;
 pub mod reversible;
 pub mod rope;

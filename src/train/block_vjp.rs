@@ -13,6 +13,7 @@
 use crate::model::attention::CausalAttention;
 use crate::model::block::{BlockCtx, Layout};
 use crate::model::linear::{Linear, Weight};
+use crate::model::matmul::matmul;
 use crate::model::{block::Block, ops};
 use crate::train::grads::Grads;
 use crate::train::trainable::Trainable;
@@ -49,20 +50,20 @@ fn linear_backward(lin: &Linear, x: &Tensor, dy: &Tensor, sink: &mut Sink<'_>) -
     let Weight::Dense(w) = &lin.weight else {
         bail!("training needs dense weights (quantized weights are densified first)");
     };
-    let mut dx = dy.matmul(&w.to_dtype(dy.dtype())?)?;
-    sink.add(w, || dy.t()?.matmul(x))?;
+    let mut dx = matmul(dy, &w.to_dtype(dy.dtype())?)?;
+    sink.add(w, || matmul(&dy.t()?, x))?;
     if let Some(b) = &lin.bias {
         sink.add(b, || dy.sum(0))?;
     }
     if let Some(l) = &lin.lora {
         let a = l.a.to_dtype(x.dtype())?;
-        let du = (dy.matmul(&l.b.to_dtype(dy.dtype())?)? * l.scale)?;
+        let du = (matmul(dy, &l.b.to_dtype(dy.dtype())?)? * l.scale)?;
         if sink.is_trained(&l.b) {
-            let u = x.matmul(&a.t()?)?;
-            sink.add(&l.b, || dy.t()?.matmul(&u)? * l.scale)?;
+            let u = matmul(x, &a.t()?)?;
+            sink.add(&l.b, || matmul(&dy.t()?, &u)? * l.scale)?;
         }
-        sink.add(&l.a, || du.t()?.matmul(x))?;
-        dx = (dx + du.matmul(&a)?)?;
+        sink.add(&l.a, || matmul(&du.t()?, x))?;
+        dx = (dx + matmul(&du, &a)?)?;
     }
     Ok(dx)
 }

@@ -3,6 +3,7 @@
 //! (at small model scale they would dominate activation memory).
 
 use crate::model::decoder::Model;
+use crate::model::matmul::matmul;
 use crate::train::grads::{grad_or_zeros, Grads};
 use candle_core::{DType, Result, Tensor, Var, D};
 
@@ -78,7 +79,7 @@ pub fn chunked_head_loss(
         let h = Var::from_tensor(&hidden.narrow(0, start, len)?)?;
         let x = model.final_norm(h.as_tensor())?;
         let x_data = x.detach();
-        let logits = x_data.matmul(&w_compute.t()?)?.to_dtype(acc)?;
+        let logits = matmul(&x_data, &w_compute.t()?)?.to_dtype(acc)?;
         let row_weights = (targets.weights.narrow(0, start, len)?.to_dtype(acc)? / normalizer)?;
         let ids = targets.ids.narrow(0, start, len)?;
         let (rows, grad_logits) =
@@ -86,9 +87,9 @@ pub fn chunked_head_loss(
         loss = (loss + (rows * &row_weights)?.sum_all()?.to_dtype(DType::F64)?)?;
         drop(logits);
         let grad_logits = grad_logits.to_dtype(x.dtype())?;
-        let grad_x = grad_logits.matmul(&w_compute)?;
+        let grad_x = matmul(&grad_logits, &w_compute)?;
         if let Some(i) = head_var {
-            let grad_w = grad_logits.t()?.matmul(&x_data)?.to_dtype(head.dtype())?;
+            let grad_w = matmul(&grad_logits.t()?, &x_data)?.to_dtype(head.dtype())?;
             grads.add_at(i, grad_w)?;
         }
         // Through the final norm by autograd: <x, grad_x> has gradient grad_x at x.
