@@ -683,6 +683,68 @@ fn a_paused_job_resumes_where_it_stopped() {
     assert!(!state.exists(), "{}", state.display());
 }
 
+/// A resume sent right after its pause races the trainer. Either it reaches the trainer before it
+/// stops (the job reads `running` and trains on) or the trainer has stopped (the job reads
+/// `queued` and continues from its checkpoint); never a trainer at work on a `queued` job, and
+/// every step is trained once.
+#[test]
+fn a_resume_racing_its_pause_keeps_the_job_running_or_requeues_it() {
+    let data = tempfile::tempdir().unwrap();
+    let app = spawn_app(data.path());
+    let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
+    let (_, job) = post(
+        &app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 6, "batch_size": 1}}),
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    while metric_steps(&app, &id).len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no training steps"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, paused) = post(
+        &app,
+        &format!("/v1/fine_tuning/jobs/{id}/pause"),
+        &json!({}),
+    );
+    assert_eq!(status, 200, "{paused}");
+    let (status, resumed) = post(
+        &app,
+        &format!("/v1/fine_tuning/jobs/{id}/resume"),
+        &json!({}),
+    );
+    assert_eq!(status, 200, "{resumed}");
+    let resumed_to = resumed["status"].as_str().unwrap().to_string();
+    println!("resumed to `{resumed_to}`");
+    assert!(
+        ["running", "queued"].contains(&resumed_to.as_str()),
+        "{resumed}"
+    );
+
+    let done = wait_for(&app, &id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        metric_steps(&app, &id),
+        (1..=48).collect::<Vec<u64>>(),
+        "each step once, in order"
+    );
+    let continued = all_events(&app, &id).iter().any(|e| {
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("continues from its checkpoint")
+    });
+    assert_eq!(
+        continued,
+        resumed_to == "queued",
+        "a job resumed to `{resumed_to}` must continue from its checkpoint exactly when it was queued"
+    );
+}
+
 /// A free port on localhost (bound, read and released).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

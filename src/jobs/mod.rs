@@ -31,8 +31,8 @@ pub struct FineTuning {
     pub engine: Engine,
     pub settings: Arc<Settings>,
     queue: Mutex<mpsc::Sender<String>>,
-    /// Cancel flags of queued and running jobs, polled by the trainer between steps.
-    cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// What requests tell the trainers of queued and running jobs.
+    controls: Mutex<HashMap<String, Arc<TrainerControl>>>,
     /// Serialises read-modify-write of job records.
     updates: Mutex<()>,
 }
@@ -52,11 +52,35 @@ pub enum StateError {
     Store(#[from] anyhow::Error),
 }
 
+/// What pause, resume and cancel requests tell a job's trainer, and whether one is training it.
+#[derive(Default)]
+pub struct TrainerControl {
+    /// Stop at the next step, saving the trainer's state first.
+    stop: AtomicBool,
+    /// A trainer runs the job and has not decided to stop.
+    training: AtomicBool,
+}
+
+impl TrainerControl {
+    /// A trainer takes the job (in the same update that sets it `running`).
+    fn start(&self) {
+        self.training.store(true, Ordering::Relaxed);
+    }
+
+    /// The trainer has returned.
+    fn finish(&self) {
+        self.training.store(false, Ordering::Relaxed);
+    }
+}
+
 /// A status change a request asks for: from which statuses, to which, and what it is called.
 struct Transition {
     from: &'static [&'static str],
     allowed: &'static str,
     to: &'static str,
+    /// Where the job goes instead while a trainer runs it (a resume that reaches the trainer
+    /// before it stopped for the pause leaves it training).
+    to_while_training: &'static str,
     action: &'static str,
     message: &'static str,
     /// The trainer's stop flag once the job has moved.
@@ -93,7 +117,7 @@ impl FineTuning {
             engine,
             settings,
             queue: Mutex::new(tx),
-            cancels: Mutex::new(HashMap::new()),
+            controls: Mutex::new(HashMap::new()),
             updates: Mutex::new(()),
         });
         let runner = Arc::downgrade(&service);
@@ -215,7 +239,7 @@ impl FineTuning {
     }
 
     fn enqueue(&self, id: &str) {
-        self.cancels
+        self.controls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(id.to_string())
@@ -242,8 +266,8 @@ impl FineTuning {
         })
     }
 
-    pub fn cancel_flag(&self, id: &str) -> Arc<AtomicBool> {
-        self.cancels
+    pub fn control(&self, id: &str) -> Arc<TrainerControl> {
+        self.controls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(id.to_string())
@@ -252,7 +276,7 @@ impl FineTuning {
     }
 
     pub fn forget(&self, id: &str) {
-        self.cancels
+        self.controls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
@@ -265,6 +289,7 @@ impl FineTuning {
             from: &["queued", "running"],
             allowed: "queued or running",
             to: "paused",
+            to_while_training: "paused",
             action: "paused",
             message: "Job paused.",
             stop: true,
@@ -272,18 +297,22 @@ impl FineTuning {
         Ok(self.transition(id, pause)?.0)
     }
 
-    /// Resumes a paused job: re-queued, it continues from the checkpoint the pause saved.
+    /// Resumes a paused job: re-queued, it continues from the checkpoint the pause saved; a
+    /// trainer that had not yet stopped for the pause simply trains on.
     pub fn resume(&self, id: &str) -> std::result::Result<JobRecord, StateError> {
         let resume = Transition {
             from: &["paused"],
             allowed: "paused",
             to: "queued",
+            to_while_training: "running",
             action: "resumed",
             message: "Job resumed.",
             stop: false,
         };
         let (job, _) = self.transition(id, resume)?;
-        self.enqueue(id);
+        if job.status == "queued" {
+            self.enqueue(id);
+        }
         Ok(job)
     }
 
@@ -294,12 +323,13 @@ impl FineTuning {
             from: &["validating_files", "queued", "running", "paused"],
             allowed: "validating, queued, running or paused",
             to: "cancelled",
+            to_while_training: "cancelled",
             action: "cancelled",
             message: "Job cancelled.",
             stop: true,
         };
         let (job, previous) = self.transition(id, cancel)?;
-        // A running trainer holds its own handle on the flag.
+        // A running trainer holds its own handle on the control.
         self.forget(id);
         if previous == "paused" {
             // No trainer will resume from the state the pause saved.
@@ -314,6 +344,22 @@ impl FineTuning {
         Ok(job)
     }
 
+    /// Whether the trainer holding `control` stops now. The decision is taken under the status
+    /// lock, so a resume racing a pause either reaches the trainer before it decides (the job
+    /// trains on, `running`) or finds it stopped (the job is queued to continue from its
+    /// checkpoint).
+    pub(crate) fn trainer_stops(&self, control: &TrainerControl) -> bool {
+        if !control.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let _guard = self.updates.lock().unwrap_or_else(|e| e.into_inner());
+        let stops = control.stop.load(Ordering::Relaxed);
+        if stops {
+            control.training.store(false, Ordering::Relaxed);
+        }
+        stops
+    }
+
     /// Applies `t` if the job's status is one it starts from, setting the trainer's stop flag
     /// under the same lock as the status (so racing requests leave the two consistent).
     /// Returns the job and its previous status.
@@ -322,13 +368,18 @@ impl FineTuning {
         id: &str,
         t: Transition,
     ) -> std::result::Result<(JobRecord, String), StateError> {
-        let flag = self.cancel_flag(id);
+        let control = self.control(id);
         let mut previous = String::new();
         let mut refused = None;
         let result = self.update(id, |j| {
             if t.from.contains(&j.status.as_str()) {
-                previous = std::mem::replace(&mut j.status, t.to.into());
-                flag.store(t.stop, Ordering::Relaxed);
+                let to = if control.training.load(Ordering::Relaxed) {
+                    t.to_while_training
+                } else {
+                    t.to
+                };
+                previous = std::mem::replace(&mut j.status, to.into());
+                control.stop.store(t.stop, Ordering::Relaxed);
                 if j.is_terminal() {
                     j.finished_at = Some(unix_now());
                 }

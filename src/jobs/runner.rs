@@ -7,7 +7,7 @@
 
 use crate::engine::registry::ModelSpec;
 use crate::engine::unix_now;
-use crate::jobs::{report, FineTuning};
+use crate::jobs::{report, FineTuning, TrainerControl};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::decoder::Model;
 use crate::model::loader::save::save_model;
@@ -23,7 +23,7 @@ use crate::train::trainer::{self, Observer, StepMetrics, TrainConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{mpsc, Arc, Weak};
 
 /// Learning rate a multiplier of 1 stands for (the `rewind train` default).
@@ -83,16 +83,29 @@ fn resolve(value: &Value, auto: f64) -> f64 {
 
 fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     let mut started = false;
+    let control = service.control(id);
     let job = service.update(id, |j| {
         if j.status == "queued" || j.status == "running" {
             started = j.status == "queued";
             j.status = "running".into();
+            control.start();
         }
     })?;
     if job.status != "running" {
-        return Ok(()); // cancelled while queued
+        return Ok(()); // cancelled or paused while queued
     }
-    let cancel = service.cancel_flag(id);
+    let result = train_job(service, id, job, &control, started);
+    control.finish();
+    result
+}
+
+fn train_job(
+    service: &FineTuning,
+    id: &str,
+    job: JobRecord,
+    control: &Arc<TrainerControl>,
+    started: bool,
+) -> Result<()> {
     let job_dir = service.settings.data_dir.join("jobs").join(id);
     if started {
         let message = if job_dir.join("checkpoint").join("state.json").exists() {
@@ -229,7 +242,7 @@ fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     let mut observer = JobObserver {
         service,
         job: &job,
-        cancel,
+        control: control.clone(),
         epochs,
         steps_per_epoch: usize::MAX,
         last: None,
@@ -400,7 +413,7 @@ fn path_string(path: &Path) -> Result<String> {
 struct JobObserver<'a> {
     service: &'a FineTuning,
     job: &'a JobRecord,
-    cancel: Arc<AtomicBool>,
+    control: Arc<TrainerControl>,
     epochs: usize,
     steps_per_epoch: usize,
     last: Option<StepMetrics>,
@@ -507,6 +520,6 @@ impl Observer for JobObserver<'_> {
     }
 
     fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
+        self.service.trainer_stops(&self.control)
     }
 }
