@@ -135,14 +135,14 @@ mod blas {
                     leading,
                 })
             } else if row_stride == 1 || rows == 1 {
-                let leading = if cols == 1 { rows } else { col_stride };
-                (leading >= rows.max(1)).then_some(Self {
+                (col_stride >= rows.max(1)).then_some(Self {
                     transposed: true,
-                    leading,
+                    leading: col_stride,
                 })
             } else {
                 None
             }
+            .filter(|m| m.leading <= i32::MAX as usize)
         }
 
         fn flag(self) -> i32 {
