@@ -247,6 +247,8 @@ mod blas {
                 .max(1)
         };
         let panel = side.div_ceil(panels_per_matrix);
+        // Rounding the panel up can leave fewer non-empty panels than asked for.
+        let panels_per_matrix = side.div_ceil(panel);
         let out_ptr = SharedMut(out.as_mut_ptr());
         (0..offsets_a.len() * panels_per_matrix)
             .into_par_iter()
@@ -406,6 +408,21 @@ mod tests {
             let wide = rand(&[9, 50]);
             assert_matches(&wide.narrow(1, 10, 20).unwrap(), &rand(&[20, 6]), tol);
         }
+    }
+
+    #[test]
+    fn many_threads_split_a_product_into_non_empty_panels() {
+        // 35 threads over 1,121 rows: panels of 33 rows, so only 34 of the 35 asked-for panels
+        // hold rows; the last one must not start past the matrix.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(35)
+            .build()
+            .unwrap();
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f64, 1., (1121, 8), &dev).unwrap();
+        let b = Tensor::randn(0f64, 1., (8, 5), &dev).unwrap();
+        pool.install(|| assert_matches(&a, &b, 1e-12));
+        pool.install(|| assert_matches(&b.t().unwrap(), &a.t().unwrap(), 1e-12));
     }
 
     #[test]
