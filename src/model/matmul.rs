@@ -439,14 +439,8 @@ mod tests {
             .backward()
             .unwrap();
         for v in [&a, &b] {
-            let diff = (ours.get(v).unwrap() - candles.get(v).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff =
+                crate::model::ops::max_abs_diff(ours.get(v).unwrap(), candles.get(v).unwrap());
             assert!(diff < 1e-12, "{diff}");
         }
     }
