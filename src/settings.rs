@@ -81,6 +81,10 @@ pub struct Limits {
     pub max_tokens: usize,
     /// Upper bound on `n`.
     pub max_n: usize,
+    /// Fine-tuned models (and checkpoints) whose weights stay in memory at once; the others
+    /// load on their next request, replacing the least recently used idle one. Configured
+    /// models always stay loaded.
+    pub max_loaded_fine_tuned_models: usize,
 }
 
 /// One served model.
@@ -141,6 +145,7 @@ impl Default for Limits {
             max_body_bytes: 4 << 20,
             max_tokens: 8192,
             max_n: 16,
+            max_loaded_fine_tuned_models: 2,
         }
     }
 }
@@ -265,6 +270,10 @@ impl Settings {
             ("REWIND_MAX_BODY_BYTES", &mut self.limits.max_body_bytes),
             ("REWIND_MAX_TOKENS", &mut self.limits.max_tokens),
             ("REWIND_MAX_N", &mut self.limits.max_n),
+            (
+                "REWIND_MAX_LOADED_FINE_TUNED_MODELS",
+                &mut self.limits.max_loaded_fine_tuned_models,
+            ),
         ];
         for (name, field) in limits {
             if let Some(v) = get(name) {
@@ -341,6 +350,10 @@ impl Settings {
             ("limits.max_body_bytes", l.max_body_bytes),
             ("limits.max_tokens", l.max_tokens),
             ("limits.max_n", l.max_n),
+            (
+                "limits.max_loaded_fine_tuned_models",
+                l.max_loaded_fine_tuned_models,
+            ),
         ] {
             if value == 0 {
                 bail!("{name} must be at least 1");

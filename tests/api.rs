@@ -246,6 +246,64 @@ fn models_are_listed_and_retrieved() {
     error_of(&res.json().unwrap());
 }
 
+/// Fine-tuned models beyond `limits.max_loaded_fine_tuned_models` are served all the same:
+/// their weights load on demand, the least recently used idle one gives way, and a model
+/// loaded again answers as it did before.
+#[test]
+fn fine_tuned_models_beyond_the_limit_load_on_demand() {
+    let source = tiny_model().to_str().unwrap();
+    let fine_tuned = |id: &str, scheme: Option<&str>| ModelSpec {
+        id: id.into(),
+        source: source.into(),
+        scheme: scheme.map(str::to_string),
+        format: WeightFormat::F32,
+        created: 1,
+        owned_by: "me".into(),
+    };
+    let (a, b) = ("ft:tiny:me::a", "ft:tiny:me::b");
+    let specs = [fine_tuned(a, None), fine_tuned(b, Some("midpoint"))];
+    let app = spawn_app(&[(TINY, source, WeightFormat::F32)], |s| {
+        s.limits.max_loaded_fine_tuned_models = 1;
+        // Recorded by an earlier run: served again, weights not loaded until asked for.
+        std::fs::write(
+            s.data_dir.join("models.json"),
+            serde_json::to_vec(&specs).unwrap(),
+        )
+        .unwrap();
+    });
+    let counts = || {
+        (
+            metric(&app, "rewind_model_loads_total"),
+            metric(&app, "rewind_loaded_models"),
+        )
+    };
+    let ask = |model: &str| {
+        let body =
+            json!({"model": model, "messages": user("Hello"), "max_tokens": 8, "temperature": 0});
+        let started = Instant::now();
+        loop {
+            // 503 while the model's card (tokenizer, template) is still being read.
+            let (status, value) = post(&app, "/v1/chat/completions", &body);
+            if status != 503 || started.elapsed() > Duration::from_secs(30) {
+                assert_eq!(status, 200, "{value}");
+                return value["choices"][0]["message"]["content"].clone();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(counts(), (1.0, 1.0), "only the configured model at start");
+    let first = ask(a);
+    assert_eq!(counts(), (2.0, 2.0));
+    ask(a);
+    assert_eq!(counts(), (2.0, 2.0), "a loaded model is not loaded again");
+    ask(b);
+    assert_eq!(counts(), (3.0, 2.0), "b replaces a");
+    ask(TINY);
+    assert_eq!(counts(), (3.0, 2.0), "the configured model stays");
+    assert_eq!(ask(a), first);
+    assert_eq!(counts(), (4.0, 2.0));
+}
+
 #[test]
 fn health_and_metrics() {
     let app = tiny();

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     pub cancelled_requests: AtomicU64,
     pub decode_steps: AtomicU64,
+    /// Models whose weights are in memory.
+    pub loaded_models: AtomicUsize,
+    /// Weight loads, at start and on demand.
+    pub model_loads: AtomicU64,
     ttft: Mutex<Histogram>,
     throughput: Mutex<VecDeque<(Instant, u64)>>,
 }
@@ -138,6 +142,11 @@ impl Metrics {
                 "The KV cache memory budget.",
                 g(&self.kv_cache_budget_bytes),
             ),
+            (
+                "rewind_loaded_models",
+                "Models whose weights are in memory.",
+                g(&self.loaded_models),
+            ),
         ];
         for (name, help, value) in gauges {
             header(&mut out, name, "gauge", help);
@@ -163,6 +172,11 @@ impl Metrics {
                 "rewind_decode_steps_total",
                 "Batched forward steps run.",
                 c(&self.decode_steps),
+            ),
+            (
+                "rewind_model_loads_total",
+                "Model weight loads (at start, and fine-tuned models loaded on demand).",
+                c(&self.model_loads),
             ),
         ];
         for (name, help, value) in counters {

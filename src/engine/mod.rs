@@ -96,8 +96,11 @@ pub(crate) struct Job {
 
 pub(crate) enum Command {
     Generate(Job),
-    Load {
+    /// Makes a model servable: its card always, its weights now when `load_weights` (they load
+    /// on its first request otherwise).
+    Register {
         spec: ModelSpec,
+        load_weights: bool,
         done: Option<oneshot::Sender<Result<(), String>>>,
     },
     Unload {
@@ -175,14 +178,20 @@ impl Engine {
             registry.clone(),
             metrics.clone(),
             limits.scheduler,
+            settings.limits.max_loaded_fine_tuned_models,
             queued.clone(),
         );
         std::thread::Builder::new()
             .name("rewind-engine".into())
             .spawn(move || worker.run())
             .context("starting the engine thread")?;
+        // Configured models are loaded now; fine-tuned ones on their first request.
         for spec in specs {
-            let _ = tx.send(Command::Load { spec, done: None });
+            let _ = tx.send(Command::Register {
+                load_weights: !spec.is_fine_tuned(),
+                spec,
+                done: None,
+            });
         }
         Ok(Self {
             shared: Arc::new(Shared {
@@ -248,16 +257,18 @@ impl Engine {
         Ok(stream)
     }
 
-    /// Registers a model and has the engine thread load it; the returned channel reports the
-    /// outcome. Fine-tuned models (`ft:` ids) are recorded under the data directory and served
-    /// again after a restart.
+    /// Registers a model and has the engine thread load it (so a model that cannot load is
+    /// known at once); the returned channel reports the outcome. Fine-tuned models (`ft:` ids)
+    /// are recorded under the data directory and served again after a restart; their weights
+    /// may later give way to other fine-tuned models' (`limits.max_loaded_fine_tuned_models`).
     pub fn add_model(&self, spec: ModelSpec) -> Result<oneshot::Receiver<Result<(), String>>> {
         self.shared.registry.insert_loading(spec.clone())?;
         let (done, outcome) = oneshot::channel();
         self.shared
             .commands
-            .send(Command::Load {
+            .send(Command::Register {
                 spec,
+                load_weights: true,
                 done: Some(done),
             })
             .map_err(|_| anyhow::anyhow!("the engine has stopped"))?;

@@ -8,6 +8,11 @@
 //! 4. runs one batched forward per model over all its running sequences, samples a token for
 //!    each (under its grammar mask when constrained) and sends it to the request's channel;
 //! 5. frees the slots of finished sequences.
+//!
+//! Configured models' weights stay in memory. Fine-tuned models (every job adds one, plus its
+//! checkpoints) are many and rarely all in use, so at most `max_loaded_fine_tuned` of them are
+//! held: one whose weights are out is loaded when a request for it is admitted, and the least
+//! recently used fine-tuned model no running request holds gives way.
 
 use crate::engine::grammar::Matcher;
 use crate::engine::metrics::Metrics;
@@ -17,9 +22,9 @@ use crate::engine::{Command, Event, Job};
 use crate::model::decoder::{Model, SeqInput};
 use crate::model::generate::Sequence;
 use crate::model::kv_cache::KvCache;
-use crate::model::loader::{self, LoadOptions};
+use crate::model::loader::{self, LoadOptions, LoadedModel, ModelCard};
 use crate::model::reversible::ReversibleConfig;
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use candle_core::Device;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,13 +46,24 @@ struct ActiveSeq {
     grammar: Option<Matcher>,
 }
 
+/// A model whose weights are in memory.
+struct Resident {
+    model: Arc<Model>,
+    /// Configured models stay; fine-tuned ones give way to the next one needed.
+    pinned: bool,
+    /// The worker's use count when a request last took this model.
+    last_used: u64,
+}
+
 pub(crate) struct Worker {
     rx: Receiver<Command>,
     device: Device,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     queued: Arc<AtomicUsize>,
-    models: HashMap<String, Arc<Model>>,
+    models: HashMap<String, Resident>,
+    max_loaded_fine_tuned: usize,
+    uses: u64,
     scheduler: Scheduler<u64>,
     waiting: HashMap<u64, Job>,
     running: Vec<Active>,
@@ -62,6 +78,7 @@ impl Worker {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         limits: SchedulerLimits,
+        max_loaded_fine_tuned: usize,
         queued: Arc<AtomicUsize>,
     ) -> Self {
         Self {
@@ -71,6 +88,8 @@ impl Worker {
             metrics,
             queued,
             models: HashMap::new(),
+            max_loaded_fine_tuned,
+            uses: 0,
             scheduler: Scheduler::new(limits),
             waiting: HashMap::new(),
             running: Vec::new(),
@@ -107,6 +126,7 @@ impl Worker {
             if !self.running.is_empty() {
                 self.step();
             }
+            self.unload_idle(None);
             self.publish_gauges();
         }
     }
@@ -117,8 +137,14 @@ impl Worker {
                 self.scheduler.push(job.id, job.demand);
                 self.waiting.insert(job.id, job);
             }
-            Command::Load { spec, done } => {
-                let outcome = self.load(&spec).map_err(|e| format!("{e:#}"));
+            Command::Register {
+                spec,
+                load_weights,
+                done,
+            } => {
+                let outcome = self
+                    .register(&spec, load_weights)
+                    .map_err(|e| format!("{e:#}"));
                 if let Err(e) = &outcome {
                     tracing::error!(model = %spec.id, "loading failed: {e}");
                     self.registry
@@ -131,12 +157,47 @@ impl Worker {
             Command::Unload { id } => {
                 // Running requests keep their own reference until they finish.
                 self.models.remove(&id);
+                self.publish_loaded();
                 tracing::info!(model = %id, "model unloaded");
             }
         }
     }
 
-    fn load(&mut self, spec: &ModelSpec) -> Result<()> {
+    /// Publishes the model's card, so requests for it are accepted, with its weights in memory
+    /// when `load_weights` (or read from its files alone otherwise).
+    fn register(&mut self, spec: &ModelSpec, load_weights: bool) -> Result<()> {
+        let (card, model) = if load_weights {
+            let loaded = self.load_weights(spec)?;
+            let card = ModelCard {
+                config: loaded.model.config.clone(),
+                tokenizer: loaded.tokenizer,
+                chat_template: loaded.chat_template,
+            };
+            (card, Some(loaded.model))
+        } else {
+            let path = crate::provision::resolve(Some(&spec.source))?;
+            (loader::describe(&path)?, None)
+        };
+        let served = ServedModel::new(
+            spec.id.clone(),
+            card.tokenizer,
+            card.chat_template,
+            card.config.max_position_embeddings,
+            KvCache::bytes_per_token(&card.config, spec.format.dense_dtype()),
+            card.config.vocab_size,
+        );
+        // The registry may have dropped the model while it loaded (deleted meanwhile).
+        if self.registry.spec(&spec.id).is_some() {
+            if let Some(model) = model {
+                self.make_resident(spec, model);
+            }
+            self.registry
+                .set_state(&spec.id, ModelState::Ready(Arc::new(served)));
+        }
+        Ok(())
+    }
+
+    fn load_weights(&self, spec: &ModelSpec) -> Result<LoadedModel> {
         let started = Instant::now();
         let path = crate::provision::resolve(Some(&spec.source))?;
         let reversible = spec
@@ -152,30 +213,76 @@ impl Worker {
                 reversible,
             },
         )?;
-        let model = loaded.model;
-        let served = ServedModel::new(
-            spec.id.clone(),
-            loaded.tokenizer,
-            loaded.chat_template,
-            model.rope.max_positions(),
-            KvCache::bytes_per_token(&model.config, model.compute_dtype),
-            model.config.vocab_size,
-        );
+        self.metrics.model_loads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             model = %spec.id,
             path = %path.display(),
-            scheme = %model.reversible.label(),
-            context = served.context_length,
+            scheme = %loaded.model.reversible.label(),
             secs = started.elapsed().as_secs_f32(),
-            "model loaded"
+            "model weights loaded"
         );
-        // The registry may have dropped the model while it loaded (deleted meanwhile).
-        if self.registry.spec(&spec.id).is_some() {
-            self.models.insert(spec.id.clone(), Arc::new(model));
-            self.registry
-                .set_state(&spec.id, ModelState::Ready(Arc::new(served)));
+        Ok(loaded)
+    }
+
+    /// The weights of model `id`, loaded now if they are out.
+    fn weights(&mut self, id: &str) -> Result<Arc<Model>> {
+        self.uses += 1;
+        if let Some(resident) = self.models.get_mut(id) {
+            resident.last_used = self.uses;
+            return Ok(resident.model.clone());
         }
-        Ok(())
+        let spec = self
+            .registry
+            .spec(id)
+            .ok_or_else(|| anyhow!("model `{id}` is no longer served"))?;
+        let model = self.load_weights(&spec)?.model;
+        Ok(self.make_resident(&spec, model))
+    }
+
+    fn make_resident(&mut self, spec: &ModelSpec, model: Model) -> Arc<Model> {
+        self.uses += 1;
+        let model = Arc::new(model);
+        self.models.insert(
+            spec.id.clone(),
+            Resident {
+                model: model.clone(),
+                pinned: !spec.is_fine_tuned(),
+                last_used: self.uses,
+            },
+        );
+        self.unload_idle(Some(&spec.id));
+        self.publish_loaded();
+        model
+    }
+
+    fn publish_loaded(&self) {
+        self.metrics
+            .loaded_models
+            .store(self.models.len(), Ordering::Relaxed);
+    }
+
+    /// Drops the weights of the least recently used fine-tuned models no request holds (other
+    /// than `keep`) while more than the limit are loaded. Models all in use stay over the limit
+    /// until their requests finish.
+    fn unload_idle(&mut self, keep: Option<&str>) {
+        loop {
+            let loaded = self.models.values().filter(|r| !r.pinned).count();
+            if loaded <= self.max_loaded_fine_tuned {
+                return;
+            }
+            let idle = self
+                .models
+                .iter()
+                .filter(|(id, r)| {
+                    !r.pinned && Some(id.as_str()) != keep && Arc::strong_count(&r.model) == 1
+                })
+                .min_by_key(|(_, r)| r.last_used)
+                .map(|(id, _)| id.clone());
+            let Some(id) = idle else { return };
+            self.models.remove(&id);
+            self.publish_loaded();
+            tracing::info!(model = %id, "weights unloaded (least recently used fine-tuned model)");
+        }
     }
 
     /// Requests whose client has gone: waiting ones leave the queue, running ones free their
@@ -215,13 +322,14 @@ impl Worker {
                 continue;
             };
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            let Some(model) = self.models.get(&job.request.model.id).cloned() else {
-                let _ = job.events.send(Event::Error(format!(
-                    "model `{}` is no longer served",
-                    job.request.model.id
-                )));
-                self.scheduler.release_all(id);
-                continue;
+            let model = match self.weights(&job.request.model.id) {
+                Ok(model) => model,
+                Err(e) => {
+                    tracing::error!(model = %job.request.model.id, "{e:#}");
+                    let _ = job.events.send(Event::Error(format!("{e:#}")));
+                    self.scheduler.release_all(id);
+                    continue;
+                }
             };
             let r = &job.request;
             let mut seqs = Vec::with_capacity(r.choices());

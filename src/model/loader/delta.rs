@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeltaManifest {
@@ -161,10 +161,12 @@ pub fn apply(model: &mut Model, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads the base model beside `dir` (or where the manifest's path points), switches it to the recorded scheme and applies the delta.
-/// Quantized bases keep their quantized matrices under `Quantized` (the delta is dense).
-pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
-    let manifest = manifest(dir)?;
+/// The base model file the delta in `dir` applies to; an error says how to get it if missing.
+pub fn base_path(dir: &Path) -> Result<PathBuf> {
+    base_path_of(dir, &manifest(dir)?)
+}
+
+fn base_path_of(dir: &Path, manifest: &DeltaManifest) -> Result<PathBuf> {
     let base = dir.parent().unwrap_or(Path::new(".")).join(&manifest.base);
     if !base.exists() {
         bail!(
@@ -173,6 +175,14 @@ pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
             base.display()
         );
     }
+    Ok(base)
+}
+
+/// Loads the base model beside `dir` (or where the manifest's path points), switches it to the recorded scheme and applies the delta.
+/// Quantized bases keep their quantized matrices under `Quantized` (the delta is dense).
+pub fn load_delta(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
+    let manifest = manifest(dir)?;
+    let base = base_path_of(dir, &manifest)?;
     let reversible = options.reversible.clone().unwrap_or(manifest.reversible);
     let mut loaded = load(
         &base,

@@ -184,11 +184,7 @@ pub fn build_model(
             config.max_position_embeddings,
             device,
         )?,
-        compute_dtype: match format {
-            WeightFormat::Bf16 => DType::BF16,
-            WeightFormat::F16 => DType::F16,
-            _ => DType::F32,
-        },
+        compute_dtype: format.dense_dtype(),
         residual_dtype: DType::F32,
         device: device.clone(),
     })
@@ -201,6 +197,52 @@ pub struct LoadedModel {
     pub chat_template: ChatTemplate,
     /// Where it was loaded from.
     pub source: PathBuf,
+}
+
+/// What talking to a model needs besides its weights, read without loading a tensor.
+pub struct ModelCard {
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+/// The card of a GGUF file or a (rewind, HF or delta) model directory: its hyperparameters,
+/// tokenizer and chat template, as [`load`] would read them.
+pub fn describe(path: &Path) -> Result<ModelCard> {
+    if !path.exists() {
+        bail!(
+            "model `{}` not found: give a .gguf file or a model directory",
+            path.display()
+        );
+    }
+    if delta::is_delta(path) {
+        describe(&delta::base_path(path)?)
+    } else if path.is_dir() {
+        dir_card(path, &safetensors::SafetensorsSource::open(path)?)
+    } else {
+        gguf_card(path, &gguf::GgufSource::open(path)?)
+    }
+}
+
+fn gguf_card(path: &Path, src: &gguf::GgufSource) -> Result<ModelCard> {
+    let tokenizer = TextTokenizer::from_gguf_metadata(src.metadata())
+        .with_context(|| format!("{}: tokenizer", path.display()))?;
+    let chat_template = ChatTemplate::from_gguf_metadata(src.metadata(), &tokenizer)?;
+    Ok(ModelCard {
+        config: src.config().clone(),
+        tokenizer,
+        chat_template,
+    })
+}
+
+fn dir_card(dir: &Path, src: &safetensors::SafetensorsSource) -> Result<ModelCard> {
+    let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+    let chat_template = ChatTemplate::from_hf_dir(dir, &tokenizer)?;
+    Ok(ModelCard {
+        config: src.config.clone(),
+        tokenizer,
+        chat_template,
+    })
 }
 
 /// Options for [`load`].
@@ -249,13 +291,11 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
         options.format,
         &options.device,
     )?;
-    let tokenizer = TextTokenizer::from_gguf_metadata(src.metadata())
-        .with_context(|| format!("{}: tokenizer", path.display()))?;
-    let chat_template = ChatTemplate::from_gguf_metadata(src.metadata(), &tokenizer)?;
+    let card = gguf_card(path, &src)?;
     Ok(LoadedModel {
         model,
-        tokenizer,
-        chat_template,
+        tokenizer: card.tokenizer,
+        chat_template: card.chat_template,
         source: path.to_path_buf(),
     })
 }
@@ -283,12 +323,11 @@ fn load_dir(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
         options.format,
         &options.device,
     )?;
-    let tokenizer = TextTokenizer::from_hf_dir(dir)?;
-    let chat_template = ChatTemplate::from_hf_dir(dir, &tokenizer)?;
+    let card = dir_card(dir, &src)?;
     Ok(LoadedModel {
         model,
-        tokenizer,
-        chat_template,
+        tokenizer: card.tokenizer,
+        chat_template: card.chat_template,
         source: dir.to_path_buf(),
     })
 }
