@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::wait_until;
 use rewind::api::RunningServer;
 use rewind::engine::registry::ModelSpec;
 use rewind::model::loader::WeightFormat;
@@ -62,19 +63,15 @@ fn spawn_app(models: &[(&str, &str, WeightFormat)], configure: impl FnOnce(&mut 
         server,
         _data: data,
     };
-    let started = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(60), "the model did not load", || {
         let health = client().get(app.url("/health")).send().unwrap();
-        if health.status() == 200 {
-            return app;
+        match health.status().as_u16() {
+            200 => Ok(()),
+            503 => Err("503".into()),
+            status => panic!("health before loading: {status}"),
         }
-        assert_eq!(health.status(), 503, "health before loading");
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the model did not load"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
+    app
 }
 
 fn client() -> reqwest::blocking::Client {
@@ -280,16 +277,17 @@ fn fine_tuned_models_beyond_the_limit_load_on_demand() {
     let ask = |model: &str| {
         let body =
             json!({"model": model, "messages": user("Hello"), "max_tokens": 8, "temperature": 0});
-        let started = Instant::now();
-        loop {
-            // 503 while the model's card (tokenizer, template) is still being read.
-            let (status, value) = post(&app, "/v1/chat/completions", &body);
-            if status != 503 || started.elapsed() > Duration::from_secs(30) {
-                assert_eq!(status, 200, "{value}");
-                return value["choices"][0]["message"]["content"].clone();
+        // 503 while the model's card (tokenizer, template) is still being read.
+        let reply = wait_until(Duration::from_secs(30), "still loading", || {
+            match post(&app, "/v1/chat/completions", &body) {
+                (503, value) => Err(value.to_string()),
+                (status, value) => {
+                    assert_eq!(status, 200, "{value}");
+                    Ok(value)
+                }
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        });
+        reply["choices"][0]["message"]["content"].clone()
     };
     assert_eq!(counts(), (1.0, 1.0), "only the configured model at start");
     let first = ask(a);
@@ -971,13 +969,15 @@ fn overload_gets_429_then_dropped_clients_free_their_slots() {
     assert!(started.elapsed() < Duration::from_secs(5));
     drop(b);
     // Everything is freed and the server serves again.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&app, "rewind_running_sequences") > 0.0
-        || metric(&app, "rewind_waiting_requests") > 0.0
-    {
-        assert!(Instant::now() < deadline, "slots were not freed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(10), "slots were not freed", || {
+        let (running, waiting) = (
+            metric(&app, "rewind_running_sequences"),
+            metric(&app, "rewind_waiting_requests"),
+        );
+        (running == 0.0 && waiting == 0.0)
+            .then_some(())
+            .ok_or(format!("{running} running, {waiting} waiting"))
+    });
     assert!(metric(&app, "rewind_cancelled_requests_total") >= 2.0);
     let r = chat(
         &app,
@@ -1004,16 +1004,19 @@ fn overload_gets_429_then_dropped_clients_free_their_slots() {
         .json(&long)
         .send()
         .is_err());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&app, "rewind_cancelled_requests_total") < cancelled + 1.0
-        || metric(&app, "rewind_running_sequences") > 0.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned request kept running"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        "the abandoned request kept running",
+        || {
+            let (now, running) = (
+                metric(&app, "rewind_cancelled_requests_total"),
+                metric(&app, "rewind_running_sequences"),
+            );
+            (now >= cancelled + 1.0 && running == 0.0)
+                .then_some(())
+                .ok_or(format!("{now} cancelled, {running} running"))
+        },
+    );
 }
 
 #[test]

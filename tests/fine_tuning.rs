@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::wait_until;
 use rewind::api::RunningServer;
 use rewind::model::loader::WeightFormat;
 use rewind::settings::{ModelSettings, Settings};
@@ -49,15 +50,17 @@ fn spawn_app(data: &Path) -> App {
     let app = App {
         server: rewind::api::start(settings).unwrap(),
     };
-    let started = Instant::now();
-    while client().get(app.url("/health")).send().unwrap().status() != 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the model did not load"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_healthy(&app, Duration::from_secs(60));
     app
+}
+
+fn wait_until_healthy(app: &App, limit: Duration) {
+    wait_until(limit, "the model did not load", || {
+        match client().get(app.url("/health")).send().unwrap().status() {
+            reqwest::StatusCode::OK => Ok(()),
+            status => Err(status.to_string()),
+        }
+    })
 }
 
 fn client() -> reqwest::blocking::Client {
@@ -98,20 +101,47 @@ fn training_data() -> Vec<u8> {
 
 /// Polls a job until it reaches a terminal status.
 fn wait_for(app: &App, id: &str) -> Value {
-    let started = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(90), "job not finished", || {
         let (status, job) = get(app, &format!("/v1/fine_tuning/jobs/{id}"));
         assert_eq!(status, 200, "{job}");
-        if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap()) {
-            return job;
+        match job["status"].as_str().unwrap() {
+            "succeeded" | "failed" | "cancelled" => Ok(job),
+            _ => Err(job.to_string()),
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "job still {} after 90 s",
-            job["status"]
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
+}
+
+/// Polls chat completions with `body` until one succeeds (a model still loading answers 503).
+fn wait_until_answered(app: &App, body: &Value) {
+    wait_until(Duration::from_secs(30), "no answer", || {
+        match post(app, "/v1/chat/completions", body) {
+            (200, _) => Ok(()),
+            (status, reply) => Err(format!("{status} {reply}")),
+        }
+    });
+}
+
+/// Creates a 6-epoch job (48 steps) on the tiny model and waits until it has trained `steps`.
+fn start_job(app: &App, file_id: &Value, steps: usize) -> String {
+    let (_, job) = post(
+        app,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file_id, "hyperparameters": {"n_epochs": 6, "batch_size": 1}}),
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for_steps(app, &id, steps);
+    id
+}
+
+fn wait_for_steps(app: &App, id: &str, steps: usize) {
+    wait_until(Duration::from_secs(60), "too few training steps", || {
+        let done = metric_steps(app, id);
+        if done.len() >= steps {
+            Ok(())
+        } else {
+            Err(format!("{done:?}"))
+        }
+    });
 }
 
 fn all_events(app: &App, id: &str) -> Vec<Value> {
@@ -406,28 +436,13 @@ fn a_job_trains_serves_its_model_and_survives_a_restart() {
     assert_eq!(all_events(&app, &job_id).len(), events.len());
     let (_, checkpoints) = get(&app, &format!("/v1/fine_tuning/jobs/{job_id}/checkpoints"));
     assert_eq!(checkpoints["data"].as_array().unwrap().len(), 3);
-    let started = Instant::now();
-    loop {
-        let (status, reply) = post(&app, "/v1/chat/completions", &chat);
-        if status == 200 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "{reply}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_answered(&app, &chat);
 
     // Checkpoint models are served again too.
     let newest = checkpoints["data"][0]["fine_tuned_model_checkpoint"].clone();
     let ask =
         json!({"model": newest, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
-    let started = Instant::now();
-    while post(&app, "/v1/chat/completions", &ask).0 != 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{newest} not served"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_answered(&app, &ask);
 
     // Deleting the model stops serving it and removes its weights.
     let weights = data.path().join("models").join(&job_id);
@@ -515,15 +530,14 @@ fn legacy_reversible_lora_failed_and_cancelled_jobs() {
     );
     // The trainer stops and its saved state, of no use to a cancelled job, goes.
     let state = data.path().join("jobs").join(long_id).join("checkpoint");
-    let started = Instant::now();
-    while state.exists() || started.elapsed() < Duration::from_millis(500) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{}",
-            state.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let cancelled_at = Instant::now();
+    wait_until(Duration::from_secs(30), "the state stayed", || {
+        // Also a moment longer, in case the trainer had not created it yet.
+        let settled = cancelled_at.elapsed() > Duration::from_millis(500);
+        (settled && !state.exists())
+            .then_some(())
+            .ok_or(state.display().to_string())
+    });
     let (_, after) = get(&app, &format!("/v1/fine_tuning/jobs/{long_id}"));
     assert_eq!(
         (after["status"].as_str(), after["fine_tuned_model"].as_str()),
@@ -558,24 +572,10 @@ fn a_paused_job_resumes_where_it_stopped() {
     let data = tempfile::tempdir().unwrap();
     let app = spawn_app(data.path());
     let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
-    let (_, job) = post(
-        &app,
-        "/v1/fine_tuning/jobs",
-        &json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 6, "batch_size": 1}}),
-    );
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = start_job(&app, &file["id"], 3);
     let pause = format!("/v1/fine_tuning/jobs/{id}/pause");
     let resume = format!("/v1/fine_tuning/jobs/{id}/resume");
     assert_eq!(post(&app, &resume, &json!({})).0, 400, "not paused yet");
-
-    let started = Instant::now();
-    while metric_steps(&app, &id).len() < 3 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no training steps"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let (status, paused) = post(&app, &pause, &json!({}));
     assert_eq!(
         (status, paused["status"].as_str()),
@@ -631,46 +631,27 @@ fn a_paused_job_resumes_where_it_stopped() {
     }
 
     // A paused job can be cancelled; the state it saved for resuming goes with it.
-    let (_, job) = post(
-        &app,
-        "/v1/fine_tuning/jobs",
-        &json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 6, "batch_size": 1}}),
-    );
-    let id = job["id"].as_str().unwrap().to_string();
-    let started = Instant::now();
-    while metric_steps(&app, &id).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no training steps"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let id = start_job(&app, &file["id"], 1);
     post(
         &app,
         &format!("/v1/fine_tuning/jobs/{id}/pause"),
         &json!({}),
     );
     let state = data.path().join("jobs").join(&id).join("checkpoint");
-    let started = Instant::now();
-    while !state.join("state.json").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the pause saved nothing"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(30), "the pause saved nothing", || {
+        let saved = state.join("state.json");
+        saved
+            .exists()
+            .then_some(())
+            .ok_or(saved.display().to_string())
+    });
     // Until the trainer has stopped: no new steps for a second.
-    loop {
+    wait_until(Duration::from_secs(30), "still training", || {
         let before = metric_steps(&app, &id);
         std::thread::sleep(Duration::from_millis(1000));
-        if metric_steps(&app, &id) == before {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "still training"
-        );
-    }
+        let after = metric_steps(&app, &id);
+        (after == before).then_some(()).ok_or(format!("{after:?}"))
+    });
     let (status, cancelled) = post(
         &app,
         &format!("/v1/fine_tuning/jobs/{id}/cancel"),
@@ -692,20 +673,7 @@ fn a_resume_racing_its_pause_keeps_the_job_running_or_requeues_it() {
     let data = tempfile::tempdir().unwrap();
     let app = spawn_app(data.path());
     let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
-    let (_, job) = post(
-        &app,
-        "/v1/fine_tuning/jobs",
-        &json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 6, "batch_size": 1}}),
-    );
-    let id = job["id"].as_str().unwrap().to_string();
-    let started = Instant::now();
-    while metric_steps(&app, &id).len() < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no training steps"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let id = start_job(&app, &file["id"], 2);
     let (status, paused) = post(
         &app,
         &format!("/v1/fine_tuning/jobs/{id}/pause"),
@@ -785,18 +753,15 @@ impl Process {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        let started = Instant::now();
-        while !client()
-            .get(format!("{}/health", process.url))
-            .send()
-            .is_ok_and(|r| r.status() == 200)
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(
+            Duration::from_secs(60),
+            "the server did not start",
+            || match client().get(format!("{}/health", process.url)).send() {
+                Ok(r) if r.status() == 200 => Ok(()),
+                Ok(r) => Err(r.status().to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        );
         process
     }
 
@@ -846,23 +811,16 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
     let events_path = format!("/v1/fine_tuning/jobs/{id}/events?limit=10000");
 
     // Kill -9 once the first epoch's checkpoint is written.
-    let started = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(60), "no checkpoint", || {
         let events = server.get(&events_path);
-        if events["data"].as_array().unwrap().iter().any(|e| {
+        let checkpointed = events["data"].as_array().unwrap().iter().any(|e| {
             e["message"]
                 .as_str()
                 .unwrap()
                 .starts_with("Checkpoint created")
-        }) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no checkpoint: {events}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        });
+        checkpointed.then_some(()).ok_or(events.to_string())
+    });
     drop(server);
     let before: Vec<Value> = Process::start(data.path()).get(&events_path)["data"]
         .as_array()
@@ -870,15 +828,13 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
         .clone();
     // (That server instance is dropped at once too: the second restart must resume as well.)
     let server = Process::start(data.path());
-    let started = Instant::now();
-    let job = loop {
+    let job = wait_until(Duration::from_secs(120), "job not finished", || {
         let job = server.get(&format!("/v1/fine_tuning/jobs/{id}"));
-        if job["status"] != "running" && job["status"] != "queued" {
-            break job;
+        match job["status"].as_str().unwrap() {
+            "running" | "queued" => Err(job.to_string()),
+            _ => Ok(job),
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "{job}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    });
     assert_eq!(job["status"], "succeeded", "{job}");
     let events = server.get(&events_path)["data"].as_array().unwrap().clone();
     // Nothing recorded before the kills is lost.
@@ -935,14 +891,7 @@ fn the_default_model_learns_the_training_data() {
     let app = App {
         server: rewind::api::start(settings).unwrap(),
     };
-    let started = Instant::now();
-    while client().get(app.url("/health")).send().unwrap().status() != 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the model did not load"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_healthy(&app, Duration::from_secs(120));
     let (_, models) = get(&app, "/v1/models");
     let base = models["data"][0]["id"].as_str().unwrap().to_string();
     let (_, file) = upload(&app, "facts.jsonl", training_data(), "fine-tune");
@@ -953,18 +902,14 @@ fn the_default_model_learns_the_training_data() {
                 "hyperparameters": {"n_epochs": 8, "batch_size": 4, "learning_rate_multiplier": 10}}),
     );
     assert_eq!(status, 200, "{job}");
-    let started = Instant::now();
-    let job = loop {
-        let (_, job) = get(
-            &app,
-            &format!("/v1/fine_tuning/jobs/{}", job["id"].as_str().unwrap()),
-        );
-        if !["validating_files", "queued", "running"].contains(&job["status"].as_str().unwrap()) {
-            break job;
+    let path = format!("/v1/fine_tuning/jobs/{}", job["id"].as_str().unwrap());
+    let job = wait_until(Duration::from_secs(400), "job not finished", || {
+        let (_, job) = get(&app, &path);
+        match job["status"].as_str().unwrap() {
+            "validating_files" | "queued" | "running" => Err(job.to_string()),
+            _ => Ok(job),
         }
-        assert!(started.elapsed() < Duration::from_secs(400), "{job}");
-        std::thread::sleep(Duration::from_secs(1));
-    };
+    });
     assert_eq!(job["status"], "succeeded", "{job}");
     let ask = |model: &str| {
         let body = json!({"model": model, "messages": [{"role": "user", "content": "What is the capital of Zorblax?"}], "max_tokens": 16, "temperature": 0});

@@ -82,3 +82,22 @@ pub fn write_tiny_model(template_name: &str, template: &str) -> (tempfile::TempD
     save_model(&model, &tokenizer, &template, &dir, candle_core::DType::F32).unwrap();
     (tmp, dir)
 }
+
+/// Calls `probe` every 20 ms until it returns a value, failing with `what` (and the last probe's
+/// report) once `limit` has passed.
+pub fn wait_until<T>(
+    limit: std::time::Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        match probe() {
+            Ok(value) => return value,
+            Err(report) if started.elapsed() > limit => {
+                panic!("{what} after {limit:?}: {report}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
