@@ -2,10 +2,10 @@
 //! on by default): its kernels beat candle's built-in GEMM by 15-25% on the shapes of a
 //! decoder's step (`docs/benchmarks.md`). OpenBLAS runs single-threaded and the product is
 //! split into row or column panels over candle's own CPU thread pool, the one its elementwise
-//! ops run on: no second pool's threads wait for work on the cores candle's are using (measured
-//! 4% faster per training step than rayon's pool on two cores), and each output element's sum
-//! runs in the same order whatever the thread count. Other devices and dtypes use candle's own
-//! matmul.
+//! ops run on: no second pool's threads wait for work on the cores candle's are using (faster
+//! per training step than rayon's pool on two cores, `docs/benchmarks.md`), and each output
+//! element's sum runs in the same order whatever the thread count. Other devices and dtypes use
+//! candle's own matmul.
 
 use candle_core::{Result, Tensor};
 
@@ -21,7 +21,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 #[cfg(feature = "openblas")]
 mod blas {
+    use crate::model::parallel::{self, SharedMut};
     use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+    use std::mem::MaybeUninit;
     use std::sync::Once;
 
     const ROW_MAJOR: i32 = 101;
@@ -205,19 +207,6 @@ mod blas {
         offsets
     }
 
-    /// A raw pointer that may cross threads: every task writes a disjoint part of the output.
-    #[derive(Clone, Copy)]
-    struct SharedMut<T>(*mut T);
-    unsafe impl<T> Send for SharedMut<T> {}
-    unsafe impl<T> Sync for SharedMut<T> {}
-
-    impl<T> SharedMut<T> {
-        /// Through a method, so closures capture the wrapper rather than its raw pointer.
-        fn ptr(self) -> *mut T {
-            self.0
-        }
-    }
-
     fn product<T: Gemm>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Result<(Vec<T>, Shape)> {
         let dims = la.dims();
         let r = dims.len();
@@ -225,56 +214,62 @@ mod blas {
         let mut out_dims = dims.to_vec();
         out_dims[r - 1] = n;
         let shape = Shape::from(out_dims);
-        let mut out = vec![T::default(); shape.elem_count()];
-        if out.is_empty() || k == 0 {
-            return Ok((out, shape));
+        let len = shape.elem_count();
+        if len == 0 || k == 0 {
+            return Ok((vec![T::default(); len], shape));
         }
+        // Not zeroed first: with beta = 0 BLAS ignores C's contents, and the panels cover every
+        // element (a serial memset of the whole output was 2% of a training step).
+        let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
+        // SAFETY: MaybeUninit needs no initialisation.
+        unsafe { out.set_len(len) };
         let (ma, mb) = match (MatrixLayout::of(la), MatrixLayout::of(lb)) {
             (Some(ma), Some(mb)) => (ma, mb),
             _ => candle_core::bail!("matmul: operand strides BLAS cannot address"),
         };
         let (offsets_a, offsets_b) = (batch_offsets(la), batch_offsets(lb));
-        let pool = candle_core::utils::barrier_pool();
         let Panels {
             split_rows,
             side,
             panel,
             per_matrix: panels_per_matrix,
-        } = Panels::plan(m, n, offsets_a.len(), pool.n_workers() + 1);
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        pool.execute_chunked(offsets_a.len() * panels_per_matrix, |tasks| {
-            for task in tasks {
-                let (matrix, part) = (task / panels_per_matrix, task % panels_per_matrix);
-                let start = part * panel;
-                let len = panel.min(side - start);
-                let (mut oa, mut ob, mut oc) =
-                    (offsets_a[matrix], offsets_b[matrix], matrix * m * n);
-                let (rows, cols) = if split_rows {
-                    oa += ma.row_offset(start);
-                    oc += start * n;
-                    (len, n)
-                } else {
-                    ob += mb.col_offset(start);
-                    oc += start;
-                    (m, len)
-                };
-                // SAFETY: the offsets stay inside the operands (their layouts were checked by
-                // MatrixLayout::of) and each task writes its own rows or columns of `out`.
-                unsafe {
-                    T::gemm(
-                        ma.flag(),
-                        mb.flag(),
-                        (rows, cols, k),
-                        a.as_ptr().add(oa),
-                        ma.leading,
-                        b.as_ptr().add(ob),
-                        mb.leading,
-                        out_ptr.ptr().add(oc),
-                        n,
-                    )
-                }
+        } = Panels::plan(m, n, offsets_a.len(), parallel::threads());
+        let out_ptr = SharedMut(out.as_mut_ptr().cast::<T>());
+        parallel::for_each(offsets_a.len() * panels_per_matrix, |task| {
+            let (matrix, part) = (task / panels_per_matrix, task % panels_per_matrix);
+            let start = part * panel;
+            let len = panel.min(side - start);
+            let (mut oa, mut ob, mut oc) = (offsets_a[matrix], offsets_b[matrix], matrix * m * n);
+            let (rows, cols) = if split_rows {
+                oa += ma.row_offset(start);
+                oc += start * n;
+                (len, n)
+            } else {
+                ob += mb.col_offset(start);
+                oc += start;
+                (m, len)
+            };
+            // SAFETY: the offsets stay inside the operands (their layouts were checked by
+            // MatrixLayout::of) and each task writes its own rows or columns of `out`.
+            unsafe {
+                T::gemm(
+                    ma.flag(),
+                    mb.flag(),
+                    (rows, cols, k),
+                    a.as_ptr().add(oa),
+                    ma.leading,
+                    b.as_ptr().add(ob),
+                    mb.leading,
+                    out_ptr.ptr().add(oc),
+                    n,
+                )
             }
         });
+        // SAFETY: every element was written by exactly one panel's product (the panels tile
+        // each matrix, `panels_tile_each_matrix_for_any_thread_count`), and MaybeUninit<T> has
+        // T's layout.
+        let mut out = std::mem::ManuallyDrop::new(out);
+        let out = unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<T>(), len, out.capacity()) };
         Ok((out, shape))
     }
 
@@ -331,7 +326,7 @@ mod blas {
             l2: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
             static SERIAL: Once = Once::new();
-            // SAFETY: sets a global of the library; the split over rayon is the parallelism.
+            // SAFETY: sets a global of the library; the split over candle's pool is the parallelism.
             SERIAL.call_once(|| unsafe { openblas_set_num_threads(1) });
             match (s1, s2) {
                 (CpuStorage::F32(a), CpuStorage::F32(b)) => {

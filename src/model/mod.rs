@@ -13,6 +13,7 @@ pub mod linear;
 pub mod loader;
 pub mod matmul;
 pub mod ops;
+pub mod parallel;
 pub mod reversible;
 pub mod rope;
 pub mod sampling;

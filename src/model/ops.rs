@@ -136,7 +136,7 @@ const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 /// `f` over the data of same-shaped contiguous f32 CPU tensors, or None for any other kind
 /// (the caller then falls back to candle's ops). candle's own CPU unary ops run on one core.
-fn on_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<Result<R>> {
+pub(crate) fn on_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<Result<R>> {
     let suitable = |t: &&Tensor| {
         t.device().is_cpu()
             && t.dtype() == DType::F32

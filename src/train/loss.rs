@@ -4,6 +4,7 @@
 
 use crate::model::decoder::Model;
 use crate::model::matmul::matmul;
+use crate::model::{ops, parallel};
 use crate::train::grads::{grad_or_zeros, Grads};
 use candle_core::{DType, Result, Tensor, Var, D};
 
@@ -114,6 +115,32 @@ fn loss_and_grad_logits(
     objective: &Objective<'_>,
     start: usize,
 ) -> Result<(Tensor, Tensor)> {
+    let teacher_logits = match objective {
+        Objective::NextToken => None,
+        Objective::Distill {
+            teacher,
+            teacher_hidden,
+        } => Some(
+            teacher
+                .logits(&teacher_hidden.narrow(0, start, logits.dim(0)?)?)?
+                .to_dtype(logits.dtype())?,
+        ),
+    };
+    let teacher_logits = teacher_logits.as_ref();
+    match fused_loss_and_grad(logits, ids, row_weights, teacher_logits) {
+        Some(fused) => fused,
+        None => composite_loss_and_grad(logits, ids, row_weights, teacher_logits),
+    }
+}
+
+/// `loss_and_grad_logits` from tensor ops (any device and dtype); the reference of the fused
+/// form. `teacher_logits` selects distillation.
+fn composite_loss_and_grad(
+    logits: &Tensor,
+    ids: &Tensor,
+    row_weights: &Tensor,
+    teacher_logits: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let exp = shifted.exp()?;
@@ -123,21 +150,15 @@ fn loss_and_grad_logits(
     // softmax * weight, one pass over the chunk.
     let mut grad = exp.broadcast_mul(&scale.broadcast_div(&sum)?)?;
     drop(exp);
-    let rows = match objective {
-        Objective::NextToken => {
+    let rows = match teacher_logits {
+        None => {
             let ids = ids.unsqueeze(1)?;
             grad.scatter_add_set(&ids, &scale.neg()?, 1)?;
             // logsumexp - logit[target] = log(sum) - shifted[target].
             (log_sum - shifted.gather(&ids, 1)?)?.squeeze(1)?
         }
-        Objective::Distill {
-            teacher,
-            teacher_hidden,
-        } => {
-            let teacher_logits = teacher
-                .logits(&teacher_hidden.narrow(0, start, logits.dim(0)?)?)?
-                .to_dtype(logits.dtype())?;
-            let log_t = log_softmax(&teacher_logits)?;
+        Some(teacher_logits) => {
+            let log_t = log_softmax(teacher_logits)?;
             let t = log_t.exp()?;
             grad = (grad - t.broadcast_mul(&scale)?)?;
             // sum t (log t - log s), with log s = shifted - log(sum).
@@ -145,6 +166,91 @@ fn loss_and_grad_logits(
         }
     };
     Ok((rows, grad))
+}
+
+/// `loss_and_grad_logits` for f32 logits on the CPU, row by row in parallel: one read of the
+/// row's logits (and the teacher's) and one write of its gradient, where the composite makes
+/// about ten single-threaded passes over the chunk. Rows of weight 0 (prompt tokens) are
+/// skipped: their gradient is 0 and their loss counts for nothing. Sums over the vocabulary
+/// run in f64. None when the inputs do not suit it.
+fn fused_loss_and_grad(
+    logits: &Tensor,
+    ids: &Tensor,
+    row_weights: &Tensor,
+    teacher_logits: Option<&Tensor>,
+) -> Option<Result<(Tensor, Tensor)>> {
+    let inputs: Vec<&Tensor> = std::iter::once(logits).chain(teacher_logits).collect();
+    let (rows, vocab) = logits.dims2().ok()?;
+    if row_weights.dtype() != DType::F32 || !ids.device().is_cpu() {
+        return None;
+    }
+    let targets = match ids.to_vec1::<u32>() {
+        Ok(ids) => ids,
+        Err(e) => return Some(Err(e)),
+    };
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Some(Err(candle_core::Error::Msg(format!(
+            "target token {bad} is outside the vocabulary of {vocab}"
+        ))));
+    }
+    let weights = match row_weights.to_vec1::<f32>() {
+        Ok(w) => w,
+        Err(e) => return Some(Err(e)),
+    };
+    let computed = ops::on_cpu_f32(&inputs, |x| {
+        let mut grad = vec![0f32; rows * vocab];
+        let losses = parallel::map_rows(&mut grad, vocab, |r, g| {
+            let w = weights[r];
+            if w == 0.0 {
+                return 0.0;
+            }
+            let span = r * vocab..(r + 1) * vocab;
+            match x.get(1) {
+                None => cross_entropy_row(&x[0][span], targets[r] as usize, w, g),
+                Some(teacher) => kl_row(&x[0][span.clone()], &teacher[span], w, g),
+            }
+        });
+        (losses, grad)
+    })?;
+    Some(computed.and_then(|(losses, grad)| {
+        Ok((
+            Tensor::from_vec(losses, rows, logits.device())?,
+            Tensor::from_vec(grad, (rows, vocab), logits.device())?,
+        ))
+    }))
+}
+
+/// The largest logit and log(sum exp(x - max)) of a row.
+fn log_partition(x: &[f32]) -> (f32, f32) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = x.iter().map(|&v| f64::from((v - max).exp())).sum();
+    (max, sum.ln() as f32)
+}
+
+/// -log softmax(x)[target], writing w (softmax(x) - onehot(target)) into `grad`.
+fn cross_entropy_row(x: &[f32], target: usize, w: f32, grad: &mut [f32]) -> f32 {
+    let (max, log_sum) = log_partition(x);
+    let shift = max + log_sum;
+    for (g, &v) in grad.iter_mut().zip(x) {
+        *g = w * (v - shift).exp();
+    }
+    grad[target] -= w;
+    shift - x[target]
+}
+
+/// KL(softmax(t) || softmax(x)), writing w (softmax(x) - softmax(t)) into `grad`.
+fn kl_row(x: &[f32], t: &[f32], w: f32, grad: &mut [f32]) -> f32 {
+    let (max_x, log_sum_x) = log_partition(x);
+    let (max_t, log_sum_t) = log_partition(t);
+    let (shift_x, shift_t) = (max_x + log_sum_x, max_t + log_sum_t);
+    let mut kl = 0f64;
+    for ((g, &xv), &tv) in grad.iter_mut().zip(x).zip(t) {
+        let (log_s, log_t) = (xv - shift_x, tv - shift_t);
+        let p_t = log_t.exp();
+        *g = w * (log_s.exp() - p_t);
+        kl += f64::from(p_t * (log_t - log_s));
+    }
+    kl as f32
 }
 
 /// Loss of each row of a chunk of logits starting at row `start` of the batch.
@@ -233,6 +339,7 @@ mod tests {
     use super::*;
     use crate::model::config::{Architecture, ModelConfig};
     use crate::model::loader::{build_model, random::RandomSource, WeightFormat};
+    use crate::model::ops::max_abs_diff;
     use crate::model::reversible::ReversibleConfig;
     use crate::train::trainable::Trainable;
     use candle_core::Device;
@@ -337,5 +444,50 @@ mod tests {
             },
             true,
         );
+    }
+
+    /// The fused f32 kernel against the composite in f64 on the same values, for both
+    /// objectives: losses of weighted rows and every gradient entry (zero on rows of weight 0).
+    #[test]
+    fn fused_rows_match_the_composite_in_f64() {
+        let dev = Device::Cpu;
+        let (rows, vocab) = (6, 1000);
+        let logits = (Tensor::randn(0f32, 1.0, (rows, vocab), &dev).unwrap() * 4.0).unwrap();
+        let teacher = (Tensor::randn(0f32, 1.0, (rows, vocab), &dev).unwrap() * 3.0).unwrap();
+        let ids = Tensor::new(&[3u32, 999, 0, 500, 7, 42], &dev).unwrap();
+        let weights = Tensor::new(&[1f32, 0.0, 0.25, 1.0, 0.0, 2.0], &dev).unwrap();
+        let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        for teacher in [None, Some(&teacher)] {
+            let (loss, grad) = fused_loss_and_grad(&logits, &ids, &weights, teacher)
+                .expect("f32 CPU inputs take the fused path")
+                .unwrap();
+            let (want_loss, want_grad) = composite_loss_and_grad(
+                &f64_of(&logits),
+                &ids,
+                &f64_of(&weights),
+                teacher.map(f64_of).as_ref(),
+            )
+            .unwrap();
+            let weighted = |t: &Tensor| (f64_of(t) * f64_of(&weights)).unwrap();
+            let loss_err = max_abs_diff(&weighted(&loss), &weighted(&want_loss));
+            assert!(loss_err < 1e-5, "loss {loss_err:e}");
+            let grad_err = max_abs_diff(&grad, &want_grad);
+            // Entries are at most the row weight (2): a few f32 ulps of that.
+            assert!(grad_err < 1e-6, "grad {grad_err:e}");
+            let masked = grad
+                .narrow(0, 1, 1)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            assert_eq!(masked.to_scalar::<f32>().unwrap(), 0.0);
+        }
+        let out_of_vocab = Tensor::new(&[3u32, 1000, 0, 0, 0, 0], &dev).unwrap();
+        let refused = fused_loss_and_grad(&logits, &out_of_vocab, &weights, None).unwrap();
+        assert!(refused
+            .unwrap_err()
+            .to_string()
+            .contains("outside the vocabulary"));
     }
 }
