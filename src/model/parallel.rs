@@ -39,7 +39,10 @@ pub fn map_rows<T: Send, R: Send + Default + Clone>(
     row_len: usize,
     f: impl Fn(usize, &mut [T]) -> R + Sync,
 ) -> Vec<R> {
-    assert!(row_len > 0 && data.len().is_multiple_of(row_len), "ragged rows");
+    assert!(
+        row_len > 0 && data.len().is_multiple_of(row_len),
+        "ragged rows"
+    );
     let rows = data.len() / row_len;
     let mut results = vec![R::default(); rows];
     let (data, out) = (

@@ -220,35 +220,40 @@ fn fused_loss_and_grad(
     }))
 }
 
-/// The largest logit and log(sum exp(x - max)) of a row.
-fn log_partition(x: &[f32]) -> (f32, f32) {
+/// Writes exp(x - max x) into `out`; returns max x and the sum of `out`.
+fn exp_shifted(x: &[f32], out: &mut [f32]) -> (f32, f64) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = x.iter().map(|&v| f64::from((v - max).exp())).sum();
-    (max, sum.ln() as f32)
+    let mut sum = 0f64;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v - max).exp();
+        sum += f64::from(*o);
+    }
+    (max, sum)
 }
 
 /// -log softmax(x)[target], writing w (softmax(x) - onehot(target)) into `grad`.
 fn cross_entropy_row(x: &[f32], target: usize, w: f32, grad: &mut [f32]) -> f32 {
-    let (max, log_sum) = log_partition(x);
-    let shift = max + log_sum;
-    for (g, &v) in grad.iter_mut().zip(x) {
-        *g = w * (v - shift).exp();
+    let (max, sum) = exp_shifted(x, grad);
+    let scale = (f64::from(w) / sum) as f32;
+    for g in grad.iter_mut() {
+        *g *= scale;
     }
     grad[target] -= w;
-    shift - x[target]
+    max + sum.ln() as f32 - x[target]
 }
 
 /// KL(softmax(t) || softmax(x)), writing w (softmax(x) - softmax(t)) into `grad`.
 fn kl_row(x: &[f32], t: &[f32], w: f32, grad: &mut [f32]) -> f32 {
-    let (max_x, log_sum_x) = log_partition(x);
-    let (max_t, log_sum_t) = log_partition(t);
-    let (shift_x, shift_t) = (max_x + log_sum_x, max_t + log_sum_t);
+    let mut p_t = vec![0f32; t.len()];
+    let (max_t, sum_t) = exp_shifted(t, &mut p_t);
+    let (max_x, sum_x) = exp_shifted(x, grad);
+    let (shift_t, shift_x) = (max_t + sum_t.ln() as f32, max_x + sum_x.ln() as f32);
+    let (scale_t, scale_x) = ((1.0 / sum_t) as f32, (1.0 / sum_x) as f32);
     let mut kl = 0f64;
-    for ((g, &xv), &tv) in grad.iter_mut().zip(x).zip(t) {
-        let (log_s, log_t) = (xv - shift_x, tv - shift_t);
-        let p_t = log_t.exp();
-        *g = w * (log_s.exp() - p_t);
-        kl += f64::from(p_t * (log_t - log_s));
+    for (((g, &e_t), &xv), &tv) in grad.iter_mut().zip(&p_t).zip(x).zip(t) {
+        let p_t = e_t * scale_t;
+        *g = w * (*g * scale_x - p_t);
+        kl += f64::from(p_t * ((tv - shift_t) - (xv - shift_x)));
     }
     kl as f32
 }
