@@ -245,20 +245,30 @@ fn models_are_listed_and_retrieved() {
 
 /// Fine-tuned models beyond `limits.max_loaded_fine_tuned_models` are served all the same:
 /// their weights load on demand, the least recently used idle one gives way, and a model
-/// loaded again answers as it did before.
+/// loaded again answers as it did before. One whose weights have gone fails clearly, first
+/// from the load and then at once.
 #[test]
 fn fine_tuned_models_beyond_the_limit_load_on_demand() {
     let source = tiny_model().to_str().unwrap();
-    let fine_tuned = |id: &str, scheme: Option<&str>| ModelSpec {
+    let broken = tempfile::tempdir().unwrap();
+    for file in std::fs::read_dir(source).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, broken.path().join(file.file_name().unwrap())).unwrap();
+    }
+    let fine_tuned = |id: &str, source: &Path, scheme: Option<&str>| ModelSpec {
         id: id.into(),
-        source: source.into(),
+        source: source.to_str().unwrap().into(),
         scheme: scheme.map(str::to_string),
         format: WeightFormat::F32,
         created: 1,
         owned_by: "me".into(),
     };
-    let (a, b) = ("ft:tiny:me::a", "ft:tiny:me::b");
-    let specs = [fine_tuned(a, None), fine_tuned(b, Some("midpoint"))];
+    let (a, b, c) = ("ft:tiny:me::a", "ft:tiny:me::b", "ft:tiny:me::c");
+    let specs = [
+        fine_tuned(a, tiny_model(), None),
+        fine_tuned(b, tiny_model(), Some("midpoint")),
+        fine_tuned(c, broken.path(), None),
+    ];
     let app = spawn_app(&[(TINY, source, WeightFormat::F32)], |s| {
         s.limits.max_loaded_fine_tuned_models = 1;
         // Recorded by an earlier run: served again, weights not loaded until asked for.
@@ -300,6 +310,23 @@ fn fine_tuned_models_beyond_the_limit_load_on_demand() {
     assert_eq!(counts(), (3.0, 2.0), "the configured model stays");
     assert_eq!(ask(a), first);
     assert_eq!(counts(), (4.0, 2.0));
+
+    ask(c);
+    for weights in std::fs::read_dir(broken.path()).unwrap() {
+        let weights = weights.unwrap().path();
+        if weights.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::remove_file(weights).unwrap();
+        }
+    }
+    ask(a);
+    let body = json!({"model": c, "messages": user("Hello"), "max_tokens": 2});
+    let (status, failed) = post(&app, "/v1/chat/completions", &body);
+    assert_eq!(status, 500, "{failed}");
+    let (status, again) = post(&app, "/v1/chat/completions", &body);
+    assert_eq!(status, 503, "{again}");
+    let message = again["error"]["message"].as_str().unwrap();
+    assert!(message.contains("failed to load"), "{again}");
+    ask(a);
 }
 
 #[test]

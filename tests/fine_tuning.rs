@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::wait_until;
+use common::{poll_until, wait_until};
 use rewind::api::RunningServer;
 use rewind::model::loader::WeightFormat;
 use rewind::settings::{ModelSettings, Settings};
@@ -903,7 +903,9 @@ fn the_default_model_learns_the_training_data() {
     );
     assert_eq!(status, 200, "{job}");
     let path = format!("/v1/fine_tuning/jobs/{}", job["id"].as_str().unwrap());
-    let job = wait_until(Duration::from_secs(400), "job not finished", || {
+    // Polled once a second: the real model trains on the same two cores.
+    let (limit, every) = (Duration::from_secs(400), Duration::from_secs(1));
+    let job = poll_until(limit, every, "job not finished", || {
         let (_, job) = get(&app, &path);
         match job["status"].as_str().unwrap() {
             "validating_files" | "queued" | "running" => Err(job.to_string()),

@@ -126,7 +126,8 @@ impl Worker {
             if !self.running.is_empty() {
                 self.step();
             }
-            self.unload_idle(None);
+            // Models all in use when another was loaded stay over the limit until they finish.
+            self.unload_idle(self.max_loaded_fine_tuned);
             self.publish_gauges();
         }
     }
@@ -197,7 +198,12 @@ impl Worker {
         Ok(())
     }
 
-    fn load_weights(&self, spec: &ModelSpec) -> Result<LoadedModel> {
+    /// Loads a model's weights, first unloading an idle fine-tuned model if this one would
+    /// exceed the limit (so memory holds no more than the limit allows while it loads).
+    fn load_weights(&mut self, spec: &ModelSpec) -> Result<LoadedModel> {
+        if spec.is_fine_tuned() {
+            self.unload_idle(self.max_loaded_fine_tuned.saturating_sub(1));
+        }
         let started = Instant::now();
         let path = crate::provision::resolve(Some(&spec.source))?;
         let reversible = spec
@@ -235,22 +241,35 @@ impl Worker {
             .registry
             .spec(id)
             .ok_or_else(|| anyhow!("model `{id}` is no longer served"))?;
-        let model = self.load_weights(&spec)?.model;
+        let model = match self.load_weights(&spec) {
+            Ok(loaded) => loaded.model,
+            Err(e) => {
+                // Its files went bad since it was registered: later requests fail at once
+                // instead of each stalling the engine on another load.
+                let message = format!("{e:#}");
+                self.registry.set_state(id, ModelState::Failed(message));
+                return Err(e);
+            }
+        };
+        // Deleted while it loaded.
+        if self.registry.spec(id).is_none() {
+            return Err(anyhow!("model `{id}` is no longer served"));
+        }
         Ok(self.make_resident(&spec, model))
     }
 
     fn make_resident(&mut self, spec: &ModelSpec, model: Model) -> Arc<Model> {
         self.uses += 1;
+        let pinned = !spec.is_fine_tuned();
         let model = Arc::new(model);
         self.models.insert(
             spec.id.clone(),
             Resident {
                 model: model.clone(),
-                pinned: !spec.is_fine_tuned(),
+                pinned,
                 last_used: self.uses,
             },
         );
-        self.unload_idle(Some(&spec.id));
         self.publish_loaded();
         model
     }
@@ -261,21 +280,18 @@ impl Worker {
             .store(self.models.len(), Ordering::Relaxed);
     }
 
-    /// Drops the weights of the least recently used fine-tuned models no request holds (other
-    /// than `keep`) while more than the limit are loaded. Models all in use stay over the limit
-    /// until their requests finish.
-    fn unload_idle(&mut self, keep: Option<&str>) {
+    /// Drops the weights of the least recently used fine-tuned models no request holds while
+    /// more than `at_most` are loaded.
+    fn unload_idle(&mut self, at_most: usize) {
         loop {
             let loaded = self.models.values().filter(|r| !r.pinned).count();
-            if loaded <= self.max_loaded_fine_tuned {
+            if loaded <= at_most {
                 return;
             }
             let idle = self
                 .models
                 .iter()
-                .filter(|(id, r)| {
-                    !r.pinned && Some(id.as_str()) != keep && Arc::strong_count(&r.model) == 1
-                })
+                .filter(|(_, r)| !r.pinned && Arc::strong_count(&r.model) == 1)
                 .min_by_key(|(_, r)| r.last_used)
                 .map(|(id, _)| id.clone());
             let Some(id) = idle else { return };

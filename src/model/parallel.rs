@@ -28,6 +28,10 @@ pub fn threads() -> usize {
 }
 
 /// Calls `task(i)` once for each `i` in `0..n`, spread over the pool.
+///
+/// Tasks must not panic (the panic would reach the caller, but poison the pool's lock for
+/// every later candle CPU op) and must not start parallel work of their own: the calling
+/// thread runs a share of the tasks while holding that lock.
 pub fn for_each(n: usize, task: impl Fn(usize) + Sync) {
     candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(&task));
 }

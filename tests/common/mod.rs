@@ -88,6 +88,16 @@ pub fn write_tiny_model(template_name: &str, template: &str) -> (tempfile::TempD
 pub fn wait_until<T>(
     limit: std::time::Duration,
     what: &str,
+    probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    poll_until(limit, std::time::Duration::from_millis(20), what, probe)
+}
+
+/// `wait_until`, probing every `every`.
+pub fn poll_until<T>(
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    what: &str,
     mut probe: impl FnMut() -> Result<T, String>,
 ) -> T {
     let started = std::time::Instant::now();
@@ -97,7 +107,7 @@ pub fn wait_until<T>(
             Err(report) if started.elapsed() > limit => {
                 panic!("{what} after {limit:?}: {report}")
             }
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(_) => std::thread::sleep(every),
         }
     }
 }
