@@ -144,6 +144,14 @@ fn wait_for_steps(app: &App, id: &str, steps: usize) {
     });
 }
 
+/// The messages of a job's events, newest first.
+fn event_messages(app: &App, id: &str) -> Vec<String> {
+    all_events(app, id)
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn all_events(app: &App, id: &str) -> Vec<Value> {
     let (status, page) = get(app, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"));
     assert_eq!(status, 200);
@@ -472,10 +480,7 @@ fn legacy_reversible_lora_failed_and_cancelled_jobs() {
     let id = job["id"].as_str().unwrap().to_string();
     let done = wait_for(&app, &id);
     assert_eq!(done["status"], "succeeded", "{done}");
-    let messages: Vec<String> = all_events(&app, &id)
-        .iter()
-        .map(|e| e["message"].as_str().unwrap().to_string())
-        .collect();
+    let messages = event_messages(&app, &id);
     assert!(
         messages
             .iter()
@@ -554,6 +559,17 @@ fn legacy_reversible_lora_failed_and_cancelled_jobs() {
     );
 }
 
+/// Waits for a `start_job` job to succeed having trained each of its 48 steps once, in order.
+fn succeeds_training_each_step_once(app: &App, id: &str) {
+    let done = wait_for(app, id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        metric_steps(app, id),
+        (1..=48).collect::<Vec<u64>>(),
+        "each step once, in order"
+    );
+}
+
 /// Steps of a job's metrics events, in order.
 fn metric_steps(app: &App, id: &str) -> Vec<u64> {
     let mut steps: Vec<u64> = all_events(app, id)
@@ -608,17 +624,8 @@ fn a_paused_job_resumes_where_it_stopped() {
         (200, Some("queued")),
         "{resumed}"
     );
-    let done = wait_for(&app, &id);
-    assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(
-        metric_steps(&app, &id),
-        (1..=48).collect::<Vec<u64>>(),
-        "each step once, in order"
-    );
-    let messages: Vec<String> = all_events(&app, &id)
-        .iter()
-        .map(|e| e["message"].as_str().unwrap().to_string())
-        .collect();
+    succeeds_training_each_step_once(&app, &id);
+    let messages = event_messages(&app, &id);
     for wanted in [
         "Job paused.",
         "Job resumed.",
@@ -693,19 +700,10 @@ fn a_resume_racing_its_pause_keeps_the_job_running_or_requeues_it() {
         "{resumed}"
     );
 
-    let done = wait_for(&app, &id);
-    assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(
-        metric_steps(&app, &id),
-        (1..=48).collect::<Vec<u64>>(),
-        "each step once, in order"
-    );
-    let continued = all_events(&app, &id).iter().any(|e| {
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("continues from its checkpoint")
-    });
+    succeeds_training_each_step_once(&app, &id);
+    let continued = event_messages(&app, &id)
+        .iter()
+        .any(|m| m.contains("continues from its checkpoint"));
     assert_eq!(
         continued,
         resumed_to == "queued",

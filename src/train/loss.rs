@@ -168,9 +168,9 @@ fn composite_loss_and_grad(
     Ok((rows, grad))
 }
 
-/// `loss_and_grad_logits` for f32 logits on the CPU, row by row in parallel: one read of the
-/// row's logits (and the teacher's) and one write of its gradient, where the composite makes
-/// about ten single-threaded passes over the chunk. Rows of weight 0 (prompt tokens) are
+/// `loss_and_grad_logits` for f32 logits on the CPU, row by row in parallel: each row's
+/// passes (max, exponentials and their sum, scaling) run while it is in cache, where the
+/// composite makes about ten passes over the whole chunk, several single-threaded. Rows of weight 0 (prompt tokens) are
 /// skipped: their gradient is 0 and their loss counts for nothing. Sums over the vocabulary
 /// run in f64. None when the inputs do not suit it.
 fn fused_loss_and_grad(
