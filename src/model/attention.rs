@@ -11,6 +11,7 @@
 //! Forward and recomputation run the same ops on the same chunks, so the output is bit-identical
 //! between the two (the exact reversible mode depends on that).
 
+use crate::model::causal_softmax::{self, CausalRows};
 use crate::model::custom_vjp;
 use crate::model::matmul::matmul;
 use crate::model::ops;
@@ -121,7 +122,17 @@ impl CausalAttention {
     fn probabilities(&self, q_rows: &Tensor, k: &Tensor, c: &Chunk) -> Result<Tensor> {
         let (b, kvh, rows, _) = q_rows.dims4()?;
         let k = k.narrow(2, 0, c.keys)?;
-        let scores = (matmul(q_rows, &k.t()?)? * self.scale)?.to_dtype(self.score_dtype)?;
+        let raw = matmul(q_rows, &k.t()?)?;
+        if raw.dtype() == self.score_dtype {
+            let rows = CausalRows {
+                len: c.len,
+                first_position: self.start + c.t0,
+            };
+            if let Some(p) = causal_softmax::forward(&raw, self.scale, rows) {
+                return p;
+            }
+        }
+        let scores = (raw * self.scale)?.to_dtype(self.score_dtype)?;
         // Only when the chunk's first query cannot see every key (not in one-token decoding).
         let scores = if self.start + c.t0 + 1 < c.keys {
             let mask =
@@ -135,6 +146,16 @@ impl CausalAttention {
             scores
         };
         ops::softmax_last_dim(&scores)
+    }
+
+    /// The cotangent of the scaled scores q k^T for the probabilities `p` and their cotangent:
+    /// dS = scale P * (dP - rowsum(dP * P)).
+    fn softmax_backward(&self, p: &Tensor, grad_p: &Tensor) -> Result<Tensor> {
+        if let Some(grad) = causal_softmax::backward(p, grad_p, self.scale) {
+            return grad;
+        }
+        let inner = (grad_p * p)?.sum_keepdim(D::Minus1)?;
+        (p * grad_p.broadcast_sub(&inner)?)? * self.scale
     }
 
     /// softmax(q k^T * scale + mask) v, chunk by chunk, with no graph. (B, KvH, rep*T, Dh).
@@ -171,9 +192,7 @@ impl CausalAttention {
             grad_v = (grad_v + matmul(&p_compute.t()?, &g_rows)?.pad_with_zeros(2, 0, pad)?)?;
             // Softmax backward: dS = P * (dP - rowsum(dP * P)).
             let grad_p = matmul(&g_rows, &v_c.t()?)?.to_dtype(self.score_dtype)?;
-            let inner = (&grad_p * &p)?.sum_keepdim(D::Minus1)?;
-            let grad_scores = (p * grad_p.broadcast_sub(&inner)?)?;
-            let grad_qk = (grad_scores * self.scale)?.to_dtype(q.dtype())?;
+            let grad_qk = self.softmax_backward(&p, &grad_p)?.to_dtype(q.dtype())?;
             grad_q.push(matmul(&grad_qk, &k_c)?);
             grad_k = (grad_k + matmul(&grad_qk.t()?, &q_rows)?.pad_with_zeros(2, 0, pad)?)?;
         }

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod causal_softmax;
 pub mod chat_template;
 pub mod config;
 pub mod custom_vjp;
@@ -19,3 +20,4 @@ pub mod rope;
 pub mod sampling;
 pub mod stop;
 pub mod tokenizer;
+pub mod vector_math;

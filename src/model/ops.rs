@@ -6,9 +6,9 @@
 //! training, the forward and the reversible recomputation, all run the same kernels, so a
 //! recomputed block is bit-identical to its forward.
 
-use crate::model::custom_vjp;
+use crate::model::vector_math::{exp, wide};
+use crate::model::{custom_vjp, parallel};
 use candle_core::{DType, Result, Storage, Tensor, D};
-use rayon::prelude::*;
 
 /// RMSNorm over the last dimension (f64 inputs, the reference computations, are normalised by
 /// a composite: candle has no fused f64 kernel).
@@ -28,6 +28,12 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Cotangents of x and the gain for y = x r w, r = (mean(x^2) + eps)^-1/2:
 /// dx = r (g w - x r^2 mean(g w x)), dw = sum over rows of g x r; in f32 at least.
 pub fn rms_norm_vjp(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    if let Some(fused) = on_cpu_f32(&[x, g], |t| rms_norm_vjp_rows(t[0], t[1], w, eps)) {
+        let (grad_x, grad_w) = fused??;
+        let grad_x = Tensor::from_vec(grad_x, x.shape(), x.device())?;
+        let grad_w = Tensor::from_vec(grad_w, w.shape(), w.device())?;
+        return Ok((grad_x, grad_w.to_dtype(w.dtype())?));
+    }
     let work = if x.dtype() == DType::F64 {
         DType::F64
     } else {
@@ -42,6 +48,50 @@ pub fn rms_norm_vjp(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<(Ten
     let d = x.dim(D::Minus1)?;
     let grad_w = (g * x.broadcast_mul(&r)?)?.reshape(((), d))?.sum(0)?;
     Ok((grad_x.to_dtype(x_dtype)?, grad_w.to_dtype(w_dtype)?))
+}
+
+/// Rows per task of the fused RMSNorm backward: each block sums its own share of the gain's
+/// gradient, and the blocks' sums are added in block order, so the result does not depend on
+/// the thread count.
+const NORM_ROWS_PER_TASK: usize = 16;
+
+/// `rms_norm_vjp` over f32 rows in one parallel pass, with sums in f64.
+fn rms_norm_vjp_rows(x: &[f32], g: &[f32], w: &Tensor, eps: f64) -> Result<(Vec<f32>, Vec<f32>)> {
+    let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let d = w.len();
+    if d == 0 || !x.len().is_multiple_of(d) {
+        candle_core::bail!(
+            "rms_norm_vjp: rows of {} do not match a gain of {d}",
+            x.len()
+        );
+    }
+    let mut grad_x = vec![0f32; x.len()];
+    let partial_w = parallel::map_chunks(&mut grad_x, NORM_ROWS_PER_TASK * d, |c, out| {
+        let mut dw = vec![0f64; d];
+        wide(|| {
+            for (r, out) in out.chunks_mut(d).enumerate() {
+                let at = (c * NORM_ROWS_PER_TASK + r) * d;
+                let (x, g) = (&x[at..at + d], &g[at..at + d]);
+                let (mut squares, mut dot) = (0f64, 0f64);
+                for ((&x, &g), &w) in x.iter().zip(g).zip(&w) {
+                    squares += f64::from(x) * f64::from(x);
+                    dot += f64::from(g) * f64::from(w) * f64::from(x);
+                }
+                let r = 1.0 / (squares / d as f64 + eps).sqrt();
+                let (r32, shift) = (r as f32, (r * r * r * dot / d as f64) as f32);
+                for i in 0..d {
+                    out[i] = r32 * g[i] * w[i] - x[i] * shift;
+                    dw[i] += f64::from(g[i]) * f64::from(x[i]) * r;
+                }
+            }
+        });
+        dw
+    });
+    let mut grad_w = vec![0f64; d];
+    for part in &partial_w {
+        grad_w.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+    }
+    Ok((grad_x, grad_w.into_iter().map(|v| v as f32).collect()))
 }
 
 /// Softmax over the last dimension (candle's fused kernel: training differentiates attention by
@@ -71,17 +121,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (g, u) = (gate.detach(), up.detach());
     let fused = on_cpu_f32(&[&g, &u], |x| {
         let (g, u) = (x[0], x[1]);
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(ELEMENTWISE_CHUNK)
-            .enumerate()
-            .for_each(|(c, y)| {
-                let at = c * ELEMENTWISE_CHUNK;
-                for (i, y) in y.iter_mut().enumerate() {
-                    let (g, u) = (g[at + i], u[at + i]);
-                    *y = g / (1.0 + (-g).exp()) * u;
+        parallel::collect(g.len(), |start, y| {
+            let (g, u) = (&g[start..start + y.len()], &u[start..start + y.len()]);
+            wide(|| {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g / (1.0 + exp(-g)) * u;
                 }
-            });
-        y
+            })
+        })
     });
     let out = match fused {
         Some(y) => Tensor::from_vec(y?, g.shape(), g.device())?,
@@ -97,22 +144,25 @@ pub fn swiglu_vjp(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Ten
         let (gate, up, g) = (x[0], x[1], x[2]);
         let mut d_gate = vec![0f32; gate.len()];
         let mut d_up = vec![0f32; gate.len()];
-        d_gate
-            .par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(d_up.par_chunks_mut(ELEMENTWISE_CHUNK))
-            .enumerate()
-            .for_each(|(c, (d_gate, d_up))| {
-                let at = c * ELEMENTWISE_CHUNK;
-                for i in 0..d_gate.len() {
-                    let (x, u, g) = (gate[at + i], up[at + i], g[at + i]);
-                    let e = (-x).exp();
-                    let s = 1.0 / (1.0 + e);
-                    // 1 - s as e s: exact where 1 - s would cancel (large x).
-                    let s_neg = if e.is_finite() { e * s } else { 1.0 };
-                    d_up[i] = g * x * s;
-                    d_gate[i] = g * u * s * (1.0 + x * s_neg);
-                }
-            });
+        parallel::for_each_chunks(
+            [&mut d_gate, &mut d_up],
+            ELEMENTWISE_CHUNK,
+            |c, [d_gate, d_up]| {
+                let range = c * ELEMENTWISE_CHUNK..c * ELEMENTWISE_CHUNK + d_gate.len();
+                let (x, u, g) = (&gate[range.clone()], &up[range.clone()], &g[range]);
+                wide(|| {
+                    for i in 0..d_gate.len() {
+                        let (x, u, g) = (x[i], u[i], g[i]);
+                        let e = exp(-x);
+                        let s = 1.0 / (1.0 + e);
+                        // 1 - s as e s: exact where 1 - s would cancel (large x).
+                        let s_neg = if e.is_finite() { e * s } else { 1.0 };
+                        d_up[i] = g * x * s;
+                        d_gate[i] = g * u * s * (1.0 + x * s_neg);
+                    }
+                })
+            },
+        );
         (d_gate, d_up)
     });
     if let Some(grads) = fused {

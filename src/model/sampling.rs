@@ -12,6 +12,7 @@
 //!    which is what OpenAI's `logprobs` describe, and it does not change with `temperature`;
 //! 3. temperature, then top-k, top-p (relative to the top-k mass) and min-p, then one draw.
 
+use crate::model::vector_math::{exp, max_of, sum_f64};
 use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -440,43 +441,12 @@ fn before(logits: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
         .then(a.cmp(&b))
 }
 
-/// Maximum of `values` (-inf for an empty or all -inf row; the caller has excluded NaN). Eight
-/// independent lanes so the compiler can use SIMD max.
-fn max_of(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = values.chunks_exact(8);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (m, &v) in lanes.iter_mut().zip(chunk) {
-            *m = if v > *m { v } else { *m };
-        }
-    }
-    lanes
-        .iter()
-        .chain(rest)
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
-}
-
-/// Sum in f64 (the vocabulary has ~1e5 terms and the sum feeds every logprob) over eight lanes,
-/// so the additions pipeline instead of forming one dependency chain.
-fn sum_f64(values: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = values.chunks_exact(8);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (s, &v) in lanes.iter_mut().zip(chunk) {
-            *s += v as f64;
-        }
-    }
-    lanes.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>()
-}
-
-/// `out[i] = exp((values[i] - shift) * scale)` for arguments <= 0, in a form the compiler
-/// vectorizes (the libm `expf` call it replaces does not, and dominated the sampling time).
+/// `out[i] = exp((values[i] - shift) * scale)`, vectorised (libm's `expf`, which this replaced,
+/// dominated the sampling time).
 fn exp_shifted(values: &[f32], shift: f32, scale: f32, out: &mut Vec<f32>) {
     out.resize(values.len(), 0.0);
     for (o, &v) in out.iter_mut().zip(values) {
-        *o = exp_nonpositive((v - shift) * scale);
+        *o = exp((v - shift) * scale);
     }
 }
 
@@ -491,36 +461,6 @@ fn first_index_of(values: &[f32], value: f32) -> u32 {
         }
     }
     0
-}
-
-/// exp(x) for x <= 0 with a relative error below 5e-7; exactly 0 below -87 (where f32 would
-/// go subnormal), so masked (-inf) tokens get no weight at all. Cody-Waite reduction
-/// x = n ln2 + f with |f| <= ln2/2, then a degree-6 Taylor polynomial for e^f, scaled by 2^n
-/// through the exponent bits.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n * LN2_HI is exact for the |n| <= 126 used here.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let underflow = x.is_nan() || x < -87.0;
-    let xc = if underflow { -87.0 } else { x };
-    let t = xc * LOG2_E + ROUND;
-    let n = t - ROUND;
-    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
-    let f = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    let r = f32::from_bits((p.to_bits() as i32).wrapping_add(n_bits << 23) as u32);
-    if underflow {
-        0.0
-    } else {
-        r
-    }
 }
 
 /// The first candidate at which the running weight exceeds `target`; the last positive one if
@@ -876,35 +816,6 @@ mod tests {
             assert!(bad.validate().is_err(), "{bad:?}");
             assert!(Sampler::new(&bad).sample(&four(), &[], 0).is_err());
         }
-    }
-
-    #[test]
-    fn fast_exp_is_accurate_and_zero_below_range() {
-        let mut worst = 0f64;
-        for k in 0..=870_000 {
-            let x = -(k as f32) * 1e-4;
-            let want = (x as f64).exp();
-            let got = exp_nonpositive(x) as f64;
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-88.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-    }
-
-    #[test]
-    fn vector_helpers_match_plain_loops() {
-        let values: Vec<f32> = (0..1003)
-            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
-            .collect();
-        assert_eq!(
-            max_of(&values),
-            values.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-        );
-        assert_eq!(max_of(&[]), f32::NEG_INFINITY);
-        let plain: f64 = values.iter().map(|&v| v as f64).sum();
-        assert!((sum_f64(&values) - plain).abs() < 1e-9);
     }
 
     #[test]

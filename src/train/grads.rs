@@ -1,5 +1,8 @@
 //! Gradient accumulation across the many local backward passes of one step.
 
+use crate::model::ops::on_cpu_f32;
+use crate::model::parallel;
+use crate::model::vector_math::wide;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
@@ -41,14 +44,6 @@ impl Grads {
         Ok(())
     }
 
-    /// Multiplies every gradient by `s` (loss normalisation, accumulation, clipping).
-    pub fn scale(&mut self, s: f64) -> Result<()> {
-        for g in self.grads.iter_mut().flatten() {
-            *g = g.affine(s, 0.0)?;
-        }
-        Ok(())
-    }
-
     /// Adds another accumulator (gradient accumulation over micro-batches).
     pub fn add(&mut self, other: Grads) -> Result<()> {
         for (slot, g) in self.grads.iter_mut().zip(other.grads) {
@@ -64,16 +59,46 @@ impl Grads {
 
     /// Global L2 norm, accumulated in f64 on the gradients' device and read once.
     pub fn global_norm(&self) -> Result<f64> {
-        let mut sum: Option<Tensor> = None;
+        let mut host = 0f64;
+        let mut device: Option<Tensor> = None;
         for g in self.grads.iter().flatten() {
+            if let Some(squares) = on_cpu_f32(&[g], |t| sum_of_squares(t[0])) {
+                host += squares?;
+                continue;
+            }
             let squares = g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?;
-            sum = Some(match sum {
+            device = Some(match device {
                 Some(acc) => (acc + squares)?,
                 None => squares,
             });
         }
-        Ok(sum.map_or(Ok(0.0), |s| s.to_scalar::<f64>())?.sqrt())
+        let device = device.map_or(Ok(0.0), |s| s.to_scalar::<f64>())?;
+        Ok((host + device).sqrt())
     }
+}
+
+/// Elements per parallel task of `sum_of_squares`.
+const NORM_CHUNK: usize = 1 << 14;
+
+/// Sum of x^2 in f64, in parallel; the chunks' sums are added in order, so the result does not
+/// depend on the thread count.
+fn sum_of_squares(x: &[f32]) -> f64 {
+    let mut partial = vec![0f64; x.len().div_ceil(NORM_CHUNK)];
+    parallel::map_chunks(&mut partial, 1, |c, out| {
+        let chunk = &x[c * NORM_CHUNK..((c + 1) * NORM_CHUNK).min(x.len())];
+        out[0] = wide(|| {
+            let mut lanes = [0f64; 8];
+            let blocks = chunk.chunks_exact(8);
+            let rest: f64 = blocks.remainder().iter().map(|&v| f64::from(v * v)).sum();
+            for block in blocks {
+                for (s, &v) in lanes.iter_mut().zip(block) {
+                    *s += f64::from(v) * f64::from(v);
+                }
+            }
+            lanes.iter().sum::<f64>() + rest
+        });
+    });
+    partial.iter().sum()
 }
 
 /// The gradient of `t` in `store` (detached from the backward's own graph), or zeros when

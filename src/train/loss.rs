@@ -4,6 +4,7 @@
 
 use crate::model::decoder::Model;
 use crate::model::matmul::matmul;
+use crate::model::vector_math::{exp, max_of, sum_f64, wide};
 use crate::model::{ops, parallel};
 use crate::train::grads::{grad_or_zeros, Grads};
 use candle_core::{DType, Result, Tensor, Var, D};
@@ -222,22 +223,20 @@ fn fused_loss_and_grad(
 
 /// Writes exp(x - max x) into `out`; returns max x and the sum of `out`.
 fn exp_shifted(x: &[f32], out: &mut [f32]) -> (f32, f64) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v - max).exp();
-        sum += f64::from(*o);
-    }
-    (max, sum)
+    let max = max_of(x);
+    wide(|| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = exp(v - max);
+        }
+    });
+    (max, sum_f64(out))
 }
 
 /// -log softmax(x)[target], writing w (softmax(x) - onehot(target)) into `grad`.
 fn cross_entropy_row(x: &[f32], target: usize, w: f32, grad: &mut [f32]) -> f32 {
     let (max, sum) = exp_shifted(x, grad);
     let scale = (f64::from(w) / sum) as f32;
-    for g in grad.iter_mut() {
-        *g *= scale;
-    }
+    wide(|| grad.iter_mut().for_each(|g| *g *= scale));
     grad[target] -= w;
     max + sum.ln() as f32 - x[target]
 }

@@ -284,7 +284,7 @@ pub fn train(
                 );
             }
             let lr = config.optimizer.lr * schedule.factor(state.step);
-            let stats = optimizer.update(&t.vars, &mut grads, lr)?;
+            let stats = optimizer.update(&t.vars, &grads, lr)?;
             state.step += 1;
             state.batch_in_epoch += 1;
             state.trained_tokens += trained;
