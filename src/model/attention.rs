@@ -277,6 +277,40 @@ mod tests {
         }
     }
 
+    /// The f32 path (the fused causal softmax) against the same attention in f64 (the
+    /// composite with a mask tensor): stacked heads, queries continuing at position 5 of a
+    /// cache, chunks shorter than the sequence.
+    #[test]
+    fn fused_f32_path_matches_the_f64_composite() {
+        let dev = Device::Cpu;
+        let (b, kvh, rep, seq, start, dh) = (2, 2, 3, 11, 5, 8);
+        let masks = RopeTables::new(dh, 10_000.0, 64, &dev).unwrap();
+        let x = |rows| Tensor::randn(0f32, 1.0, (b, kvh, rows, dh), &dev).unwrap();
+        let (q, k, v, g) = (x(rep * seq), x(start + seq), x(start + seq), x(rep * seq));
+        let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let attention =
+            |dtype| CausalAttention::new(rep * seq, seq, start, 0.35, dtype, &masks).with_chunk(4);
+        let (narrow, reference) = (attention(DType::F32), attention(DType::F64));
+        let got = narrow.forward(&q, &k, &v).unwrap();
+        let want = reference.forward(&wide(&q), &wide(&k), &wide(&v)).unwrap();
+        assert!(diff(&got, &want) < 1e-5, "output {}", diff(&got, &want));
+        let got = narrow.backward(&q, &k, &v, &g).unwrap();
+        let want = reference
+            .backward(&wide(&q), &wide(&k), &wide(&v), &wide(&g))
+            .unwrap();
+        for (name, got, want) in [
+            ("q", got.0, want.0),
+            ("k", got.1, want.1),
+            ("v", got.2, want.2),
+        ] {
+            assert!(
+                diff(&got, &want) < 1e-4,
+                "grad {name} {}",
+                diff(&got, &want)
+            );
+        }
+    }
+
     /// The output without a graph is the one the graph node hands back, bit for bit.
     #[test]
     fn recorded_and_plain_outputs_are_identical() {

@@ -2,6 +2,8 @@
 //! kernels and candle's share one set of threads, where a second pool's threads would spin on
 //! the same cores waiting for work.
 
+use std::mem::MaybeUninit;
+
 /// A raw pointer that may cross threads, for tasks that each write their own disjoint part.
 pub struct SharedMut<T>(pub *mut T);
 // By hand: derived impls would ask T itself to be Copy.
@@ -21,8 +23,6 @@ impl<T> SharedMut<T> {
         self.0
     }
 }
-
-use std::mem::MaybeUninit;
 
 /// Threads of the pool (its workers and the calling thread).
 pub fn threads() -> usize {

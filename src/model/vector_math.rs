@@ -16,7 +16,7 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 const ROUNDER: f32 = 12_582_912.0;
 /// Below this, e^x is flushed to 0 (keeps the exponent field of 2^(n-1) at least 1).
 const LOWEST: f32 = -86.5;
-/// Above this, e^x overflows f32.
+/// Above this (ln of f32::MAX, rounded up), e^x overflows f32.
 const HIGHEST: f32 = 88.722_84;
 
 /// e^x in f32.
@@ -46,8 +46,9 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// Runs `kernel` compiled for AVX2 where the CPU has it (the baseline x86-64 target has only
-/// SSE2, half the vector width). Results are the same either way: no fused multiply-adds are
-/// enabled, so every operation rounds as in the baseline build.
+/// SSE2, half the vector width). Results are the same either way: the kernels are elementwise
+/// or reduce in a fixed lane order, their operations are exactly rounded, and Rust never fuses a
+/// multiply and an add on its own.
 #[inline(always)]
 pub fn wide<R>(kernel: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

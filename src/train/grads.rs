@@ -89,7 +89,11 @@ fn sum_of_squares(x: &[f32]) -> f64 {
         out[0] = wide(|| {
             let mut lanes = [0f64; 8];
             let blocks = chunk.chunks_exact(8);
-            let rest: f64 = blocks.remainder().iter().map(|&v| f64::from(v * v)).sum();
+            let rest: f64 = blocks
+                .remainder()
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum();
             for block in blocks {
                 for (s, &v) in lanes.iter_mut().zip(block) {
                     *s += f64::from(v) * f64::from(v);

@@ -158,6 +158,8 @@ impl Rule {
             let [new_w, new_m, new_v] = &mut out;
             let f = |x: f64| x as f32;
             let (clip, b1, b2) = (f(self.clip), f(self.beta1), f(self.beta2));
+            // 1 - beta in f64: in f32, 1 - 0.999 is off by 1.3e-5 relative.
+            let (rest1, rest2) = (f(1.0 - self.beta1), f(1.0 - self.beta2));
             let (m_scale, v_scale, eps) = (f(self.m_scale), f(self.v_scale), f(self.eps));
             let (lr, decay) = (f(self.lr), f(self.decay));
             parallel::for_each_chunks(
@@ -171,8 +173,8 @@ impl Rule {
                     wide(|| {
                         for i in 0..new_w.len() {
                             let g = g[i] * clip;
-                            new_m[i] = b1 * m[i] + (1.0 - b1) * g;
-                            new_v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                            new_m[i] = b1 * m[i] + rest1 * g;
+                            new_v[i] = b2 * v[i] + rest2 * g * g;
                             let step = new_m[i] * m_scale / ((new_v[i] * v_scale).sqrt() + eps);
                             new_w[i] = w[i] * decay - lr * step;
                         }
