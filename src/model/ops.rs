@@ -6,8 +6,9 @@
 //! training, the forward and the reversible recomputation, all run the same kernels, so a
 //! recomputed block is bit-identical to its forward.
 
+use crate::model::custom_vjp;
+use crate::model::parallel::{self, ELEMENTS_PER_TASK};
 use crate::model::vector_math::{exp, wide};
-use crate::model::{custom_vjp, parallel};
 use candle_core::{DType, Result, Storage, Tensor, D};
 
 /// RMSNorm over the last dimension (f64 inputs, the reference computations, are normalised by
@@ -123,14 +124,17 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (g, u) = (gate.detach(), up.detach());
     let fused = on_cpu_f32(&[&g, &u], |x| {
         let (g, u) = (x[0], x[1]);
-        parallel::collect(g.len(), |start, y| {
-            let (g, u) = (&g[start..start + y.len()], &u[start..start + y.len()]);
+        let mut y = vec![0f32; g.len()];
+        parallel::map_chunks(&mut y, ELEMENTS_PER_TASK, |c, y| {
+            let range = c * ELEMENTS_PER_TASK..c * ELEMENTS_PER_TASK + y.len();
+            let (g, u) = (&g[range.clone()], &u[range]);
             wide(|| {
                 for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
                     *y = g / (1.0 + exp(-g)) * u;
                 }
             })
-        })
+        });
+        y
     });
     let out = match fused {
         Some(y) => Tensor::from_vec(y?, g.shape(), g.device())?,
@@ -148,9 +152,9 @@ pub fn swiglu_vjp(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Ten
         let mut d_up = vec![0f32; gate.len()];
         parallel::for_each_chunks(
             [&mut d_gate, &mut d_up],
-            ELEMENTWISE_CHUNK,
+            ELEMENTS_PER_TASK,
             |c, [d_gate, d_up]| {
-                let range = c * ELEMENTWISE_CHUNK..c * ELEMENTWISE_CHUNK + d_gate.len();
+                let range = c * ELEMENTS_PER_TASK..c * ELEMENTS_PER_TASK + d_gate.len();
                 let (x, u, g) = (&gate[range.clone()], &up[range.clone()], &g[range]);
                 wide(|| {
                     for i in 0..d_gate.len() {
@@ -182,9 +186,6 @@ pub fn swiglu_vjp(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Ten
     let grad_gate = ((g * up)? * slope)?;
     Ok((grad_gate, grad_up))
 }
-
-/// Elements per parallel task of the fused CPU kernels.
-const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 /// `f` over the data of same-shaped contiguous f32 CPU tensors, or None for any other kind
 /// (the caller then falls back to candle's ops). candle's own CPU unary ops run on one core.
@@ -316,7 +317,7 @@ mod tests {
     #[test]
     fn fused_swiglu_kernels_match_the_f64_composite() {
         let dev = Device::Cpu;
-        let shape = (3, ELEMENTWISE_CHUNK + 77);
+        let shape = (3, ELEMENTS_PER_TASK + 77);
         let [gate, up, g] = [0, 1, 2].map(|_| Tensor::randn(0f32, 2.0, shape, &dev).unwrap());
         let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
         // Within a few f32 roundings of the size of each element's terms (a relative bound

@@ -2,8 +2,6 @@
 //! kernels and candle's share one set of threads, where a second pool's threads would spin on
 //! the same cores waiting for work.
 
-use std::mem::MaybeUninit;
-
 /// A raw pointer that may cross threads, for tasks that each write their own disjoint part.
 pub struct SharedMut<T>(pub *mut T);
 // By hand: derived impls would ask T itself to be Copy.
@@ -23,6 +21,10 @@ impl<T> SharedMut<T> {
         self.0
     }
 }
+
+/// Elements per task of the elementwise kernels' loops: enough work to outweigh handing out
+/// a task, small enough that the threads finish together.
+pub const ELEMENTS_PER_TASK: usize = 1 << 14;
 
 /// Threads of the pool (its workers and the calling thread).
 pub fn threads() -> usize {
@@ -77,37 +79,6 @@ pub fn map_chunks<T: Send, R: Send + Default + Clone>(
         unsafe { *out.ptr().add(c) = value };
     });
     results
-}
-
-/// Elements per scratch block of `collect`: small enough to stay in L1.
-const SCRATCH: usize = 256;
-
-/// A vector of `len` elements computed in parallel: `fill(start, block)` writes elements
-/// `start..start + block.len()` into `block`, a scratch buffer of at most 256 in L1, which is
-/// then copied out. The output is written once, never zero-filled first (for large elementwise
-/// kernels that fill was a third of the memory traffic). Blocks start at multiples of 256.
-pub fn collect<T: Send + Copy + Default>(
-    len: usize,
-    fill: impl Fn(usize, &mut [T]) + Sync,
-) -> Vec<T> {
-    const TASK: usize = 64 * SCRATCH;
-    let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
-    // SAFETY: MaybeUninit needs no initialisation.
-    unsafe { out.set_len(len) };
-    map_chunks(&mut out, TASK, |c, chunk| {
-        let mut scratch = [T::default(); SCRATCH];
-        for (b, slots) in chunk.chunks_mut(SCRATCH).enumerate() {
-            let block = &mut scratch[..slots.len()];
-            fill(c * TASK + b * SCRATCH, block);
-            for (slot, &v) in slots.iter_mut().zip(block.iter()) {
-                slot.write(v);
-            }
-        }
-    });
-    // SAFETY: the chunks tile `out` and each chunk's blocks tile it, every slot written above;
-    // MaybeUninit<T> has T's layout.
-    let mut out = std::mem::ManuallyDrop::new(out);
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<T>(), len, out.capacity()) }
 }
 
 /// Calls `f(c, chunks)` with the matching `chunk_len`-long chunks of `K` equally long slices

@@ -80,18 +80,29 @@ pub fn max_of(values: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
-/// Sum in f64 over eight lanes, so the additions pipeline instead of forming one dependency
-/// chain (a softmax's normaliser over ~1e5 terms keeps its precision).
+/// Sum in f64 (a softmax's normaliser over ~1e5 terms keeps its precision).
 pub fn sum_f64(values: &[f32]) -> f64 {
+    lane_sum(values, f64::from)
+}
+
+/// Sum of squares in f64 (a gradient's norm).
+pub fn sum_squares_f64(values: &[f32]) -> f64 {
+    lane_sum(values, |v| f64::from(v) * f64::from(v))
+}
+
+/// Sum of `term(v)` over eight lanes, so the additions pipeline instead of forming one
+/// dependency chain; a fixed order, whatever the CPU.
+#[inline(always)]
+fn lane_sum(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
     let mut lanes = [0f64; 8];
     let chunks = values.chunks_exact(8);
     let rest = chunks.remainder();
     for chunk in chunks {
         for (s, &v) in lanes.iter_mut().zip(chunk) {
-            *s += f64::from(v);
+            *s += term(v);
         }
     }
-    lanes.iter().sum::<f64>() + rest.iter().map(|&v| f64::from(v)).sum::<f64>()
+    lanes.iter().sum::<f64>() + rest.iter().map(|&v| term(v)).sum::<f64>()
 }
 
 #[cfg(test)]

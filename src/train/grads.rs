@@ -1,8 +1,8 @@
 //! Gradient accumulation across the many local backward passes of one step.
 
 use crate::model::ops::on_cpu_f32;
-use crate::model::parallel;
-use crate::model::vector_math::wide;
+use crate::model::parallel::{self, ELEMENTS_PER_TASK};
+use crate::model::vector_math::{sum_squares_f64, wide};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
@@ -77,30 +77,13 @@ impl Grads {
     }
 }
 
-/// Elements per parallel task of `sum_of_squares`.
-const NORM_CHUNK: usize = 1 << 14;
-
 /// Sum of x^2 in f64, in parallel; the chunks' sums are added in order, so the result does not
 /// depend on the thread count.
 fn sum_of_squares(x: &[f32]) -> f64 {
-    let mut partial = vec![0f64; x.len().div_ceil(NORM_CHUNK)];
+    let mut partial = vec![0f64; x.len().div_ceil(ELEMENTS_PER_TASK)];
     parallel::map_chunks(&mut partial, 1, |c, out| {
-        let chunk = &x[c * NORM_CHUNK..((c + 1) * NORM_CHUNK).min(x.len())];
-        out[0] = wide(|| {
-            let mut lanes = [0f64; 8];
-            let blocks = chunk.chunks_exact(8);
-            let rest: f64 = blocks
-                .remainder()
-                .iter()
-                .map(|&v| f64::from(v) * f64::from(v))
-                .sum();
-            for block in blocks {
-                for (s, &v) in lanes.iter_mut().zip(block) {
-                    *s += f64::from(v) * f64::from(v);
-                }
-            }
-            lanes.iter().sum::<f64>() + rest
-        });
+        let chunk = &x[c * ELEMENTS_PER_TASK..((c + 1) * ELEMENTS_PER_TASK).min(x.len())];
+        out[0] = wide(|| sum_squares_f64(chunk));
     });
     partial.iter().sum()
 }

@@ -2,7 +2,7 @@
 //! linear-warmup + cosine-decay learning-rate schedule.
 
 use crate::model::ops::on_cpu_f32;
-use crate::model::parallel;
+use crate::model::parallel::{self, ELEMENTS_PER_TASK};
 use crate::model::vector_math::wide;
 use crate::train::grads::Grads;
 use anyhow::Result;
@@ -139,9 +139,6 @@ struct Rule {
     decay: f64,
 }
 
-/// Elements per parallel task of the fused update.
-const UPDATE_CHUNK: usize = 1 << 14;
-
 impl Rule {
     /// The update in one parallel pass over f32 CPU weights, gradient and moments (None for
     /// anything else). The composite form is a dozen passes on one core and a third of a
@@ -164,9 +161,9 @@ impl Rule {
             let (lr, decay) = (f(self.lr), f(self.decay));
             parallel::for_each_chunks(
                 [new_w, new_m, new_v],
-                UPDATE_CHUNK,
+                ELEMENTS_PER_TASK,
                 |c, [new_w, new_m, new_v]| {
-                    let at = c * UPDATE_CHUNK;
+                    let at = c * ELEMENTS_PER_TASK;
                     let range = at..at + new_w.len();
                     let (w, g) = (&w[range.clone()], &g[range.clone()]);
                     let (m, v) = (&m[range.clone()], &v[range]);
@@ -269,7 +266,7 @@ mod tests {
     #[test]
     fn fused_f32_update_matches_the_f64_rule() {
         let dev = Device::Cpu;
-        let n = 2 * UPDATE_CHUNK + 5;
+        let n = 2 * ELEMENTS_PER_TASK + 5;
         let init = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
         let narrow = Var::from_tensor(&init).unwrap();
         let wide = Var::from_tensor(&init.to_dtype(DType::F64).unwrap()).unwrap();
