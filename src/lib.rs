@@ -11,7 +11,10 @@
 //! - [`settings`]: the server's typed configuration (`config.toml`, `REWIND_*`, flags).
 //! - [`engine`]: the device-owning inference thread: continuous batching under a KV memory
 //!   budget, a pure scheduler, the model registry, JSON-constrained decoding, metrics.
-//! - [`store`]: the fine-tuning service's SQLite database and file blobs under the data directory.
+//! - [`durable`]: crash-safe writes (atomic, fsynced files; directories published whole) and
+//!   the start-up repair of interrupted ones, used by every module that writes state.
+//! - [`store`]: the on-disk layout of the data directory: its lock, the fine-tuning service's
+//!   SQLite database and file blobs.
 //! - [`jobs`]: the fine-tuning job lifecycle: validation, queue, the training runner, events,
 //!   cancellation, resume after a restart, result files.
 //! - [`api`]: the OpenAI-compatible HTTP server (chat, completions, models, files, fine-tuning
@@ -19,6 +22,7 @@
 pub mod api;
 pub mod cli;
 pub mod convert;
+pub mod durable;
 pub mod engine;
 pub mod jobs;
 pub mod memory;

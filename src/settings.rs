@@ -31,6 +31,15 @@ pub struct FineTuningSettings {
     pub max_seq_len: usize,
     /// A `metrics` event is recorded every this many optimizer steps (and on the last one).
     pub metrics_every: usize,
+    /// Upper bounds on a job's hyperparameters, checked when the job is created (400 naming the
+    /// parameter): `n_epochs`, `batch_size`, `learning_rate_multiplier` and `rewind.lora_rank`.
+    pub max_n_epochs: usize,
+    pub max_batch_size: usize,
+    pub max_learning_rate_multiplier: f64,
+    pub max_lora_rank: usize,
+    /// Times a job's trainer may start without ending cleanly (the server stopped or crashed
+    /// while it trained) before the job is failed instead of resumed again.
+    pub max_job_attempts: usize,
 }
 
 impl Default for FineTuningSettings {
@@ -39,6 +48,13 @@ impl Default for FineTuningSettings {
             max_file_bytes: 64 << 20,
             max_seq_len: 512,
             metrics_every: 1,
+            max_n_epochs: 50,
+            max_batch_size: 256,
+            max_learning_rate_multiplier: 1000.0,
+            // Rank 256 on every projection of a 0.5B model is ~0.3 GB of adapters and their
+            // optimizer state; larger ranks than the smallest width make no sense anyway.
+            max_lora_rank: 256,
+            max_job_attempts: 3,
         }
     }
 }
@@ -56,6 +72,9 @@ pub struct ServerSettings {
     pub api_keys: Vec<String>,
     /// Origins allowed to call the API from a browser; empty disables CORS, `["*"]` allows any.
     pub cors_origins: Vec<String>,
+    /// `/metrics` answers without a key (for a Prometheus scraper inside a trusted network);
+    /// otherwise it needs one like every other route but `/health`.
+    pub public_metrics: bool,
     /// Where the engine runs the models: `cpu`, `cuda` or `cuda:N`.
     pub device: String,
 }
@@ -81,10 +100,25 @@ pub struct Limits {
     pub max_tokens: usize,
     /// Upper bound on `n`.
     pub max_n: usize,
+    /// Messages in one chat request.
+    pub max_messages: usize,
+    /// Tools offered in one request.
+    pub max_tools: usize,
+    /// Entries of `logit_bias`.
+    pub max_logit_bias: usize,
+    /// Characters of each `stop` sequence.
+    pub max_stop_chars: usize,
+    /// Bytes of one JSON schema (`response_format`, each tool's `parameters`), serialised.
+    pub max_schema_bytes: usize,
+    /// Nesting of one JSON schema, counted in schemas within schemas (`$ref`s followed).
+    pub max_schema_depth: usize,
     /// Fine-tuned models (and checkpoints) whose weights stay in memory at once; the others
     /// load on their next request, replacing the least recently used idle one. Configured
     /// models always stay loaded.
     pub max_loaded_fine_tuned_models: usize,
+    /// Seconds a request waits for its model's weights to load before it gets 503 with
+    /// `Retry-After` (the load goes on; a later request finds the model loaded).
+    pub model_load_timeout_secs: usize,
 }
 
 /// One served model.
@@ -130,6 +164,7 @@ impl Default for ServerSettings {
             workers: 0,
             api_keys: Vec::new(),
             cors_origins: Vec::new(),
+            public_metrics: false,
             device: "cpu".into(),
         }
     }
@@ -145,7 +180,15 @@ impl Default for Limits {
             max_body_bytes: 4 << 20,
             max_tokens: 8192,
             max_n: 16,
+            // OpenAI's own limits for the next three.
+            max_messages: 2048,
+            max_tools: 128,
+            max_logit_bias: 300,
+            max_stop_chars: 256,
+            max_schema_bytes: 64 << 10,
+            max_schema_depth: 32,
             max_loaded_fine_tuned_models: 2,
+            model_load_timeout_secs: 120,
         }
     }
 }
@@ -253,6 +296,9 @@ impl Settings {
         if let Some(v) = get("REWIND_CORS_ORIGINS") {
             self.server.cors_origins = list(&v);
         }
+        if let Some(v) = get("REWIND_PUBLIC_METRICS") {
+            self.server.public_metrics = parse("REWIND_PUBLIC_METRICS", &v)?;
+        }
         if let Some(v) = get("REWIND_DEVICE") {
             self.server.device = v;
         }
@@ -270,9 +316,19 @@ impl Settings {
             ("REWIND_MAX_BODY_BYTES", &mut self.limits.max_body_bytes),
             ("REWIND_MAX_TOKENS", &mut self.limits.max_tokens),
             ("REWIND_MAX_N", &mut self.limits.max_n),
+            ("REWIND_MAX_MESSAGES", &mut self.limits.max_messages),
+            ("REWIND_MAX_TOOLS", &mut self.limits.max_tools),
+            ("REWIND_MAX_LOGIT_BIAS", &mut self.limits.max_logit_bias),
+            ("REWIND_MAX_STOP_CHARS", &mut self.limits.max_stop_chars),
+            ("REWIND_MAX_SCHEMA_BYTES", &mut self.limits.max_schema_bytes),
+            ("REWIND_MAX_SCHEMA_DEPTH", &mut self.limits.max_schema_depth),
             (
                 "REWIND_MAX_LOADED_FINE_TUNED_MODELS",
                 &mut self.limits.max_loaded_fine_tuned_models,
+            ),
+            (
+                "REWIND_MODEL_LOAD_TIMEOUT_SECS",
+                &mut self.limits.model_load_timeout_secs,
             ),
         ];
         for (name, field) in limits {
@@ -354,6 +410,19 @@ impl Settings {
                 "limits.max_loaded_fine_tuned_models",
                 l.max_loaded_fine_tuned_models,
             ),
+            ("limits.max_messages", l.max_messages),
+            ("limits.max_schema_bytes", l.max_schema_bytes),
+            ("limits.max_schema_depth", l.max_schema_depth),
+            ("fine_tuning.max_n_epochs", self.fine_tuning.max_n_epochs),
+            ("fine_tuning.max_batch_size", self.fine_tuning.max_batch_size),
+            (
+                "limits.model_load_timeout_secs",
+                l.model_load_timeout_secs,
+            ),
+            (
+                "fine_tuning.max_job_attempts",
+                self.fine_tuning.max_job_attempts,
+            ),
         ] {
             if value == 0 {
                 bail!("{name} must be at least 1");
@@ -376,6 +445,10 @@ impl Settings {
         }
         if self.server.api_keys.iter().any(|k| k.is_empty()) {
             bail!("server.api_keys contains an empty key");
+        }
+        let lr = self.fine_tuning.max_learning_rate_multiplier;
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("fine_tuning.max_learning_rate_multiplier must be a positive number");
         }
         parse_device(&self.server.device)?;
         Ok(())

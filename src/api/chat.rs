@@ -6,12 +6,13 @@ use crate::api::stream::{
     self, finish_reason, reported_logprob, usage, ChoiceOutput, ChunkFormat, Envelope,
 };
 use crate::api::tools;
-use crate::api::validation::{self, parse_body, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
-use crate::api::{read_body, AppState};
+use crate::api::validation::{self, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
+use crate::api::{off_worker, read_body, AppState};
 use crate::engine::grammar::Grammar;
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
 use crate::model::chat_template::ChatMessage;
+use crate::settings::Limits;
 use crate::model::generate::{FinishReason, GenerationParams, StepOutput, TokenLogprob};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -30,7 +31,8 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<Value>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
-    #[serde(flatten)]
+    /// Read from the same body by [`validation::parse_generation_body`].
+    #[serde(skip)]
     pub sampling: SamplingFields,
 }
 
@@ -125,7 +127,10 @@ pub fn messages(raw: &[Value]) -> Result<Vec<ChatMessage>, ValidationError> {
 }
 
 /// `response_format` into a grammar (None: free text).
-pub fn response_format(value: Option<&Value>) -> Result<Option<Arc<Grammar>>, ValidationError> {
+pub fn response_format(
+    value: Option<&Value>,
+    limits: &Limits,
+) -> Result<Option<Arc<Grammar>>, ValidationError> {
     let Some(value) = value.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
@@ -137,7 +142,8 @@ pub fn response_format(value: Option<&Value>) -> Result<Option<Arc<Grammar>>, Va
                 ValidationError::ResponseFormat("`json_schema` is missing".into())
             })?;
             let schema = spec.get("schema").cloned().unwrap_or(json!({}));
-            Grammar::from_schema(&schema)
+            validation::schema_within("response_format", &schema, limits)?;
+            Grammar::from_schema(&schema, limits.max_schema_depth)
                 .map(Some)
                 .map_err(|e| ValidationError::ResponseFormat(format!("{e:#}")))
         }
@@ -156,8 +162,9 @@ impl ChatCompletionRequest {
     ) -> Result<ChatRequest, ApiError> {
         let limits = &state.settings.limits;
         let sampling = self.sampling.validate(model.vocab_size, limits)?;
+        validation::at_most("messages", self.messages.len(), limits.max_messages)?;
         let msgs = messages(&self.messages)?;
-        let setup = tools::validate(self.tools.as_deref(), self.tool_choice.as_ref())?;
+        let setup = tools::validate(self.tools.as_deref(), self.tool_choice.as_ref(), limits)?;
         if setup.tools.is_some() && !model.supports_tools {
             return Err(ValidationError::ToolsUnsupported(model.id.clone()).into());
         }
@@ -174,7 +181,7 @@ impl ChatCompletionRequest {
         if top > 0 && !logprobs {
             return Err(ValidationError::TopLogprobsWithoutLogprobs.into());
         }
-        let grammar = response_format(self.response_format.as_ref())?;
+        let grammar = response_format(self.response_format.as_ref(), limits)?;
         let prompt = model
             .template
             .render(&msgs, true, setup.tools.as_ref())
@@ -253,9 +260,15 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, &req, payload).await?;
-    let request: ChatCompletionRequest = parse_body(&body)?;
-    let model = stream::served_model(&state.engine, &request.model)?;
-    let chat = request.validate(model.clone(), &state)?;
+    let shared = state.clone();
+    let (model, chat) = off_worker(move || {
+        let (mut request, sampling): (ChatCompletionRequest, _) = validation::parse_generation_body(&body)?;
+        request.sampling = sampling;
+        let model = stream::served_model(&shared.engine, &request.model)?;
+        let validated = request.validate(model.clone(), &shared)?;
+        Ok((model, validated))
+    })
+    .await?;
     let choices = chat.generate.choices();
     let events = stream::submit(&state.engine, chat.generate)?;
     let envelope = Envelope {
@@ -447,22 +460,24 @@ mod tests {
 
     #[test]
     fn response_formats() {
-        assert!(response_format(None).unwrap().is_none());
-        assert!(response_format(Some(&json!({"type": "text"})))
+        assert!(response_format(None, &Limits::default()).unwrap().is_none());
+        assert!(response_format(Some(&json!({"type": "text"})), &Limits::default())
             .unwrap()
             .is_none());
-        assert!(response_format(Some(&json!({"type": "json_object"})))
+        assert!(response_format(Some(&json!({"type": "json_object"})), &Limits::default())
             .unwrap()
             .is_some());
         let schema = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}});
-        assert!(response_format(Some(&schema)).unwrap().is_some());
+        assert!(response_format(Some(&schema), &Limits::default()).unwrap().is_some());
         for bad in [
             json!({"type": "yaml"}),
             json!({"type": "json_schema"}),
             json!({"type": "json_schema", "json_schema": {"schema": {"type": "tuple"}}}),
+            json!({"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}),
+            json!({"type": "json_schema", "json_schema": {"schema": {"enum": ["x".repeat(70_000)]}}}),
         ] {
             assert_eq!(
-                response_format(Some(&bad)).unwrap_err().param().as_deref(),
+                response_format(Some(&bad), &Limits::default()).unwrap_err().param().as_deref(),
                 Some("response_format")
             );
         }

@@ -3,8 +3,8 @@
 
 use crate::api::error::ApiError;
 use crate::api::stream::{self, finish_reason, reported_logprob, usage, ChunkFormat, Envelope};
-use crate::api::validation::{self, parse_body, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
-use crate::api::{read_body, AppState};
+use crate::api::validation::{self, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
+use crate::api::{off_worker, read_body, AppState};
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
 use crate::model::generate::{GenerationParams, StepOutput, TokenLogprob};
@@ -36,7 +36,8 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     pub best_of: Option<i64>,
     pub suffix: Option<String>,
-    #[serde(flatten)]
+    /// Read from the same body by [`validation::parse_generation_body`].
+    #[serde(skip)]
     pub sampling: SamplingFields,
 }
 
@@ -199,9 +200,15 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, &req, payload).await?;
-    let request: CompletionRequest = parse_body(&body)?;
-    let model = stream::served_model(&state.engine, &request.model)?;
-    let job = request.validate(model.clone(), &state)?;
+    let shared = state.clone();
+    let (model, job) = off_worker(move || {
+        let (mut request, sampling): (CompletionRequest, _) = validation::parse_generation_body(&body)?;
+        request.sampling = sampling;
+        let model = stream::served_model(&shared.engine, &request.model)?;
+        let validated = request.validate(model.clone(), &shared)?;
+        Ok((model, validated))
+    })
+    .await?;
     let n = job.generate.n;
     let choices = job.generate.choices();
     let events = stream::submit(&state.engine, job.generate)?;

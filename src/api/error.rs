@@ -5,7 +5,7 @@
 
 use crate::api::validation::ValidationError;
 use crate::engine::scheduler::Unschedulable;
-use crate::engine::SubmitError;
+use crate::engine::{EngineError, SubmitError};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
@@ -65,6 +65,21 @@ impl ApiError {
             "invalid_request_error",
             "Method not allowed for this endpoint.",
         )
+    }
+
+    /// A query string that does not fit its endpoint's parameters.
+    pub fn invalid_query(param: Option<String>, reason: String) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            match &param {
+                Some(p) => format!("Invalid query parameter '{p}': {reason}."),
+                None => format!("Invalid query string: {reason}."),
+            },
+        )
+        .code("invalid_value");
+        e.param = param;
+        e
     }
 
     pub fn unauthorized() -> Self {
@@ -143,6 +158,15 @@ impl From<ValidationError> for ApiError {
         error.param = e.param();
         error.code = Some(e.code().to_string());
         error
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Failed(message) => Self::internal(message),
+            EngineError::Unavailable(message) => Self::unavailable(message),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use crate::engine::unix_now;
 use crate::store::{FileRecord, Store};
 use crate::train::data::parse_jsonl;
 use actix_web::http::{header, StatusCode};
+use crate::api::extractors::Query;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -256,7 +257,7 @@ pub struct ListQuery {
 
 pub async fn list(
     state: web::Data<AppState>,
-    query: web::Query<ListQuery>,
+    query: Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = query.limit.unwrap_or(10_000);
     if !(1..=10_000).contains(&limit) {
@@ -312,13 +313,42 @@ pub async fn content(
         .map_err(internal)?
         .ok_or_else(|| file_not_found(&id))?;
     let bytes = store(&state).read_file(&file.id).map_err(internal)?;
-    let kind = match file.filename.rsplit('.').next() {
-        Some("csv") => "text/csv",
-        Some("svg") => "image/svg+xml",
-        Some("jsonl") => "application/jsonl",
+    Ok(download(&file.filename, &file.purpose).body(bytes))
+}
+
+/// Headers for a file's content. Whatever a client uploaded goes out as an attachment of type
+/// `application/octet-stream` that browsers must not sniff, so no upload (an SVG or HTML with
+/// script in it) ever renders in the page of whoever opens the link. Only the result files rewind
+/// writes itself (purpose `fine-tune-results`: the metrics CSV and the loss plot) keep their type,
+/// and a content security policy forbids every script and fetch even in those.
+fn download(filename: &str, purpose: &str) -> actix_web::HttpResponseBuilder {
+    let own = purpose == "fine-tune-results";
+    let kind = match filename.rsplit('.').next() {
+        Some("csv") if own => "text/csv",
+        Some("svg") if own => "image/svg+xml",
         _ => "application/octet-stream",
     };
-    Ok(HttpResponse::Ok().content_type(kind).body(bytes))
+    // Only the name's safe characters reach the header (no quote, CR or LF to break out of it).
+    let safe_name: String = filename
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .collect();
+    let mut response = HttpResponse::Ok();
+    response
+        .content_type(kind)
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header((
+            "Content-Security-Policy",
+            "default-src 'none'; style-src 'unsafe-inline'; sandbox",
+        ))
+        .insert_header((
+            "Content-Disposition",
+            format!(
+                "{}; filename=\"{safe_name}\"",
+                if own { "inline" } else { "attachment" }
+            ),
+        ));
+    response
 }
 
 pub async fn delete(

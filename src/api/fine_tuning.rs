@@ -7,12 +7,14 @@
 
 use crate::api::error::ApiError;
 use crate::api::files::{bad_request, file_not_found, internal};
+use crate::api::validation::parse_body;
 use crate::api::AppState;
 use crate::engine::unix_now;
 use crate::jobs::StateError;
 use crate::model::reversible::ReversibleConfig;
 use crate::store::{CheckpointRecord, EventRecord, JobRecord, RewindOptions};
 use crate::train::backward::Strategy;
+use crate::api::extractors::Query;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -52,16 +54,6 @@ struct CreateRequest {
     rewind: Option<RewindOptions>,
 }
 
-pub fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        bad_request(
-            format!("Invalid request body: {e}."),
-            None,
-            "invalid_request_body",
-        )
-    })
-}
-
 /// Checks one hyperparameter: absent or "auto" stays "auto"; a number must be in range.
 fn hyperparameter(
     value: Option<&Value>,
@@ -94,6 +86,38 @@ fn hyperparameter(
     }
 }
 
+/// OpenAI's rule for `metadata`: at most 16 string values, keys of at most 64 characters and
+/// values of at most 512.
+fn check_metadata(metadata: &Value) -> Result<(), ApiError> {
+    let invalid = |why: &str| {
+        bad_request(
+            format!("`metadata` {why}."),
+            Some("metadata"),
+            "invalid_value",
+        )
+    };
+    match metadata {
+        Value::Null => Ok(()),
+        Value::Object(map) if map.len() > 16 => Err(invalid("has more than 16 keys")),
+        Value::Object(map) => {
+            for (key, value) in map {
+                if key.chars().count() > 64 {
+                    return Err(invalid("has a key longer than 64 characters"));
+                }
+                match value {
+                    Value::String(v) if v.chars().count() <= 512 => {}
+                    Value::String(_) => {
+                        return Err(invalid("has a value longer than 512 characters"))
+                    }
+                    _ => return Err(invalid("values must be strings")),
+                }
+            }
+            Ok(())
+        }
+        _ => Err(invalid("must be an object of strings")),
+    }
+}
+
 /// Validates a new job's request against the served models and stored files and creates it.
 pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiError> {
     if state.engine.registry().spec(&new.model).is_none() {
@@ -122,11 +146,15 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
         }
     }
     let hp = &new.hyperparameters;
+    let max = &state.settings.fine_tuning;
     let hyperparameters = json!({
-        "n_epochs": hyperparameter(hp.get("n_epochs"), "n_epochs", true, 1.0, 50.0)?,
-        "batch_size": hyperparameter(hp.get("batch_size"), "batch_size", true, 1.0, 256.0)?,
-        "learning_rate_multiplier": hyperparameter(hp.get("learning_rate_multiplier"), "learning_rate_multiplier", false, 0.0, 1e3)?,
+        "n_epochs": hyperparameter(hp.get("n_epochs"), "n_epochs", true, 1.0, max.max_n_epochs as f64)?,
+        "batch_size": hyperparameter(hp.get("batch_size"), "batch_size", true, 1.0, max.max_batch_size as f64)?,
+        "learning_rate_multiplier": hyperparameter(hp.get("learning_rate_multiplier"), "learning_rate_multiplier", false, 0.0, max.max_learning_rate_multiplier)?,
     });
+    if let Some(metadata) = &new.metadata {
+        check_metadata(metadata)?;
+    }
     if let Some(suffix) = &new.suffix {
         if suffix.chars().count() > new.max_suffix || suffix.contains(':') {
             return Err(bad_request(
@@ -151,6 +179,27 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
         }
     };
     let rewind = new.rewind.unwrap_or_default();
+    if let Some(rank) = rewind.lora_rank {
+        if rank > max.max_lora_rank {
+            return Err(bad_request(
+                format!(
+                    "`rewind.lora_rank` must be between 0 and {} (fine_tuning.max_lora_rank); got {rank}.",
+                    max.max_lora_rank
+                ),
+                Some("rewind.lora_rank"),
+                "invalid_value",
+            ));
+        }
+    }
+    if let Some(alpha) = rewind.lora_alpha {
+        if !(alpha.is_finite() && alpha > 0.0 && alpha <= 1e6) {
+            return Err(bad_request(
+                format!("`rewind.lora_alpha` must be a number in (0, 1e6]; got {alpha}."),
+                Some("rewind.lora_alpha"),
+                "invalid_value",
+            ));
+        }
+    }
     if let Some(scheme) = &rewind.scheme {
         ReversibleConfig::parse(scheme).map_err(|e| {
             bad_request(
@@ -191,6 +240,7 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
         metadata: new.metadata,
         rewind,
         legacy: new.id_prefix == "ft-",
+        attempts: 0,
     };
     let service = state.fine_tuning.clone();
     web::block(move || service.create(job))
@@ -262,7 +312,7 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = crate::api::read_body(&state, &req, payload).await?;
-    let request: CreateRequest = parse_json(&body)?;
+    let request: CreateRequest = parse_body(&body)?;
     // `method` supersedes the deprecated top-level `hyperparameters`.
     let mut hyperparameters = request.hyperparameters.unwrap_or_else(|| json!({}));
     if let Some(method) = &request.method {
@@ -332,7 +382,7 @@ fn limit(query: &PageQuery, default: usize) -> Result<usize, ApiError> {
 
 pub async fn list(
     state: web::Data<AppState>,
-    query: web::Query<PageQuery>,
+    query: Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let page = state
         .fine_tuning
@@ -376,7 +426,7 @@ pub async fn resume(
 pub async fn events(
     state: web::Data<AppState>,
     id: web::Path<String>,
-    query: web::Query<PageQuery>,
+    query: Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
     find_job(&state, &id)?;
     let page = state
@@ -391,7 +441,7 @@ pub async fn events(
 pub async fn checkpoints(
     state: web::Data<AppState>,
     id: web::Path<String>,
-    query: web::Query<PageQuery>,
+    query: Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
     find_job(&state, &id)?;
     let page = state

@@ -9,9 +9,11 @@
 
 use crate::api::error::ApiError;
 use crate::api::files::{file_object, internal};
-use crate::api::fine_tuning::{cancel_job, create_job, find_job, parse_json, NewJob};
+use crate::api::fine_tuning::{cancel_job, create_job, find_job, NewJob};
+use crate::api::validation::parse_body;
 use crate::api::AppState;
 use crate::store::{EventRecord, JobRecord, RewindOptions};
+use crate::api::extractors::Query;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -80,7 +82,7 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = crate::api::read_body(&state, &req, payload).await?;
-    let request: CreateRequest = parse_json(&body)?;
+    let request: CreateRequest = parse_body(&body)?;
     let mut hyperparameters = request.hyperparameters.unwrap_or_else(|| json!({}));
     for (key, value) in [
         ("n_epochs", request.n_epochs),
@@ -161,7 +163,7 @@ const POLL: Duration = Duration::from_millis(250);
 pub async fn events(
     state: web::Data<AppState>,
     id: web::Path<String>,
-    query: web::Query<EventsQuery>,
+    query: Query<EventsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     find_job(&state, &id)?;
     let store = state.fine_tuning.store.clone();

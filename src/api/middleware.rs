@@ -1,4 +1,5 @@
-//! Cross-cutting request handling, outermost first: metrics and access log, CORS, API keys.
+//! Cross-cutting request handling: metrics and access log, CORS (both outermost, on every
+//! request), and API keys (on the protected scope only).
 
 use crate::api::error::ApiError;
 use crate::api::AppState;
@@ -8,6 +9,8 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::{web, Error, HttpResponse, ResponseError};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 /// Counts every response by route pattern and status, and logs it.
@@ -19,7 +22,20 @@ pub async fn track(
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let method = req.method().clone();
     let started = Instant::now();
-    let result = next.call(req).await;
+    // A handler that panics fails its own request with a 500 in the envelope; the worker thread
+    // and every other connection on it go on.
+    let result = match AssertUnwindSafe(next.call(req)).catch_unwind().await {
+        Ok(result) => result.map(ServiceResponse::map_into_boxed_body),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%method, endpoint, panic = what, "a request handler panicked");
+            Err(ApiError::internal("the server failed while handling this request").into())
+        }
+    };
     let status = match &result {
         Ok(res) => res.status(),
         Err(e) => e.as_response_error().status_code(),
@@ -37,7 +53,7 @@ pub async fn track(
     } else {
         tracing::info!(%method, endpoint, status = status.as_u16(), ms, "request");
     }
-    result.map(ServiceResponse::map_into_boxed_body)
+    result
 }
 
 /// CORS, off unless origins are configured. Preflight requests are answered here; other
@@ -106,36 +122,31 @@ pub async fn cors(
     Ok(res)
 }
 
-/// Bearer API keys on `/v1/*` when keys are configured; `/health` and `/metrics` stay public.
-pub async fn auth(
+/// Bearer API keys, when keys are configured. This middleware wraps the one scope that holds
+/// every protected route (and the unknown-path fallback), so actix runs it only after its
+/// router matched that scope: it decides on the path the router decoded and matched, never on a
+/// spelling of its own, and a route added to the scope is protected without a second list.
+pub async fn require_key(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, Error> {
-    let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
-        return next
-            .call(req)
-            .await
-            .map(ServiceResponse::map_into_boxed_body);
+    let authorized = match req.app_data::<web::Data<AppState>>() {
+        Some(state) if state.keys.is_empty() => true,
+        Some(state) => req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .is_some_and(|(_, key)| state.keys.matches(key.trim())),
+        // No state: nothing can vouch for the request.
+        None => false,
     };
-    let protected = req.path().starts_with("/v1/") || req.path() == "/v1";
-    if state.keys.is_empty() || !protected || req.method() == Method::OPTIONS {
-        return next
-            .call(req)
+    if authorized {
+        next.call(req)
             .await
-            .map(ServiceResponse::map_into_boxed_body);
-    }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key.trim().to_string());
-    match presented {
-        Some(key) if state.keys.matches(&key) => next
-            .call(req)
-            .await
-            .map(ServiceResponse::map_into_boxed_body),
-        _ => Ok(req.into_response(ApiError::unauthorized().error_response())),
+            .map(ServiceResponse::map_into_boxed_body)
+    } else {
+        Ok(req.into_response(ApiError::unauthorized().error_response()))
     }
 }

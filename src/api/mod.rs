@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod extractors;
 pub mod files;
 pub mod fine_tuning;
 pub mod health;
@@ -25,7 +26,8 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 /// Accepted API keys, kept as SHA-256 digests and compared in constant time: the comparison
 /// takes as long whichever key (if any) matches and wherever a wrong key differs, and hashing
@@ -92,6 +94,17 @@ pub async fn read_body(
     }
 }
 
+/// Runs CPU-bound request work (parsing a body of megabytes, rendering and tokenising a prompt)
+/// on the blocking pool, so the async workers stay free to answer `/health` and other
+/// clients; a panic in it fails this request with a 500.
+pub async fn off_worker<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(work)
+        .await
+        .map_err(|_| ApiError::internal("the request failed while it was being prepared"))?
+}
+
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found(format!(
         "Unknown path `{} {}`.",
@@ -104,13 +117,38 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     Err(ApiError::method_not_allowed())
 }
 
-/// The route table.
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    let resource =
-        |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
-    cfg.service(resource("/health").route(web::get().to(health::health)))
-        .service(resource("/metrics").route(web::get().to(health::metrics)))
-        .service(resource("/v1/chat/completions").route(web::post().to(chat::create)))
+/// The route table. Only `/health` (and `/metrics` with `server.public_metrics`) answer without
+/// a key; every other route, and the fallback for unknown paths, sits in one scope behind
+/// [`middleware::require_key`]: deny by default, whatever the path's spelling.
+pub fn routes(public_metrics: bool) -> impl Fn(&mut web::ServiceConfig) + Clone {
+    move |cfg| {
+        cfg.service(resource("/health").route(web::get().to(health::health)));
+        if public_metrics {
+            cfg.service(metrics());
+        }
+        cfg.service(
+            web::scope("")
+                .wrap(from_fn(middleware::require_key))
+                .configure(move |cfg| protected_routes(cfg, !public_metrics))
+                .default_service(web::to(not_found)),
+        );
+    }
+}
+
+/// A route whose other methods answer 405 in the error envelope.
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path.to_string()).default_service(web::to(method_not_allowed))
+}
+
+fn metrics() -> actix_web::Resource {
+    resource("/metrics").route(web::get().to(health::metrics))
+}
+
+fn protected_routes(cfg: &mut web::ServiceConfig, with_metrics: bool) {
+    if with_metrics {
+        cfg.service(metrics());
+    }
+    cfg.service(resource("/v1/chat/completions").route(web::post().to(chat::create)))
         .service(resource("/v1/completions").route(web::post().to(completions::create)))
         .service(resource("/v1/models").route(web::get().to(models::list)))
         .service(
@@ -177,33 +215,92 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub engine: Engine,
+    /// Not kept alive by this handle: the service holds the data directory's lock.
+    fine_tuning: Weak<crate::jobs::FineTuning>,
     handle: actix_web::dev::ServerHandle,
     thread: std::thread::JoinHandle<std::io::Result<()>>,
 }
+
+/// How long a stopping server waits, from the stop, for the running fine-tuning job to reach the
+/// end of its step and save its state. A job still training then resumes from its last
+/// checkpoint instead, as after a crash; either way the process exits within about this long.
+const JOB_STOP_GRACE: Duration = Duration::from_secs(8);
 
 impl RunningServer {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    /// Blocks until the server stops (a signal, or [`RunningServer::stop`]).
+    /// Blocks until the server stops (SIGTERM, SIGINT or [`RunningServer::stop`]), then for the
+    /// running fine-tuning job to save its state (at most [`JOB_STOP_GRACE`] from the stop).
     pub fn wait(self) -> Result<()> {
-        match self.thread.join() {
+        let result = match self.thread.join() {
             Ok(result) => result.context("the HTTP server failed"),
-            Err(_) => anyhow::bail!("the HTTP server thread panicked"),
+            Err(_) => Err(anyhow::anyhow!("the HTTP server thread panicked")),
+        };
+        if let Some(fine_tuning) = self.fine_tuning.upgrade() {
+            if fine_tuning.is_shutting_down() && !fine_tuning.wait_for_runner(JOB_STOP_GRACE) {
+                tracing::warn!(
+                    "the fine-tuning job did not reach the end of its step in time; it resumes from its last checkpoint"
+                );
+            }
         }
+        result
     }
 
-    /// Asks the server to stop; in-flight requests get a few seconds to finish.
+    /// Stops the server: queued and running requests end with a 503 (streams with a final
+    /// error event), the running fine-tuning job stops at the end of its step with its state
+    /// saved, and the HTTP server closes (in-flight responses get a few seconds to finish).
     pub fn stop(&self) {
+        begin_shutdown(&self.engine, &self.fine_tuning);
         let handle = self.handle.clone();
         std::thread::spawn(move || actix_web::rt::System::new().block_on(handle.stop(true)));
     }
 }
 
+fn begin_shutdown(engine: &Engine, fine_tuning: &Weak<crate::jobs::FineTuning>) {
+    engine.shutdown();
+    if let Some(fine_tuning) = fine_tuning.upgrade() {
+        fine_tuning.shutdown();
+    }
+}
+
+/// Stops the server on SIGTERM or SIGINT as [`RunningServer::stop`] does. (actix's own signal
+/// handling is off: it would leave the engine and the runner unaware, and on SIGINT cut the
+/// streams in flight without a final event.)
+async fn stop_on_signal(
+    handle: actix_web::dev::ServerHandle,
+    engine: Engine,
+    fine_tuning: Weak<crate::jobs::FineTuning>,
+) {
+    use actix_web::rt::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot listen for SIGTERM and SIGINT: {e}");
+            return;
+        }
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!("{name}: stopping (requests end, the running fine-tuning job saves its state)");
+    begin_shutdown(&engine, &fine_tuning);
+    handle.stop(true).await;
+}
+
 /// Starts the engine (which loads the models in the background) and the HTTP server. Returns
-/// once the port is bound; `/health` answers 503 until the models are loaded.
+/// once the port is bound; `/health` answers 503 until the models are loaded. Fails at once when
+/// another process holds the data directory; the lock on it is released when the server's state
+/// is dropped after a stop (a restart in the same process waits for that).
 pub fn start(settings: Settings) -> Result<RunningServer> {
+    // First of all: the data directory is this server's alone (another process on it fails here,
+    // before anything is read or written), and what a crash interrupted there is repaired.
+    let data_dir = crate::store::open_data_dir(&settings.data_dir)?;
     let engine = Engine::start(&settings)?;
     let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
         .with_context(|| format!("binding {}:{}", settings.server.host, settings.server.port))?;
@@ -215,8 +312,11 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
         n => n,
     };
     let keys = ApiKeys::new(&settings.server.api_keys);
+    let public_metrics = settings.server.public_metrics;
     let settings = Arc::new(settings);
-    let fine_tuning = crate::jobs::FineTuning::start(settings.clone(), engine.clone())?;
+    let fine_tuning = crate::jobs::FineTuning::start(settings.clone(), engine.clone(), data_dir)?;
+    let runner = Arc::downgrade(&fine_tuning);
+    let on_signal = (engine.clone(), runner.clone());
     let state = web::Data::new(AppState {
         engine: engine.clone(),
         settings,
@@ -231,11 +331,10 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
                 let server = HttpServer::new(move || {
                     App::new()
                         .app_data(state.clone())
-                        .wrap(from_fn(middleware::auth))
+                        .app_data(extractors::path_config())
                         .wrap(from_fn(middleware::cors))
                         .wrap(from_fn(middleware::track))
-                        .configure(routes)
-                        .default_service(web::to(not_found))
+                        .configure(routes(public_metrics))
                 })
                 .workers(workers)
                 // A client that closes its connection has given up on the response: abort its
@@ -243,9 +342,11 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
                 // slot) instead of generating into a half-closed socket.
                 .h1_allow_half_closed(false)
                 .shutdown_timeout(5)
+                .disable_signals()
                 .listen(listener)?
                 .run();
                 let _ = handle_tx.send(server.handle());
+                actix_web::rt::spawn(stop_on_signal(server.handle(), on_signal.0, on_signal.1));
                 server.await
             })
         })?;
@@ -262,6 +363,7 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
     Ok(RunningServer {
         addr,
         engine,
+        fine_tuning: runner,
         handle,
         thread,
     })

@@ -87,7 +87,7 @@ pub async fn collect(
                     c.finish = output.finish;
                 }
             }
-            Event::Error(message) => return Err(ApiError::internal(message)),
+            Event::Error(e) => return Err(ApiError::from(e)),
         }
     }
     if out.iter().any(|c| c.finish.is_none()) {
@@ -142,8 +142,8 @@ pub fn sse_response<F: ChunkFormat>(events: EventStream, mut format: F) -> HttpR
                     Ok(Some(Event::Token { choice, output })) => {
                         queue.extend(format.token(choice, output).iter().map(event))
                     }
-                    Ok(Some(Event::Error(message))) => {
-                        queue.push_back(event(&ApiError::internal(message).body()));
+                    Ok(Some(Event::Error(e))) => {
+                        queue.push_back(event(&ApiError::from(e).body()));
                         ended = true;
                     }
                     Ok(None) => {

@@ -7,7 +7,8 @@
 //! - the whole reply being a JSON call object or a list of them (Llama 3.1 style), with the
 //!   arguments under `arguments` or `parameters`.
 
-use crate::api::validation::ValidationError;
+use crate::api::validation::{self, ValidationError};
+use crate::settings::Limits;
 use serde_json::{json, Value};
 
 const OPEN: &str = "<tool_call>";
@@ -31,8 +32,10 @@ fn valid_name(name: &str) -> bool {
 pub fn validate(
     tools: Option<&[Value]>,
     tool_choice: Option<&Value>,
+    limits: &Limits,
 ) -> Result<ToolSetup, ValidationError> {
     let tools = tools.unwrap_or_default();
+    validation::at_most("tools", tools.len(), limits.max_tools)?;
     let mut names = Vec::new();
     for (i, tool) in tools.iter().enumerate() {
         let kind = tool
@@ -59,6 +62,7 @@ pub fn validate(
                     "tools[{i}].function.parameters must be a JSON Schema object"
                 )));
             }
+            validation::schema_within(&format!("tools[{i}].function.parameters"), p, limits)?;
         }
         names.push(name);
     }
@@ -198,18 +202,18 @@ mod tests {
     #[test]
     fn tool_lists_and_choices_are_validated() {
         let tools = [tool("get_weather")];
-        assert!(validate(Some(&tools), None).unwrap().tools.is_some());
-        assert!(validate(Some(&tools), Some(&json!("none")))
+        assert!(validate(Some(&tools), None, &Limits::default()).unwrap().tools.is_some());
+        assert!(validate(Some(&tools), Some(&json!("none")), &Limits::default())
             .unwrap()
             .tools
             .is_none());
-        assert!(validate(None, None).unwrap().tools.is_none());
-        assert!(validate(Some(&[tool("bad name")]), None).is_err());
-        assert!(validate(Some(&tools), Some(&json!("sometimes"))).is_err());
-        assert!(validate(None, Some(&json!("required"))).is_err());
+        assert!(validate(None, None, &Limits::default()).unwrap().tools.is_none());
+        assert!(validate(Some(&[tool("bad name")]), None, &Limits::default()).is_err());
+        assert!(validate(Some(&tools), Some(&json!("sometimes")), &Limits::default()).is_err());
+        assert!(validate(None, Some(&json!("required")), &Limits::default()).is_err());
         let named = json!({"type": "function", "function": {"name": "other"}});
         assert_eq!(
-            validate(Some(&tools), Some(&named))
+            validate(Some(&tools), Some(&named), &Limits::default())
                 .unwrap_err()
                 .param()
                 .as_deref(),

@@ -39,6 +39,18 @@ pub enum ValidationError {
     InvalidContent { index: usize, reason: String },
     #[error("'stop' accepts at most {MAX_STOPS} sequences, got {0}.")]
     TooManyStops(usize),
+    #[error("'{param}' accepts at most {max} entries, got {count}.")]
+    TooMany {
+        param: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error("'{param}' is too large: {what} (the limit is {max}).")]
+    TooLarge {
+        param: String,
+        what: String,
+        max: usize,
+    },
     #[error("Invalid key '{0}' in 'logit_bias': keys must be token ids.")]
     LogitBiasKey(String),
     #[error("'logit_bias' names token {id}, outside the vocabulary of {vocab} tokens.")]
@@ -89,6 +101,8 @@ impl ValidationError {
             InvalidRole { index, .. } => Some(format!("messages[{index}].role")),
             InvalidContent { index, .. } => Some(format!("messages[{index}].content")),
             TooManyStops(_) => Some("stop".into()),
+            TooMany { param, .. } => Some(param.to_string()),
+            TooLarge { param, .. } => Some(param.clone()),
             LogitBiasKey(_) | LogitBiasToken { .. } => Some("logit_bias".into()),
             TopLogprobsWithoutLogprobs => Some("top_logprobs".into()),
             EmptyPrompt | PromptToken { .. } => Some("prompt".into()),
@@ -112,58 +126,55 @@ impl ValidationError {
     }
 }
 
-/// Parses a JSON body into `T`. When the shape is wrong, the parameter at fault is found by
-/// leaving out one top-level key at a time: the first whose absence removes the error is it.
+/// Parses a JSON body into `T`: see [`json_object`] and [`from_object`].
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationError> {
+    from_object(&json_object(bytes)?)
+}
+
+/// The body as a JSON object (serde_json bounds its nesting, so no body recurses deeply).
+pub fn json_object(bytes: &[u8]) -> Result<Value, ValidationError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| ValidationError::InvalidJson(e.to_string()))?;
-    let Value::Object(obj) = &value else {
+    if !value.is_object() {
         return Err(ValidationError::InvalidJson(
             "the body must be a JSON object".into(),
         ));
-    };
-    match serde_json::from_value::<T>(value.clone()) {
-        Ok(t) => Ok(t),
-        Err(e) => {
-            let message = e.to_string();
-            if let Some(field) = message
-                .strip_prefix("missing field `")
-                .and_then(|m| m.split('`').next())
-            {
-                return Err(ValidationError::MissingField(field.to_string()));
-            }
-            // Leaving out the broken key fixes the body, or (with another key broken too)
-            // changes the error; a broken required key leaves only its own absence to report.
-            let without = |key: &String| {
-                let mut rest = obj.clone();
-                rest.remove(key);
-                serde_json::from_value::<T>(Value::Object(rest))
-                    .err()
-                    .map(|e| e.to_string())
-            };
-            let missing = |key: &String, m: &str| m == format!("missing field `{key}`");
-            let attempts: Vec<(&String, Option<String>)> =
-                obj.keys().map(|k| (k, without(k))).collect();
-            let culprit = attempts
-                .iter()
-                .find(|(_, e)| e.is_none())
-                .or_else(|| {
-                    attempts
-                        .iter()
-                        .find(|(k, e)| e.as_deref().is_some_and(|m| m != message && !missing(k, m)))
-                })
-                .or_else(|| {
-                    attempts
-                        .iter()
-                        .find(|(k, e)| e.as_deref().is_some_and(|m| missing(k, m)))
-                })
-                .map(|(k, _)| *k);
-            Err(ValidationError::InvalidType {
-                param: culprit.cloned(),
-                message,
-            })
-        }
     }
+    Ok(value)
+}
+
+/// A generation request's body: its own fields (`T`, whose `sampling` field serde skips) and the
+/// sampling fields chat and completions share, each read from the same parsed body. (Not a
+/// `#[serde(flatten)]`: through one, a wrong value's path is lost.)
+pub fn parse_generation_body<T: DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<(T, SamplingFields), ValidationError> {
+    let body = json_object(bytes)?;
+    Ok((from_object(&body)?, from_object(&body)?))
+}
+
+/// Reads `T` from a parsed body in one pass, tracking where it is: a value of the wrong shape is
+/// reported with its path (`messages[2].content`), so the error names the parameter without
+/// trying the body again key by key.
+pub fn from_object<T: DeserializeOwned>(value: &Value) -> Result<T, ValidationError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().to_string();
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next())
+        {
+            let field = match path.as_str() {
+                "." => field.to_string(),
+                parent => format!("{parent}.{field}"),
+            };
+            return ValidationError::MissingField(field);
+        }
+        ValidationError::InvalidType {
+            param: (path != ".").then_some(path),
+            message,
+        }
+    })
 }
 
 /// `stop`: a string or a list of strings.
@@ -262,6 +273,13 @@ impl SamplingFields {
             p.frequency_penalty = range("frequency_penalty", v, -2.0, 2.0)?;
         }
         if let Some(bias) = &self.logit_bias {
+            if bias.len() > limits.max_logit_bias {
+                return Err(ValidationError::TooMany {
+                    param: "logit_bias",
+                    count: bias.len(),
+                    max: limits.max_logit_bias,
+                });
+            }
             let mut entries = Vec::with_capacity(bias.len());
             for (key, &value) in bias {
                 let id: u64 = key
@@ -286,6 +304,13 @@ impl SamplingFields {
         if stop.len() > MAX_STOPS {
             return Err(ValidationError::TooManyStops(stop.len()));
         }
+        if let Some(long) = stop.iter().find(|s| s.chars().count() > limits.max_stop_chars) {
+            return Err(ValidationError::TooLarge {
+                param: "stop".into(),
+                what: format!("a sequence of {} characters", long.chars().count()),
+                max: limits.max_stop_chars,
+            });
+        }
         let n = self.n.unwrap_or(1);
         if n < 1 || n > limits.max_n as i64 {
             return Err(ValidationError::OutOfRange {
@@ -309,6 +334,49 @@ impl SamplingFields {
             include_usage,
         })
     }
+}
+
+/// A list parameter of at most `max` entries.
+pub fn at_most(param: &'static str, count: usize, max: usize) -> Result<(), ValidationError> {
+    if count > max {
+        return Err(ValidationError::TooMany { param, count, max });
+    }
+    Ok(())
+}
+
+/// A JSON schema the server reads (a `response_format`, a tool's `parameters`) within
+/// `limits.max_schema_bytes` serialised and `limits.max_schema_depth` levels of nesting.
+pub fn schema_within(param: &str, schema: &Value, limits: &Limits) -> Result<(), ValidationError> {
+    let too_large = |what: String, max: usize| ValidationError::TooLarge {
+        param: param.to_string(),
+        what,
+        max,
+    };
+    let bytes = serde_json::to_vec(schema).map_or(usize::MAX, |v| v.len());
+    if bytes > limits.max_schema_bytes {
+        return Err(too_large(
+            format!("{bytes} bytes"),
+            limits.max_schema_bytes,
+        ));
+    }
+    // Nesting of the JSON itself (a schema level is at least one object), walked without
+    // recursion.
+    let mut pending = vec![(schema, 0usize)];
+    while let Some((value, depth)) = pending.pop() {
+        // Two JSON levels per schema level (`properties` then the property).
+        if depth > 2 * limits.max_schema_depth + 1 {
+            return Err(too_large(
+                "nested too deeply".into(),
+                limits.max_schema_depth,
+            ));
+        }
+        match value {
+            Value::Array(items) => pending.extend(items.iter().map(|v| (v, depth + 1))),
+            Value::Object(map) => pending.extend(map.values().map(|v| (v, depth + 1))),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Resolves the completion budget and checks the context: prompt plus completion must fit.
@@ -360,8 +428,10 @@ mod tests {
     struct Probe {
         #[allow(dead_code)]
         model: String,
-        #[serde(flatten)]
-        sampling: SamplingFields,
+    }
+
+    fn parse(json: &[u8]) -> Result<SamplingFields, ValidationError> {
+        parse_generation_body::<Probe>(json).map(|(_, sampling)| sampling)
     }
 
     fn limits() -> Limits {
@@ -371,37 +441,48 @@ mod tests {
     #[test]
     fn shape_errors_name_the_parameter() {
         assert_eq!(
-            parse_body::<Probe>(b"{").unwrap_err().code(),
+            parse(b"{").unwrap_err().code(),
             "invalid_json"
         );
         assert_eq!(
-            parse_body::<Probe>(b"[1]").unwrap_err().code(),
+            parse(b"[1]").unwrap_err().code(),
             "invalid_json"
         );
         assert_eq!(
-            parse_body::<Probe>(br#"{"n": 1}"#).unwrap_err(),
+            parse(br#"{"n": 1}"#).unwrap_err(),
             ValidationError::MissingField("model".into())
         );
         let e =
-            parse_body::<Probe>(br#"{"model": "m", "temperature": "hot", "foo": 1}"#).unwrap_err();
+            parse(br#"{"model": "m", "temperature": "hot", "foo": 1}"#).unwrap_err();
         assert_eq!(e.param().as_deref(), Some("temperature"), "{e}");
-        let e = parse_body::<Probe>(br#"{"model": 5, "n": 1}"#).unwrap_err();
+        let e = parse(br#"{"model": 5, "n": 1}"#).unwrap_err();
         assert_eq!(
             (e.param().as_deref(), e.code()),
             (Some("model"), "invalid_type"),
             "{e}"
         );
         // Unknown fields are ignored.
-        let p = parse_body::<Probe>(br#"{"model": "m", "store": true, "metadata": {"a": "b"}}"#)
+        let p = parse(br#"{"model": "m", "store": true, "metadata": {"a": "b"}}"#)
             .unwrap();
-        assert!(p.sampling.temperature.is_none());
+        assert!(p.temperature.is_none());
+        // Nested values are named by their path; one pass reports a type error among many keys.
+        let e = parse(br#"{"model": "m", "stream_options": {"include_usage": 3}}"#).unwrap_err();
+        assert_eq!(e.param().as_deref(), Some("stream_options.include_usage"), "{e}");
+        let mut many = String::from(r#"{"model": "m", "n": "x""#);
+        for i in 0..100_000 {
+            many.push_str(&format!(r#", "k{i}": {i}"#));
+        }
+        many.push('}');
+        let started = std::time::Instant::now();
+        let e = parse(many.as_bytes()).unwrap_err();
+        assert_eq!(e.param().as_deref(), Some("n"), "{e}");
+        assert!(started.elapsed().as_secs_f64() < 2.0, "{:?}", started.elapsed());
     }
 
     #[test]
     fn ranges_are_checked_per_parameter() {
         let check = |json: &str| {
-            let p: Probe = parse_body(json.as_bytes()).unwrap();
-            p.sampling.validate(100, &limits())
+            parse(json.as_bytes()).unwrap().validate(100, &limits())
         };
         for (json, param) in [
             (r#"{"model":"m","temperature":2.5}"#, "temperature"),

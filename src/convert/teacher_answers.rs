@@ -9,7 +9,7 @@ use crate::model::generate::{run_to_completion, GenerationParams, Sequence};
 use crate::model::loader::LoadedModel;
 use crate::model::sampling::SamplingParams;
 use crate::train::data::{self, Example};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::Path;
 
 /// Instruction prompts of many kinds (facts, poems, tips, explanations, small talk). The
@@ -47,13 +47,7 @@ pub fn load_or_generate(
         .iter()
         .map(|messages| serde_json::json!({ "messages": messages }).to_string())
         .collect();
-    if let Some(dir) = cache.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = cache.with_extension("tmp");
-    std::fs::write(&tmp, lines.join("\n") + "\n")
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, cache)?;
+    crate::durable::write_file(cache, (lines.join("\n") + "\n").as_bytes())?;
     Ok(chats.into_iter().map(Example::Chat).collect())
 }
 

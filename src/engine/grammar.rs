@@ -31,6 +31,12 @@ const MAX_NUMBER_LEN: usize = 32;
 const MAX_STACKS: usize = 32;
 /// Properties one object schema may declare (they are tracked in a 64-bit set).
 const MAX_PROPERTIES: usize = 64;
+/// Alternatives of one `enum`, `anyOf`/`oneOf` or type list: every one is a parse stack the
+/// token mask follows for each vocabulary entry (OpenAI allows 500 values in one enum).
+const MAX_ALTERNATIVES: usize = 512;
+/// Nodes one schema may compile to: type lists and alternatives multiply them, and this keeps a
+/// small schema from compiling into an exponential graph.
+const MAX_NODES: usize = 20_000;
 /// FNV-1a, for the hashes of undeclared object keys.
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -112,17 +118,79 @@ impl Grammar {
         })
     }
 
-    /// `response_format: {"type": "json_schema", ...}`.
-    pub fn from_schema(schema: &Value) -> Result<Arc<Self>> {
+    /// `response_format: {"type": "json_schema", ...}`, nesting at most `max_depth` schemas
+    /// deep (`$ref`s followed).
+    pub fn from_schema(schema: &Value, max_depth: usize) -> Result<Arc<Self>> {
         let mut compiler = Compiler {
             grammar: Self::base(),
             root: schema,
             refs: HashMap::new(),
+            max_depth,
         };
         let root = compiler.compile(schema, 0)?;
         let mut grammar = compiler.grammar;
         grammar.root = root;
+        grammar.check_alternatives(max_depth)?;
         Ok(Arc::new(grammar))
+    }
+
+    /// The matcher expands alternatives recursively before it reads a byte, so a chain of
+    /// alternatives that leads back to itself (`{"$ref": "#"}`, two definitions that are each
+    /// other's only content) would recurse forever, and a very long chain would exhaust the
+    /// stack. Recursion through an object or an array is fine: each level consumes a bracket.
+    /// Refuses cycles and chains longer than `max_depth`, by a walk that is itself iterative.
+    fn check_alternatives(&self, max_depth: usize) -> Result<()> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            Open,
+            /// Done, with the longest chain of alternatives below the node.
+            Done(usize),
+        }
+        let mut marks = vec![Mark::New; self.nodes.len()];
+        for start in 0..self.nodes.len() {
+            if marks[start] != Mark::New {
+                continue;
+            }
+            // (node, index of the next alternative to visit)
+            let mut path = vec![(start, 0)];
+            marks[start] = Mark::Open;
+            while let Some(&mut (node, ref mut next)) = path.last_mut() {
+                let alternatives: &[NodeId] = match &self.nodes[node] {
+                    Node::Union(alts) => alts,
+                    _ => &[],
+                };
+                if let Some(&child) = alternatives.get(*next) {
+                    *next += 1;
+                    match marks[child] {
+                        Mark::Open => bail!(
+                            "the schema refers to itself with no object or array in between, \
+                             a loop constrained decoding cannot follow"
+                        ),
+                        Mark::New => {
+                            marks[child] = Mark::Open;
+                            path.push((child, 0));
+                        }
+                        Mark::Done(_) => {}
+                    }
+                    continue;
+                }
+                let depth = alternatives
+                    .iter()
+                    .map(|&c| match marks[c] {
+                        Mark::Done(d) => d + 1,
+                        _ => 0,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                if depth > max_depth {
+                    bail!("the schema nests alternatives more than {max_depth} deep");
+                }
+                marks[node] = Mark::Done(depth);
+                path.pop();
+            }
+        }
+        Ok(())
     }
 
     fn push(&mut self, node: Node) -> NodeId {
@@ -135,12 +203,16 @@ struct Compiler<'a> {
     grammar: Grammar,
     root: &'a Value,
     refs: HashMap<String, NodeId>,
+    max_depth: usize,
 }
 
 impl Compiler<'_> {
     fn compile(&mut self, schema: &Value, depth: usize) -> Result<NodeId> {
-        if depth > 64 {
-            bail!("the schema nests too deeply");
+        if depth > self.max_depth {
+            bail!("the schema nests more than {} deep", self.max_depth);
+        }
+        if self.grammar.nodes.len() > MAX_NODES {
+            bail!("the schema is too large: it compiles to more than {MAX_NODES} states");
         }
         let obj = match schema {
             Value::Bool(true) => return Ok(ANY),
@@ -157,8 +229,8 @@ impl Compiler<'_> {
         }
         if let Some(e) = obj.get("enum") {
             let values = e.as_array().context("`enum` must be an array")?;
-            if values.is_empty() {
-                bail!("`enum` is empty");
+            if values.is_empty() || values.len() > MAX_ALTERNATIVES {
+                bail!("`enum` must list 1 to {MAX_ALTERNATIVES} values");
             }
             let alts = values.iter().map(|v| self.literal(v)).collect();
             return Ok(self.grammar.push(Node::Union(alts)));
@@ -168,8 +240,8 @@ impl Compiler<'_> {
                 let list = list
                     .as_array()
                     .with_context(|| format!("`{key}` must be an array"))?;
-                if list.is_empty() {
-                    bail!("`{key}` is empty");
+                if list.is_empty() || list.len() > MAX_ALTERNATIVES {
+                    bail!("`{key}` must list 1 to {MAX_ALTERNATIVES} schemas");
                 }
                 let alts = list
                     .iter()
@@ -197,6 +269,10 @@ impl Compiler<'_> {
                 }
                 if alts.is_empty() {
                     bail!("`type` is an empty list");
+                }
+                // Each entry compiles the whole schema again: no more than JSON's seven types.
+                if alts.len() > 7 {
+                    bail!("`type` lists more than the seven JSON types");
                 }
                 Ok(self.grammar.push(Node::Union(alts)))
             }
@@ -920,7 +996,7 @@ mod tests {
             },
             "required": ["name", "age"]
         });
-        let g = Grammar::from_schema(&schema).unwrap();
+        let g = Grammar::from_schema(&schema, 32).unwrap();
         assert!(accepts(&g, r#"{"name": "Tom", "age": 3}"#));
         assert!(accepts(
             &g,
@@ -952,17 +1028,59 @@ mod tests {
             "$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}}, "required": ["v", "next"]}},
             "$ref": "#/$defs/node"
         });
-        let g = Grammar::from_schema(&schema).unwrap();
+        let g = Grammar::from_schema(&schema, 32).unwrap();
         assert!(accepts(&g, r#"{"v": 1, "next": {"v": 2, "next": null}}"#));
         assert!(!accepts(&g, r#"{"v": 1, "next": {"v": 2}}"#));
+        // A tree: recursion through an array of children.
+        let tree = json!({
+            "$defs": {"t": {"type": "object", "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#/$defs/t"}}}, "required": ["name", "children"]}},
+            "$ref": "#/$defs/t"
+        });
+        let g = Grammar::from_schema(&tree, 32).unwrap();
+        assert!(accepts(&g, r#"{"name": "a", "children": [{"name": "b", "children": []}]}"#));
+    }
+
+    /// Schemas that would make the matcher recurse forever (or the compiler explode) are
+    /// refused when compiled, not discovered on the stack while generating.
+    #[test]
+    fn unproductive_and_explosive_schemas_are_refused() {
+        let refused = |schema: Value| {
+            let e = Grammar::from_schema(&schema, 32).unwrap_err();
+            format!("{e:#}")
+        };
+        assert!(refused(json!({"$ref": "#"})).contains("refers to itself"));
+        let mutual = json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}}, "$ref": "#/$defs/a"});
+        assert!(refused(mutual).contains("refers to itself"));
+        // 40 levels of nested objects: deeper than the limit.
+        let mut deep = json!({"type": "string"});
+        for _ in 0..40 {
+            deep = json!({"type": "object", "properties": {"x": deep}});
+        }
+        assert!(refused(deep.clone()).contains("deep"));
+        assert!(Grammar::from_schema(&deep, 64).is_ok());
+        // A chain of 40 single alternatives, each a definition of its own.
+        let mut defs = serde_json::Map::new();
+        for i in 0..40 {
+            defs.insert(format!("d{i}"), json!({"anyOf": [{"$ref": format!("#/$defs/d{}", i + 1)}]}));
+        }
+        defs.insert("d40".into(), json!({"type": "null"}));
+        assert!(refused(json!({"$defs": defs, "$ref": "#/$defs/d0"})).contains("deep"));
+        // Type lists at every level would multiply the graph: 7 * 2^14 nodes.
+        let mut wide = json!({"type": "null"});
+        for _ in 0..14 {
+            wide = json!({"type": ["object", "array", "string", "number", "integer", "boolean", "null"], "properties": {"x": wide}, "items": wide});
+        }
+        assert!(refused(wide).contains("too large"));
+        let many: Vec<Value> = (0..600).map(|i| json!(i)).collect();
+        assert!(refused(json!({"enum": many})).contains("enum"));
     }
 
     #[test]
     fn top_level_numbers_end_at_end_of_text() {
-        let g = Grammar::from_schema(&json!({"type": "number"})).unwrap();
+        let g = Grammar::from_schema(&json!({"type": "number"}), 32).unwrap();
         assert!(accepts(&g, "12.5"));
         assert!(!accepts(&g, "12."));
-        let g = Grammar::from_schema(&json!({"enum": [1, 10]})).unwrap();
+        let g = Grammar::from_schema(&json!({"enum": [1, 10]}), 32).unwrap();
         assert!(accepts(&g, "1") && accepts(&g, "10") && !accepts(&g, "100"));
     }
 
@@ -978,12 +1096,12 @@ mod tests {
 
     #[test]
     fn unsupported_schemas_are_errors() {
-        assert!(Grammar::from_schema(&json!({"type": "tuple"})).is_err());
-        assert!(Grammar::from_schema(&json!({"$ref": "http://x"})).is_err());
+        assert!(Grammar::from_schema(&json!({"type": "tuple"}), 32).is_err());
+        assert!(Grammar::from_schema(&json!({"$ref": "http://x"}), 32).is_err());
         assert!(Grammar::from_schema(
             &json!({"type": "object", "properties": {"a": {}}, "required": ["b"]})
-        )
+        , 32)
         .is_err());
-        assert!(Grammar::from_schema(&json!(false)).is_err());
+        assert!(Grammar::from_schema(&json!(false), 32).is_err());
     }
 }

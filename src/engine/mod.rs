@@ -9,11 +9,18 @@
 //!
 //! - [`scheduler`]: pure admission rules (batch size, KV budget, prefill per step, FIFO);
 //! - [`worker`]: the engine thread's loop;
+//! - [`loading`]: the loader thread, which reads models from disk while the engine thread
+//!   keeps decoding;
 //! - [`registry`]: the served models, shared with the HTTP layer;
 //! - [`grammar`] and [`token_mask`]: JSON constrained decoding;
 //! - [`metrics`]: counters and gauges for `/metrics`.
 
+#[cfg(test)]
+pub(crate) mod faults;
+#[cfg(test)]
+pub(crate) mod fault_tests;
 pub mod grammar;
+mod loading;
 pub mod metrics;
 pub mod registry;
 pub mod scheduler;
@@ -27,10 +34,10 @@ use crate::engine::scheduler::{Demand, Scheduler, SchedulerLimits, Unschedulable
 use crate::model::generate::{GenerationParams, StepOutput};
 use crate::settings::Settings;
 use anyhow::{Context, Result};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 /// A validated generation request: everything the engine needs, nothing it has to check.
@@ -69,7 +76,19 @@ pub enum Event {
     /// One generated token of one choice; `output.finish` is set on the choice's last one.
     Token { choice: usize, output: StepOutput },
     /// The request failed; nothing follows.
-    Error(String),
+    Error(EngineError),
+}
+
+/// Why the engine gave up on a request it had queued.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// Serving it failed (its model's files went bad, inference failed or panicked): HTTP 500.
+    #[error("{0}")]
+    Failed(String),
+    /// It could not be served now and may be later (its model took too long to load, the
+    /// server is stopping): HTTP 503 with `Retry-After`.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub type EventStream = async_mpsc::UnboundedReceiver<Event>;
@@ -106,6 +125,12 @@ pub(crate) enum Command {
     Unload {
         id: String,
     },
+    /// The server is stopping: every queued and running request ends with an
+    /// [`EngineError::Unavailable`], and so does every later one.
+    Shutdown,
+    /// Kills the engine thread, outside the regions that catch panics (tests of liveness).
+    #[cfg(test)]
+    Panic,
 }
 
 /// Limits the handle enforces before a request reaches the engine thread.
@@ -113,6 +138,8 @@ pub(crate) enum Command {
 pub struct EngineLimits {
     pub max_queue: usize,
     pub scheduler: SchedulerLimits,
+    /// How long a request waits for its model's weights to load before it gets 503.
+    pub model_load_timeout: Duration,
 }
 
 struct Shared {
@@ -123,6 +150,30 @@ struct Shared {
     /// Requests submitted and not yet admitted (in the channel or the scheduler's queue).
     queued: Arc<AtomicUsize>,
     next_id: AtomicU64,
+    /// Cleared when the engine thread ends, whether it returned or panicked.
+    alive: Arc<AtomicBool>,
+    /// Set by [`Engine::shutdown`]: new requests are refused.
+    shutting_down: AtomicBool,
+}
+
+/// Clears a liveness flag when the thread that owns it ends, however it ends.
+pub(crate) struct AliveGuard(pub Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// The message of a caught panic (`panic!` payloads are a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
 }
 
 /// The handle to the engine thread.
@@ -151,6 +202,7 @@ impl Engine {
                 kv_budget: settings.kv_cache_bytes(),
                 max_prefill_tokens: settings.limits.max_prefill_tokens,
             },
+            model_load_timeout: Duration::from_secs(settings.limits.model_load_timeout_secs as u64),
         };
         let created = unix_now();
         let mut specs: Vec<ModelSpec> = settings
@@ -174,16 +226,21 @@ impl Engine {
         let queued = Arc::new(AtomicUsize::new(0));
         let worker = worker::Worker::new(
             rx,
-            device,
+            loading::Loader::start(device)?,
             registry.clone(),
             metrics.clone(),
-            limits.scheduler,
+            limits,
             settings.limits.max_loaded_fine_tuned_models,
             queued.clone(),
         );
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         std::thread::Builder::new()
             .name("rewind-engine".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                let _guard = guard;
+                worker.run()
+            })
             .context("starting the engine thread")?;
         // Configured models are loaded now; fine-tuned ones on their first request.
         for spec in specs {
@@ -201,6 +258,8 @@ impl Engine {
                 limits,
                 queued,
                 next_id: AtomicU64::new(1),
+                alive,
+                shutting_down: AtomicBool::new(false),
             }),
         })
     }
@@ -217,6 +276,31 @@ impl Engine {
         self.shared.limits
     }
 
+    /// Whether the engine thread is running (false once it has exited or panicked outside the
+    /// regions that catch a request's panic).
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    /// Whether [`Engine::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Stops serving: queued and running requests end at once with an
+    /// [`EngineError::Unavailable`] (a final error event for streams), later ones are refused.
+    pub fn shutdown(&self) {
+        if !self.shared.shutting_down.swap(true, Ordering::AcqRel) {
+            let _ = self.shared.commands.send(Command::Shutdown);
+        }
+    }
+
+    /// Makes the engine thread panic outside the regions that catch panics.
+    #[cfg(test)]
+    pub(crate) fn kill_for_test(&self) {
+        let _ = self.shared.commands.send(Command::Panic);
+    }
+
     /// Whether a request could ever be scheduled (checked at the edge, before queueing).
     pub fn check(&self, request: &GenerateRequest) -> std::result::Result<(), Unschedulable> {
         Scheduler::<u64>::check(&self.shared.limits.scheduler, &request.demand())
@@ -228,6 +312,9 @@ impl Engine {
         &self,
         request: GenerateRequest,
     ) -> std::result::Result<EventStream, SubmitError> {
+        if self.is_shutting_down() {
+            return Err(SubmitError::Stopped);
+        }
         let demand = request.demand();
         Scheduler::<u64>::check(&self.shared.limits.scheduler, &demand)
             .map_err(SubmitError::Unschedulable)?;

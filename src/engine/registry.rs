@@ -13,7 +13,7 @@ use crate::model::tokenizer::TextTokenizer;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, RwLock};
 
 /// Prefix of fine-tuned model ids (`ft:{base}:{org}:{suffix}:{id}`); only these can be deleted.
@@ -147,7 +147,9 @@ impl Registry {
             .map(|(s, _)| s)
             .filter(|s| s.is_fine_tuned())
             .collect();
-        write_atomically(path, &serde_json::to_vec_pretty(&specs)?)
+        // Durable before the caller goes on: a model the registry has recorded is served again
+        // after a crash or power loss.
+        crate::durable::write_file(path, &serde_json::to_vec_pretty(&specs)?)
     }
 
     pub fn specs(&self) -> Vec<ModelSpec> {
@@ -217,16 +219,6 @@ impl Registry {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, (ModelSpec, ModelState)>> {
         self.entries.write().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -5,18 +5,29 @@
 //! Every change goes through [`FineTuning::update`], which re-reads the record under one lock, so
 //! a cancel from the HTTP side and the runner's progress never overwrite each other.
 //!
+//! Faults: a job whose trainer fails or panics ends `failed` with the message, and the runner
+//! goes on with the next one. Each start of a trainer is counted in the job's record before it
+//! trains (`attempts`), and given back when the trainer stops cleanly, so a job during which the
+//! process keeps dying (an allocation abort, the OOM killer) is failed after
+//! `fine_tuning.max_job_attempts` starts instead of crash-looping the server at every restart.
+//!
+//! Shutdown: [`FineTuning::shutdown`] stops the running job at its next step with its state
+//! saved; it stays `running` and resumes from that step when the server starts again.
+//!
 //! Device sharing: the runner trains on its own thread, on the device named by
 //! `server.device`, while the engine thread keeps serving. On CPU both draw on the same cores
 //! (candle's thread pool), so inference slows down while a job trains; on a GPU they share its
 //! memory and queue.
 
+#[cfg(test)]
+mod fault_tests;
 pub mod report;
 pub mod runner;
 
 use crate::engine::registry::ModelSpec;
 use crate::engine::{unix_now, Engine};
 use crate::settings::Settings;
-use crate::store::{EventRecord, JobError, JobRecord, Store};
+use crate::store::{DataDirLock, EventRecord, JobError, JobRecord, Store};
 use crate::train::data::{parse_jsonl, Example};
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
@@ -24,6 +35,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The service shared by the HTTP handlers and the runner.
 pub struct FineTuning {
@@ -35,6 +47,15 @@ pub struct FineTuning {
     controls: Mutex<HashMap<String, Arc<TrainerControl>>>,
     /// Serialises read-modify-write of job records.
     updates: Mutex<()>,
+    /// The data directory is this service's while it lives (the runner writes into it until the
+    /// last handle goes): dropping the service releases it.
+    _data_dir: DataDirLock,
+    /// Cleared when the runner thread ends, whether it returned or panicked.
+    runner_alive: Arc<AtomicBool>,
+    /// The runner is working on a job (set before it checks for a shutdown).
+    runner_busy: AtomicBool,
+    /// When [`FineTuning::shutdown`] was called.
+    shutdown_at: Mutex<Option<Instant>>,
 }
 
 /// Why a job could not be cancelled.
@@ -96,20 +117,22 @@ impl FineTuning {
             let root = self.settings.data_dir.join("models");
             let dir = Path::new(&spec.source);
             if dir.starts_with(&root) && dir != root {
-                match std::fs::remove_dir_all(dir) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(anyhow!("deleting {}: {e}", dir.display()));
-                    }
-                    _ => {}
-                }
+                // Gone whole or not at all, even if the process dies midway.
+                crate::durable::remove_dir(dir)
+                    .map_err(|e| anyhow!("deleting {}: {e:#}", dir.display()))?;
             }
         }
         Ok(removed)
     }
 
     /// Opens the store, starts the runner and re-queues the jobs an earlier run left unfinished
-    /// (a running one resumes from its last checkpoint).
-    pub fn start(settings: Arc<Settings>, engine: Engine) -> Result<Arc<Self>> {
+    /// (a running one resumes from its last checkpoint). `data_dir` is the lock on
+    /// `settings.data_dir` ([`crate::store::open_data_dir`]), held for the service's life.
+    pub fn start(
+        settings: Arc<Settings>,
+        engine: Engine,
+        data_dir: DataDirLock,
+    ) -> Result<Arc<Self>> {
         let store = Arc::new(Store::open(&settings.data_dir)?);
         let (tx, rx) = mpsc::channel();
         let service = Arc::new(Self {
@@ -119,11 +142,19 @@ impl FineTuning {
             queue: Mutex::new(tx),
             controls: Mutex::new(HashMap::new()),
             updates: Mutex::new(()),
+            _data_dir: data_dir,
+            runner_alive: Arc::new(AtomicBool::new(true)),
+            runner_busy: AtomicBool::new(false),
+            shutdown_at: Mutex::new(None),
         });
         let runner = Arc::downgrade(&service);
+        let guard = crate::engine::AliveGuard(service.runner_alive.clone());
         std::thread::Builder::new()
             .name("rewind-fine-tuning".into())
-            .spawn(move || runner::run(runner, rx))?;
+            .spawn(move || {
+                let _guard = guard;
+                runner::run(runner, rx)
+            })?;
         for job in service.store.unfinished_jobs()? {
             let note = if job.status == "running" {
                 "Server restarted; resuming from the last checkpoint."
@@ -138,6 +169,46 @@ impl FineTuning {
             }
         }
         Ok(service)
+    }
+
+    /// Whether the runner thread is running (false once it has ended or panicked outside the
+    /// region that catches a job's panic).
+    pub fn is_alive(&self) -> bool {
+        self.runner_alive.load(Ordering::Acquire)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// The server is stopping: the running job stops at its next step with its state saved
+    /// (it stays `running`, and resumes from there at the next start); no other job starts.
+    pub fn shutdown(&self) {
+        let mut at = self.shutdown_at.lock().unwrap_or_else(|e| e.into_inner());
+        if at.is_none() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    /// Waits until the runner has stopped working (after [`FineTuning::shutdown`]), for at most
+    /// `grace` since the shutdown began; returns whether it stopped. A job still training then
+    /// resumes from its last checkpoint at the next start, as after a crash.
+    pub fn wait_for_runner(&self, grace: Duration) -> bool {
+        let Some(since) = *self.shutdown_at.lock().unwrap_or_else(|e| e.into_inner()) else {
+            return !self.runner_busy.load(Ordering::SeqCst);
+        };
+        loop {
+            if !self.runner_busy.load(Ordering::SeqCst) || !self.is_alive() {
+                return true;
+            }
+            if since.elapsed() >= grace {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Records a `message` event, or a `metrics` one when `data` is given.
@@ -339,7 +410,7 @@ impl FineTuning {
                 .join("jobs")
                 .join(id)
                 .join("checkpoint");
-            let _ = std::fs::remove_dir_all(state);
+            let _ = crate::durable::remove_dir(&state);
         }
         Ok(job)
     }
@@ -349,6 +420,9 @@ impl FineTuning {
     /// trains on, `running`) or finds it stopped (the job is queued to continue from its
     /// checkpoint).
     pub(crate) fn trainer_stops(&self, control: &TrainerControl) -> bool {
+        if self.is_shutting_down() {
+            return true;
+        }
         if !control.stop.load(Ordering::Relaxed) {
             return false;
         }

@@ -4,6 +4,11 @@
 //! A job trains with a checkpoint directory under `<data_dir>/jobs/<id>/checkpoint`, so a job
 //! that was running when the server died resumes from its last checkpoint (the trainer saves one
 //! every 50 steps and at the end of each epoch) and reproduces the same loss curve.
+//!
+//! A panic while a job trains is caught here: the job fails with the panic's message and the
+//! runner goes on with the next job. Before each start the job's `attempts` count is stored, so
+//! a start during which the process dies still counts; once `fine_tuning.max_job_attempts`
+//! starts have not ended cleanly, the job is failed instead of started again.
 
 use crate::engine::registry::ModelSpec;
 use crate::engine::unix_now;
@@ -22,8 +27,9 @@ use crate::train::optimizer::AdamWConfig;
 use crate::train::trainer::{self, Observer, StepMetrics, TrainConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Weak};
 
 /// Learning rate a multiplier of 1 stands for (the `rewind train` default).
@@ -36,8 +42,26 @@ pub(crate) fn run(service: Weak<FineTuning>, queue: mpsc::Receiver<String>) {
         let Some(service) = service.upgrade() else {
             return;
         };
-        if let Err(e) = run_one(&service, &id) {
-            let message = format!("{e:#}");
+        // Busy before the shutdown check, which `FineTuning::wait_for_runner` pairs with: either
+        // the shutdown sees the runner busy and waits, or the runner sees the shutdown.
+        service.runner_busy.store(true, Ordering::SeqCst);
+        if service.is_shutting_down() {
+            // Left queued or running in the store: the next start takes it up.
+            service.runner_busy.store(false, Ordering::SeqCst);
+            continue;
+        }
+        #[cfg(test)]
+        if super::fault_tests::kills_runner(&service, &id) {
+            panic!("injected panic on the runner thread");
+        }
+        let outcome = match catch_unwind(AssertUnwindSafe(|| run_one(&service, &id))) {
+            Ok(result) => result.map_err(|e| format!("{e:#}")),
+            Err(panic) => Err(format!(
+                "the trainer panicked: {}",
+                crate::engine::panic_message(panic.as_ref())
+            )),
+        };
+        if let Err(message) = outcome {
             tracing::error!(job = %id, "fine-tuning failed: {message}");
             let _ = service.event(
                 &id,
@@ -60,6 +84,7 @@ pub(crate) fn run(service: Weak<FineTuning>, queue: mpsc::Receiver<String>) {
         service.forget(&id);
         // Training's working set is not needed while the server only serves.
         crate::memory::release_free_heap();
+        service.runner_busy.store(false, Ordering::SeqCst);
     }
 }
 
@@ -83,20 +108,64 @@ fn resolve(value: &Value, auto: f64) -> f64 {
 
 fn run_one(service: &FineTuning, id: &str) -> Result<()> {
     let mut started = false;
+    let mut exhausted = None;
+    let max_attempts = service.settings.fine_tuning.max_job_attempts;
     let control = service.control(id);
+    // Counted, and stored, before anything is trained: a start the process dies during counts.
     let job = service.update(id, |j| {
         if j.status == "queued" || j.status == "running" {
+            if j.attempts as usize >= max_attempts {
+                let message = format!(
+                    "The job's trainer was started {} time(s) and the server stopped or crashed \
+                     during each (for example out of memory), so it is not started again \
+                     (fine_tuning.max_job_attempts = {max_attempts}).",
+                    j.attempts
+                );
+                j.status = "failed".into();
+                j.finished_at = Some(unix_now());
+                j.error = Some(JobError {
+                    code: "too_many_attempts".into(),
+                    message: message.clone(),
+                    param: None,
+                });
+                exhausted = Some(message);
+                return;
+            }
             started = j.status == "queued";
             j.status = "running".into();
+            j.attempts += 1;
             control.start();
         }
     })?;
+    if let Some(message) = exhausted {
+        tracing::error!(job = %id, "{message}");
+        service.event(id, "error", &message, None)?;
+        return Ok(());
+    }
     if job.status != "running" {
         return Ok(()); // cancelled or paused while queued
     }
-    let result = train_job(service, id, job, &control, started);
-    control.finish();
-    result
+    // `finish` however the trainer ends, a panic included.
+    struct Finish<'a>(&'a TrainerControl);
+    impl Drop for Finish<'_> {
+        fn drop(&mut self) {
+            self.0.finish();
+        }
+    }
+    let _finish = Finish(&control);
+    train_job(service, id, job, &control, started)?;
+    // The trainer ended cleanly (finished, paused, cancelled or stopped for a shutdown): this
+    // start does not count against the job.
+    let job = service.update(id, |j| j.attempts = j.attempts.saturating_sub(1))?;
+    if job.status == "running" && service.is_shutting_down() {
+        service.event(
+            id,
+            "info",
+            "The server is stopping: training stopped with its state saved; it continues from there when the server starts again.",
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 fn train_job(
@@ -244,7 +313,8 @@ fn train_job(
         job: &job,
         control: control.clone(),
         epochs,
-        steps_per_epoch: usize::MAX,
+        // Known before the first step, for the checkpoint a resumed run announces first.
+        steps_per_epoch: train_set.len().div_ceil(batch_size.max(1)).max(1),
         last: None,
         tokenizer: &loaded.tokenizer,
         template: &loaded.chat_template,
@@ -431,6 +501,10 @@ impl JobObserver<'_> {
 
 impl Observer for JobObserver<'_> {
     fn on_step(&mut self, m: &StepMetrics) {
+        #[cfg(test)]
+        if self.job.suffix.as_deref() == Some(super::fault_tests::PANIC_SUFFIX) && m.step == 2 {
+            panic!("injected panic at step {}", m.step);
+        }
         self.steps_per_epoch = (m.total_steps / self.epochs.max(1)).max(1);
         let every = self.service.settings.fine_tuning.metrics_every.max(1);
         if m.step.is_multiple_of(every) || m.step == m.total_steps {
@@ -510,9 +584,11 @@ impl Observer for JobObserver<'_> {
                 .store
                 .list_checkpoints(id, None, crate::store::ALL)?;
             for old in kept.data.iter().skip(KEPT_CHECKPOINTS) {
+                // The record first: a crash in between leaves a model no longer listed, never a
+                // listed checkpoint whose model is gone.
+                self.service.store.delete_checkpoint(&old.id)?;
                 self.service
                     .delete_model(&old.fine_tuned_model_checkpoint)?;
-                self.service.store.delete_checkpoint(&old.id)?;
             }
             Ok(())
         })();

@@ -1,5 +1,5 @@
 //! Matrix products. On the CPU, f32 and f64 products run through OpenBLAS (feature `openblas`,
-//! on by default): its kernels beat candle's built-in GEMM by 15-25% on the shapes of a
+//! on by default, used when build.rs finds the library): its kernels beat candle's built-in GEMM by 15-25% on the shapes of a
 //! decoder's step (`docs/benchmarks.md`). OpenBLAS runs single-threaded and the product is
 //! split into row or column panels over candle's own CPU thread pool, the one its elementwise
 //! ops run on: no second pool's threads wait for work on the cores candle's are using (faster
@@ -12,14 +12,14 @@ use candle_core::{Result, Tensor};
 /// `a @ b` over the last two dimensions, with equal leading (batch) dimensions; recorded for
 /// autograd like candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "openblas")]
+    #[cfg(rewind_openblas)]
     if blas::supports(a, b) {
         return a.apply_op2(b, blas::BlasMatmul);
     }
     a.matmul(b)
 }
 
-#[cfg(feature = "openblas")]
+#[cfg(rewind_openblas)]
 mod blas {
     use crate::model::parallel::{self, SharedMut};
     use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -32,7 +32,7 @@ mod blas {
     /// Smallest panel worth a thread of its own.
     const MIN_PANEL: usize = 32;
 
-    #[link(name = "openblas")]
+    // Linked by build.rs, which sets `rewind_openblas` only when it found the library.
     extern "C" {
         fn openblas_set_num_threads(threads: i32);
         fn cblas_sgemm(
@@ -438,7 +438,7 @@ mod tests {
     /// side exactly. (With 35 threads over 1,121 rows, panels of 33 rows leave only 34 of the 35
     /// asked-for panels holding rows: counted before the rounding, the last one started past
     /// the matrix and BLAS wrote out of bounds.)
-    #[cfg(feature = "openblas")]
+    #[cfg(rewind_openblas)]
     #[test]
     fn panels_tile_each_matrix_for_any_thread_count() {
         use super::blas::Panels;

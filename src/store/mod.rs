@@ -1,8 +1,17 @@
-//! The fine-tuning service's persistent state in one place: an embedded SQLite database
-//! (`<data_dir>/rewind.db`: files, jobs, events, checkpoints) plus file contents as blobs under
-//! `<data_dir>/files/`, each written to a temporary name, synced and renamed so a crash never
-//! leaves a half-written blob behind a file record. Fine-tuned models themselves are recorded by
-//! the engine's registry (`<data_dir>/models.json`) and written under `<data_dir>/models/`.
+//! The fine-tuning service's persistent state in one place. Under `<data_dir>`:
+//!
+//! - `rewind.lock`: held (flock) by the one server using the directory ([`lock`]);
+//! - `rewind.db`: an embedded SQLite database (files, jobs, events, checkpoints) in WAL mode
+//!   with `synchronous = FULL`, so every committed change survives power loss;
+//! - `files/<id>`: file contents (uploads and result files), each written through
+//!   [`crate::durable::write_file`] (temporary name, fsync, rename, directory fsync) before its
+//!   record is committed, so a record never points at a missing or half-written blob;
+//! - `models.json`: the engine's registry of fine-tuned models, `models/<dir>`: their weights,
+//!   each directory published whole by [`crate::durable::publish_dir`];
+//! - `jobs/<id>/checkpoint`: a running job's resumable trainer state, published the same way.
+//!
+//! [`open_data_dir`] takes the lock and repairs what a crash interrupted, before anything else
+//! reads or writes the directory.
 //!
 //! Rows keep their insertion order (`seq`), which is the order every listing uses: newest first,
 //! with `after=<id>` returning what comes after that id in the listing, as the official client
@@ -12,9 +21,12 @@ use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+
+pub mod lock;
+
+pub use lock::DataDirLock;
 
 /// An uploaded (or produced) file's record; its content is the blob at [`Store::blob_path`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +88,10 @@ pub struct JobRecord {
     pub rewind: RewindOptions,
     /// Created through `/v1/fine-tunes`.
     pub legacy: bool,
+    /// Trainer starts that have not ended cleanly (the process stopped or crashed during them),
+    /// counted before each start (see `jobs::runner`).
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 impl JobRecord {
@@ -156,10 +172,20 @@ impl Store {
         std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
         let path = data_dir.join("rewind.db");
         let db = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        // WAL: a reader (an HTTP handler) never waits for the runner's writes; `synchronous =
-        // NORMAL` is durable across a process crash, which is the failure this store must survive.
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "NORMAL")?;
+        // WAL: a reader (an HTTP handler) never waits for the runner's writes. `synchronous =
+        // FULL`: in WAL mode NORMAL survives a process crash but may lose the last commits on
+        // power loss; FULL fsyncs the WAL at every commit, so a job state transition, an upload's
+        // record or a checkpoint row, once committed, survives power loss too (SQLite docs,
+        // "PRAGMA synchronous"). Commits here are few (a few per training step at most).
+        let mode: String =
+            db.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(
+                path = %path.display(),
+                "SQLite kept journal_mode {mode} (WAL unsupported on this filesystem)"
+            );
+        }
+        db.pragma_update(None, "synchronous", "FULL")?;
         db.execute_batch(SCHEMA)
             .context("creating the database schema")?;
         Ok(Self {
@@ -177,9 +203,11 @@ impl Store {
         self.blobs.join(id)
     }
 
-    /// Writes a file's content, then its record: a record never points at a missing blob.
+    /// Writes a file's content durably (fsynced, with its directory entry), then commits its
+    /// record: once this returns, both survive a crash or power loss, and a record never points
+    /// at a missing blob.
     pub fn insert_file(&self, record: &FileRecord, content: &[u8]) -> Result<()> {
-        write_atomically(&self.blob_path(&record.id), content)?;
+        crate::durable::write_file(&self.blob_path(&record.id), content)?;
         self.db().execute(
             "INSERT INTO files (id, body, purpose) VALUES (?1, ?2, ?3)",
             params![record.id, to_json(record)?, record.purpose],
@@ -344,22 +372,39 @@ impl Store {
     }
 }
 
-/// Writes `bytes` to a temporary sibling, syncs it and renames it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+/// Takes `data_dir` for this process ([`DataDirLock`]: fails at once if another process has it),
+/// then repairs what a crash left half-done (see [`crate::durable`]): unfinished writes are
+/// removed, and a model or checkpoint directory caught between its two renames is put back. Call
+/// it before anything else touches the directory; keep the lock for as long as the server runs.
+pub fn open_data_dir(data_dir: &Path) -> Result<DataDirLock> {
+    let lock = DataDirLock::acquire(data_dir)?;
+    let mut dirs = vec![
+        data_dir.to_path_buf(),
+        data_dir.join("files"),
+        data_dir.join("models"),
+    ];
+    let jobs = data_dir.join("jobs");
+    if jobs.is_dir() {
+        for entry in std::fs::read_dir(&jobs).with_context(|| format!("reading {}", jobs.display()))? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                dirs.push(entry.path());
+            }
+        }
+        dirs.push(jobs);
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    let mut repaired = 0;
+    for dir in &dirs {
+        repaired += crate::durable::recover(dir)?;
+    }
+    if repaired > 0 {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            repaired,
+            "repaired writes a crash interrupted"
+        );
+    }
+    Ok(lock)
 }
 
 #[cfg(test)]
@@ -374,6 +419,61 @@ mod tests {
             filename: "a.jsonl".into(),
             purpose: purpose.into(),
         }
+    }
+
+    /// Committed changes must survive power loss, not just a process crash: WAL with
+    /// `synchronous = FULL` (2).
+    #[test]
+    fn the_database_is_durable_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let db = store.db();
+        let mode: String = db
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        let synchronous: i64 = db
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!((mode.as_str(), synchronous), ("wal", 2));
+    }
+
+    /// Start-up repairs leftovers in every directory that holds state, and refuses a second
+    /// holder of the directory.
+    #[test]
+    fn opening_the_data_dir_repairs_interrupted_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        let model = data.join("models").join("ftjob-1-step-8");
+        crate::durable::publish_dir(&model, |d| Ok(std::fs::write(d.join("config.json"), "{}")?))
+            .unwrap();
+        // A model directory moved aside, its replacement never renamed in; a half-written one.
+        std::fs::rename(&model, crate::durable::aside_dir_path(&model).unwrap()).unwrap();
+        std::fs::create_dir(crate::durable::temp_dir_path(&model).unwrap()).unwrap();
+        // A half-written trainer checkpoint beside the complete one.
+        let checkpoint = data.join("jobs").join("ftjob-1").join("checkpoint");
+        crate::durable::publish_dir(&checkpoint, |d| Ok(std::fs::write(d.join("state.json"), "{}")?))
+            .unwrap();
+        std::fs::create_dir(crate::durable::temp_dir_path(&checkpoint).unwrap()).unwrap();
+        // Unfinished blob and registry writes.
+        std::fs::create_dir_all(data.join("files")).unwrap();
+        std::fs::write(data.join("files").join(".file-1.7-0.tmp"), "par").unwrap();
+        std::fs::write(data.join(".models.json.7-1.tmp"), "[").unwrap();
+
+        let lock = open_data_dir(data).unwrap();
+        let listing = |d: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(listing(&data.join("models")), ["ftjob-1-step-8"]);
+        assert!(model.join("config.json").is_file());
+        assert_eq!(listing(&data.join("jobs").join("ftjob-1")), ["checkpoint"]);
+        assert!(listing(&data.join("files")).is_empty());
+        assert_eq!(listing(data), ["files", "jobs", "models", lock::LOCK_FILE]);
+        drop(lock);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Resumable training checkpoints: trainable weights, optimizer moments and the loop's
-//! position (step, epoch, batch, RNG seed), written to a temporary directory and renamed so a
-//! crash leaves either the previous checkpoint or the new one, never a mix.
+//! position (step, epoch, batch, RNG seed), published with [`crate::durable::publish_dir`]
+//! (written under a temporary name, fsynced, swapped in), so a crash or power loss at any point
+//! leaves either the previous complete checkpoint or the new one, never a mix.
 
 use crate::train::optimizer::AdamW;
 use anyhow::{bail, Context, Result};
@@ -31,43 +32,32 @@ pub fn save(
     optimizer: &AdamW,
     state: &LoopState,
 ) -> Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let tmp = parent.join(format!(
-        ".{}.tmp",
-        dir.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("checkpoint")
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
     let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
     let weights: HashMap<String, Tensor> = names
         .iter()
         .zip(vars)
         .map(|(n, v)| Ok((n.clone(), cpu(v.as_tensor())?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&weights, tmp.join("weights.safetensors"))?;
     let mut moments = HashMap::new();
     for (n, (m, v)) in names.iter().zip(&optimizer.moments) {
         moments.insert(format!("{n}.m"), cpu(m)?);
         moments.insert(format!("{n}.v"), cpu(v)?);
     }
-    candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
     let meta = serde_json::json!({ "loop": state, "optimizer_step": optimizer.step, "optimizer": optimizer.config });
-    std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&meta)?)?;
-    // fsync the files before the rename publishes them.
-    for f in ["weights.safetensors", "optimizer.safetensors", "state.json"] {
-        std::fs::File::open(tmp.join(f))?.sync_all()?;
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&tmp, dir)
-        .with_context(|| format!("publishing checkpoint {}", dir.display()))?;
-    Ok(())
+    crate::durable::publish_dir(dir, |tmp| {
+        candle_core::safetensors::save(&weights, tmp.join("weights.safetensors"))?;
+        candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
+        std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&meta)?)?;
+        Ok(())
+    })
+    .with_context(|| format!("saving checkpoint {}", dir.display()))
+}
+
+/// Whether `dir` holds a checkpoint to resume from, after repairing a save a crash interrupted
+/// (a previous checkpoint moved aside and not yet replaced is put back).
+pub fn exists(dir: &Path) -> Result<bool> {
+    crate::durable::recover_dir(dir)?;
+    Ok(dir.join("state.json").exists())
 }
 
 /// Restores weights and optimizer from `dir` into `vars`/`optimizer`; returns the loop state.

@@ -76,6 +76,9 @@ pub trait Observer {
     fn on_step(&mut self, metrics: &StepMetrics);
     fn on_validation(&mut self, _epoch: usize, _step: usize, _loss: f64) {}
     /// A checkpoint was saved in `dir` after `step` steps; `model` holds the weights it saved.
+    /// Also called again for the checkpoint a run resumes from, so that what an observer does
+    /// with a checkpoint (the job runner publishes epoch-end models) is finished even if a crash
+    /// interrupted it: observers must take a repeated step as a no-op.
     fn on_checkpoint(&mut self, _step: usize, _dir: &std::path::Path, _model: &Model) {}
     fn cancelled(&self) -> bool {
         false
@@ -221,7 +224,7 @@ pub fn train(
         trained_tokens: 0,
     };
     if let Some(dir) = &config.checkpoint_dir {
-        if dir.join("state.json").exists() {
+        if checkpoint::exists(dir)? {
             state = checkpoint::load(dir, &t.names, &t.vars, &mut optimizer)?;
             tracing::info!(
                 step = state.step,
@@ -229,6 +232,7 @@ pub fn train(
                 "resumed from checkpoint {}",
                 dir.display()
             );
+            observer.on_checkpoint(state.step, dir, &t.frozen);
         }
     }
     let save = |state: &LoopState, optimizer: &AdamW, observer: &mut dyn Observer| -> Result<()> {

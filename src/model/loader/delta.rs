@@ -124,9 +124,10 @@ pub fn write_weights(model: &mut Model, contents: &DeltaContents, path: &Path) -
         .filter(|(n, _)| contents.keeps(n))
         .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, path)?;
+    crate::durable::replace_file(path, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })?;
     Ok(tensors.values().map(Tensor::elem_count).sum())
 }
 

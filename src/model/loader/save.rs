@@ -1,6 +1,7 @@
 //! Saving a model as a directory rewind (and Hugging Face tools) can load: `config.json` with a
 //! `rewind` section holding the reversible settings, `model.safetensors`, tokenizer files.
-//! Written into a temporary sibling directory and renamed, so a crash never leaves half a model.
+//! Published whole with [`crate::durable::publish_dir`] (a temporary sibling directory, fsynced,
+//! swapped in for any previous version), so a crash or power loss never leaves half a model.
 
 use crate::model::chat_template::ChatTemplate;
 use crate::model::decoder::Model;
@@ -11,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Writes `model` (dense, in `dtype`) with its tokenizer and chat template to `dir`, replacing
-/// any previous content atomically.
+/// any previous content atomically and durably.
 pub fn save_model(
     model: &Model,
     tokenizer: &TextTokenizer,
@@ -19,18 +20,20 @@ pub fn save_model(
     dir: &Path,
     dtype: DType,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    crate::durable::publish_dir(dir, |tmp| {
+        write_model(model, tokenizer, template, tmp, dtype)
+    })
+    .with_context(|| format!("saving the model to {}", dir.display()))
+}
 
+/// The files of a model directory, written into `tmp`.
+fn write_model(
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    template: &ChatTemplate,
+    tmp: &Path,
+    dtype: DType,
+) -> Result<()> {
     let mut model = model.clone();
     model.densify()?;
     model.merge_lora()?;
@@ -57,19 +60,8 @@ pub fn save_model(
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))
         .context("writing model.safetensors")?;
-    tokenizer.save_hf(&tmp)?;
-    template.save_hf(&tmp)?;
-
-    if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old)?;
-        std::fs::rename(&tmp, dir)?;
-        std::fs::remove_dir_all(&old)?;
-    } else {
-        std::fs::rename(&tmp, dir)
-            .with_context(|| format!("moving the saved model to {}", dir.display()))?;
-    }
-    Ok(())
+    tokenizer.save_hf(tmp)?;
+    template.save_hf(tmp)
 }
 
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

@@ -1,0 +1,431 @@
+//! Durability of the server's state: one process per data directory, and nothing lost when
+//! `rewind serve` is killed with SIGKILL while it writes checkpoints. The servers here are real
+//! `rewind serve` child processes (so they can be killed, and so a second one is another
+//! process) serving a tiny random model (2 layers, d = 64, SmolLM2's tokenizer).
+
+mod common;
+
+use common::wait_until;
+use rewind::model::loader::WeightFormat;
+use rewind::settings::{ModelSettings, Settings};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const TINY: &str = "tiny";
+const CHATML: &str = "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}";
+
+/// The tiny model's directory, written once per test run.
+fn tiny_model() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| common::write_tiny_model("chatml", CHATML))
+        .1
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+fn training_data() -> Vec<u8> {
+    std::fs::read(common::fixture("facts_train.jsonl")).unwrap()
+}
+
+/// A free port on localhost (bound, read and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `rewind serve` on `data` as a child process, its output appended to `data/server.log`.
+fn spawn_serve(data: &Path, port: u16) -> std::process::Child {
+    let config = data.join("config.toml");
+    let text = format!(
+        "data_dir = {:?}\n[server]\nworkers = 2\nport = {port}\n[[models]]\nid = \"{TINY}\"\nsource = {:?}\n",
+        data.to_str().unwrap(),
+        tiny_model().to_str().unwrap()
+    );
+    std::fs::write(&config, text).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("server.log"))
+        .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_rewind"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        // The trainer and the poller here share two cores; candle's spinning pool would not.
+        .env("CANDLE_NUM_THREADS", "1")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// A `rewind serve` child process; dropping it kills it (SIGKILL) and reaps it.
+struct Process {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Process {
+    /// Starts one and waits until it is healthy (failing at once if it exits).
+    fn start(data: &Path) -> Self {
+        let port = free_port();
+        let mut process = Self {
+            child: spawn_serve(data, port),
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        wait_until(Duration::from_secs(60), "the server did not start", || {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
+                panic!("the server exited ({status}):\n{log}");
+            }
+            match client().get(format!("{}/health", process.url)).send() {
+                Ok(r) if r.status() == 200 => Ok(()),
+                Ok(r) => Err(r.status().to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        process
+    }
+
+    fn get(&self, path: &str) -> Value {
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let res = client()
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .unwrap();
+        (res.status().as_u16(), res.json().unwrap_or(Value::Null))
+    }
+
+    fn upload(&self, content: Vec<u8>) -> Value {
+        upload(&self.url, content)
+    }
+
+    fn content(&self, file_id: &str) -> Vec<u8> {
+        content(&self.url, file_id)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn upload(url: &str, content: Vec<u8>) -> Value {
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part(
+            "file",
+            reqwest::blocking::multipart::Part::bytes(content).file_name("facts.jsonl"),
+        );
+    let res = client()
+        .post(format!("{url}/v1/files"))
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().unwrap()
+}
+
+fn content(url: &str, file_id: &str) -> Vec<u8> {
+    let res = client()
+        .get(format!("{url}/v1/files/{file_id}/content"))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.bytes().unwrap().to_vec()
+}
+
+/// The entries of `dir` whose names start with a dot: temporary or aside leftovers.
+fn leftovers(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with('.'))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A second server on a data directory another process serves refuses to start, at once and
+/// saying why; the first goes on serving. Once the first has stopped, the directory is free.
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses_to_start() {
+    let data = tempfile::tempdir().unwrap();
+    let mut settings = Settings::default();
+    settings.server.port = 0;
+    settings.server.workers = 2;
+    settings.data_dir = data.path().to_path_buf();
+    settings.models = vec![ModelSettings {
+        id: Some(TINY.into()),
+        source: tiny_model().to_str().unwrap().into(),
+        scheme: None,
+        format: WeightFormat::F32,
+    }];
+    let first = rewind::api::start(settings.clone()).unwrap();
+    let url = first.url();
+    wait_until(Duration::from_secs(60), "the model did not load", || {
+        match client().get(format!("{url}/health")).send().unwrap().status() {
+            reqwest::StatusCode::OK => Ok(()),
+            status => Err(status.to_string()),
+        }
+    });
+    let file = upload(&url, training_data());
+    let lock = std::fs::read_to_string(data.path().join("rewind.lock")).unwrap();
+    assert_eq!(lock.trim(), std::process::id().to_string());
+
+    // Another process on the same directory: it exits with the reason, without serving.
+    let started = Instant::now();
+    let mut second = spawn_serve(data.path(), free_port());
+    let status = wait_until(Duration::from_secs(30), "the second server kept running", || {
+        second.try_wait().unwrap().ok_or("running".to_string())
+    });
+    let log = std::fs::read_to_string(data.path().join("server.log")).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    for expected in [
+        data.path().display().to_string(),
+        format!("pid {}", std::process::id()),
+        "shared database server".to_string(),
+    ] {
+        assert!(log.contains(&expected), "`{expected}` missing from:\n{log}");
+    }
+
+    // The first is untouched: it still serves, its state intact, its lock its own.
+    assert_eq!(
+        client().get(format!("{url}/health")).send().unwrap().status(),
+        200
+    );
+    assert_eq!(
+        content(&url, file["id"].as_str().unwrap()),
+        training_data()
+    );
+    let again = upload(&url, b"{\"prompt\": \"a\", \"completion\": \"b\"}\n".to_vec());
+    assert_eq!(content(&url, again["id"].as_str().unwrap()).len(), 36);
+    let lock = std::fs::read_to_string(data.path().join("rewind.lock")).unwrap();
+    assert_eq!(lock.trim(), std::process::id().to_string());
+
+    // Stopped, the first lets go of the directory: a restart in this process and then another
+    // process both take it.
+    first.stop();
+    let restarted = rewind::api::start(settings).unwrap();
+    restarted.stop();
+    restarted.wait().unwrap();
+    let other = wait_until(Duration::from_secs(20), "the directory stayed locked", || {
+        let mut child = spawn_serve(data.path(), free_port());
+        std::thread::sleep(Duration::from_millis(500));
+        match child.try_wait().unwrap() {
+            None => Ok(child),
+            Some(status) => Err(format!("exited: {status}")),
+        }
+    });
+    let mut other = Process {
+        child: other,
+        url: String::new(),
+    };
+    assert!(other.child.try_wait().unwrap().is_none());
+    drop(other);
+}
+
+/// What to wait for before the next SIGKILL: a moment inside a checkpoint's write.
+struct KillPoint {
+    what: &'static str,
+    /// Called on the names in `jobs/<id>/` and in `models/`.
+    hit: fn(&[String], &[String]) -> bool,
+}
+
+const KILL_POINTS: [KillPoint; 5] = [
+    KillPoint {
+        what: "while the trainer's checkpoint is written under its temporary name",
+        hit: |job, _| job.iter().any(|n| n == ".checkpoint.tmp"),
+    },
+    KillPoint {
+        what: "while an epoch's checkpoint model is written",
+        hit: |_, models| {
+            models
+                .iter()
+                .any(|n| n.starts_with('.') && n.ends_with(".tmp") && n.contains("-step-"))
+        },
+    },
+    KillPoint {
+        what: "while the previous trainer checkpoint is moved aside",
+        hit: |job, _| job.iter().any(|n| n == ".checkpoint.old"),
+    },
+    KillPoint {
+        what: "while anything under models/ is written, replaced or deleted",
+        hit: |_, models| models.iter().any(|n| n.starts_with('.')),
+    },
+    KillPoint {
+        what: "right after a trainer checkpoint is in place",
+        hit: |job, _| job.iter().any(|n| n == "checkpoint"),
+    },
+];
+
+fn names(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A trainer checkpoint directory with all its files.
+fn complete_checkpoint(dir: &Path) -> bool {
+    ["weights.safetensors", "optimizer.safetensors", "state.json"]
+        .iter()
+        .all(|f| dir.join(f).is_file())
+}
+
+/// `rewind serve` is killed with SIGKILL five times while a job writes checkpoints (inside the
+/// trainer checkpoint's write, a checkpoint model's write, the swap of two checkpoints, ...)
+/// and restarted on the same data directory each time. At each kill a complete checkpoint is
+/// on disk (under its name or aside); after each restart no leftover remains; in the end the
+/// job succeeds having trained every step, the upload is byte-identical, every checkpoint listed
+/// is served, and the epoch-end checkpoints the job keeps are the last ones.
+#[test]
+fn a_server_killed_during_checkpoint_writes_loses_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let models = data.path().join("models");
+    let mut server = Process::start(data.path());
+    let uploaded = training_data();
+    let file = server.upload(uploaded.clone());
+    let file_id = file["id"].as_str().unwrap().to_string();
+    // 8 examples, batch 1: 8 steps an epoch, a checkpoint at each epoch's end (and at step 50).
+    let (status, job) = server.post(
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file_id, "hyperparameters": {"n_epochs": 8, "batch_size": 1}}),
+    );
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let job_dir = data.path().join("jobs").join(&id);
+    let job_path = format!("/v1/fine_tuning/jobs/{id}");
+
+    let mut saw_checkpoint = false;
+    for point in &KILL_POINTS {
+        let started = Instant::now();
+        let mut hit = false;
+        while started.elapsed() < Duration::from_secs(15) {
+            let (job_names, model_names) = (names(&job_dir), names(&models));
+            saw_checkpoint |= job_names.iter().any(|n| n == "checkpoint");
+            if (point.hit)(&job_names, &model_names) {
+                hit = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(server); // SIGKILL
+        eprintln!(
+            "killed {} ({})",
+            point.what,
+            if hit { "hit" } else { "not seen in 15 s: killed anyway" }
+        );
+        // Whenever a checkpoint had been published, a complete one is there: under its name, or
+        // aside while its replacement was being renamed in.
+        if saw_checkpoint {
+            assert!(
+                complete_checkpoint(&job_dir.join("checkpoint"))
+                    || complete_checkpoint(&job_dir.join(".checkpoint.old")),
+                "no complete checkpoint after a kill {}: {:?}",
+                point.what,
+                names(&job_dir)
+            );
+        }
+
+        server = Process::start(data.path());
+        // Start-up has repaired what the kill interrupted before serving.
+        for dir in [data.path(), &models, &job_dir, &data.path().join("files")] {
+            assert!(leftovers(dir).is_empty(), "{}: {:?}", dir.display(), leftovers(dir));
+        }
+        assert_eq!(server.content(&file_id), uploaded);
+        let status = server.get(&job_path)["status"].clone();
+        assert!(
+            ["validating_files", "queued", "running"].contains(&status.as_str().unwrap()),
+            "the job is {status} after a kill; the test needs more epochs"
+        );
+    }
+
+    let job = wait_until(Duration::from_secs(120), "job not finished", || {
+        let job = server.get(&job_path);
+        match job["status"].as_str().unwrap() {
+            "succeeded" | "failed" | "cancelled" => Ok(job),
+            _ => Err(job.to_string()),
+        }
+    });
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(server.content(&file_id), uploaded);
+
+    // Every step trained and recorded; a step trained again after a kill gives the same loss.
+    let events = server.get(&format!("{job_path}/events?limit=10000"))["data"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut losses = std::collections::HashMap::new();
+    for e in events.iter().filter(|e| e["type"] == "metrics") {
+        if let (Some(step), Some(loss)) =
+            (e["data"]["step"].as_u64(), e["data"]["train_loss"].as_f64())
+        {
+            if let Some(previous) = losses.insert(step, loss) {
+                assert!(
+                    (previous - loss).abs() < 1e-4 * previous.abs().max(1.0),
+                    "step {step}: {previous} then {loss}"
+                );
+            }
+        }
+    }
+    assert_eq!(losses.len(), 64, "every step has metrics");
+
+    // The last three epochs' checkpoints are listed, and each is served, as is the final model.
+    let checkpoints = server.get(&format!("{job_path}/checkpoints?limit=100"))["data"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let steps: Vec<u64> = checkpoints
+        .iter()
+        .map(|c| c["step_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [64, 56, 48]);
+    let mut served: Vec<String> = checkpoints
+        .iter()
+        .map(|c| c["fine_tuned_model_checkpoint"].as_str().unwrap().to_string())
+        .collect();
+    served.push(job["fine_tuned_model"].as_str().unwrap().to_string());
+    for model in &served {
+        let ask = json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        wait_until(Duration::from_secs(30), "a listed model is not served", || {
+            match server.post("/v1/chat/completions", &ask) {
+                (200, _) => Ok(()),
+                (status, reply) => Err(format!("{model}: {status} {reply}")),
+            }
+        });
+    }
+
+    // Nothing temporary or aside remains anywhere, and the job's trainer state is gone.
+    for dir in [data.path(), &models, &job_dir, &data.path().join("files")] {
+        assert!(leftovers(dir).is_empty(), "{}: {:?}", dir.display(), leftovers(dir));
+    }
+    assert!(!job_dir.join("checkpoint").exists());
+}
