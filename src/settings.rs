@@ -96,6 +96,8 @@ pub struct Limits {
     pub max_prefill_tokens: usize,
     /// Request bodies larger than this get 413.
     pub max_body_bytes: usize,
+    /// Seconds a request body may take to arrive before the request gets 408.
+    pub body_timeout_secs: u64,
     /// Upper bound on `max_tokens` / `max_completion_tokens`.
     pub max_tokens: usize,
     /// Upper bound on `n`.
@@ -178,6 +180,7 @@ impl Default for Limits {
             kv_cache_mb: 4096,
             max_prefill_tokens: 4096,
             max_body_bytes: 4 << 20,
+            body_timeout_secs: 60,
             max_tokens: 8192,
             max_n: 16,
             // OpenAI's own limits for the next three.
@@ -295,6 +298,9 @@ impl Settings {
         }
         if let Some(v) = get("REWIND_CORS_ORIGINS") {
             self.server.cors_origins = list(&v);
+        }
+        if let Some(v) = get("REWIND_BODY_TIMEOUT_SECS") {
+            self.limits.body_timeout_secs = parse("REWIND_BODY_TIMEOUT_SECS", &v)?;
         }
         if let Some(v) = get("REWIND_PUBLIC_METRICS") {
             self.server.public_metrics = parse("REWIND_PUBLIC_METRICS", &v)?;

@@ -329,6 +329,82 @@ fn fine_tuned_models_beyond_the_limit_load_on_demand() {
     ask(a);
 }
 
+/// Loading a model's weights does not stall the streams in flight: while a stored fine-tuned
+/// model (the real 135M default model, about a second to load) loads for its first request, a
+/// stream on the tiny configured model keeps producing tokens.
+#[test]
+fn streams_keep_decoding_while_a_model_loads() {
+    let slow = "ft:smollm2:me::loads";
+    let spec = ModelSpec {
+        id: slow.into(),
+        source: common::default_model().to_str().unwrap().into(),
+        scheme: None,
+        format: WeightFormat::F32,
+        created: 1,
+        owned_by: "me".into(),
+    };
+    let app = spawn_app(
+        &[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)],
+        |s| {
+            std::fs::write(
+                s.data_dir.join("models.json"),
+                serde_json::to_vec(&[&spec]).unwrap(),
+            )
+            .unwrap();
+        },
+    );
+    // Its card (tokenizer, template) is read at start; its weights wait for a request.
+    wait_until(Duration::from_secs(60), "no card", || {
+        match app.server.engine.registry().lookup(slow) {
+            rewind::engine::registry::Lookup::Ready(_) => Ok(()),
+            _ => Err("not ready".to_string()),
+        }
+    });
+    let loads = metric(&app, "rewind_model_loads_total");
+    let stream = client()
+        .post(app.url("/v1/chat/completions"))
+        .json(&json!({"model": TINY, "messages": user("Go on"), "max_tokens": 4000, "stream": true}))
+        .send()
+        .unwrap();
+    let mut stream = BufReader::new(stream);
+    read_until(&mut stream, has_content);
+
+    let asked = Instant::now();
+    let request = std::thread::spawn({
+        let url = app.url("/v1/chat/completions");
+        move || {
+            let body = json!({"model": slow, "messages": user("Hi"), "max_tokens": 1});
+            let res = client().post(url).json(&body).send().unwrap();
+            (res.status().as_u16(), res.text().unwrap(), Instant::now())
+        }
+    });
+    let mut tokens = vec![asked];
+    while !request.is_finished() {
+        read_until(&mut stream, has_content);
+        tokens.push(Instant::now());
+    }
+    let (status, body, answered) = request.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(metric(&app, "rewind_model_loads_total"), loads + 1.0);
+    tokens.retain(|t| *t <= answered);
+    tokens.push(answered);
+    let load = answered - asked;
+    let longest_gap = tokens.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    eprintln!(
+        "load and first answer {load:?}: {} tokens streamed meanwhile, longest gap {longest_gap:?}",
+        tokens.len() - 2
+    );
+    assert!(
+        load > Duration::from_millis(300),
+        "the load ({load:?}) was too quick to show whether streams stall"
+    );
+    assert!(
+        longest_gap < load / 3 && tokens.len() - 2 >= 10,
+        "the stream stalled while the model loaded: longest gap {longest_gap:?} in {load:?}, {} tokens",
+        tokens.len() - 2
+    );
+}
+
 #[test]
 fn health_and_metrics() {
     let app = tiny();
@@ -921,10 +997,23 @@ fn api_keys_are_required_when_configured() {
         client().get(app.url("/health")).send().unwrap().status(),
         200
     );
-    assert_eq!(
-        client().get(app.url("/v1/models")).send().unwrap().status(),
-        401
+    // Default deny: the legacy paths, metrics (not configured public) and unknown paths too.
+    for path in ["/v1/models", "/fine_tunes", "/v1/fine-tunes", "/metrics", "/nowhere"] {
+        assert_eq!(
+            client().get(app.url(path)).send().unwrap().status(),
+            401,
+            "{path}"
+        );
+    }
+    let metrics = spawn_app(
+        &[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)],
+        |s| {
+            s.server.api_keys = vec!["sk-test".into()];
+            s.server.public_metrics = true;
+        },
     );
+    let res = client().get(metrics.url("/metrics")).send().unwrap();
+    assert_eq!(res.status(), 200);
 }
 
 /// Reads SSE events from a live response until `pred` holds for one; returns it.

@@ -104,6 +104,21 @@ impl ApiError {
         .code("request_too_large")
     }
 
+    /// A body that is not what its endpoint reads (bytes that are no JSON, a broken stream).
+    pub fn invalid_body(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            .code("invalid_request_body")
+    }
+
+    pub fn body_timeout(secs: u64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("The request body did not arrive within {secs} seconds."),
+        )
+        .code("request_timeout")
+    }
+
     pub fn overloaded(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
             .code("rate_limit_exceeded");

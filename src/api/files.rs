@@ -146,25 +146,35 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let limit = state.settings.fine_tuning.max_file_bytes;
     let body_limit = limit.saturating_add(MULTIPART_SLACK);
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > body_limit) {
-        return Err(ApiError::body_too_large(limit));
-    }
-    let body = match payload.to_bytes_limited(body_limit).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => return Err(ApiError::internal(format!("reading the request body: {e}"))),
-        Err(_) => return Err(ApiError::body_too_large(limit)),
-    };
+    let body = crate::api::read_body_within(&state, &req, payload, body_limit)
+        .await
+        .map_err(|e| match e.status {
+            // The limit users set and see is the file's, not the framing's.
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::body_too_large(limit),
+            _ => e,
+        })?;
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let parts = parse_multipart(content_type, &body)?;
+        .unwrap_or("")
+        .to_string();
+    // Splitting and validating tens of megabytes is CPU work: off the HTTP workers.
+    let record = crate::api::off_worker(move || store_upload(&state, &content_type, &body, limit))
+        .await?;
+    Ok(HttpResponse::Ok().json(file_object(&record)))
+}
+
+/// Longest filename kept with an upload (a common file system's limit).
+const MAX_FILENAME_BYTES: usize = 255;
+
+fn store_upload(
+    state: &AppState,
+    content_type: &str,
+    body: &[u8],
+    limit: usize,
+) -> Result<FileRecord, ApiError> {
+    let parts = parse_multipart(content_type, body)?;
     let purpose = parts
         .iter()
         .find(|p| p.name == "purpose")
@@ -179,7 +189,8 @@ pub async fn create(
     if !UPLOAD_PURPOSES.contains(&purpose.as_str()) {
         return Err(bad_request(
             format!(
-                "'{purpose}' is not a valid purpose; expected one of {}.",
+                "'{}' is not a valid purpose; expected one of {}.",
+                purpose.chars().take(64).collect::<String>(),
                 UPLOAD_PURPOSES.join(", ")
             ),
             Some("purpose"),
@@ -201,6 +212,13 @@ pub async fn create(
         .clone()
         .filter(|f| !f.is_empty())
         .unwrap_or_else(|| "upload.jsonl".into());
+    if filename.len() > MAX_FILENAME_BYTES || filename.contains('\0') {
+        return Err(bad_request(
+            format!("The filename must be at most {MAX_FILENAME_BYTES} bytes, without NUL."),
+            Some("file"),
+            "invalid_value",
+        ));
+    }
     if purpose == "fine-tune" {
         validate_training_file(file.content)?;
     }
@@ -211,14 +229,12 @@ pub async fn create(
         filename,
         purpose,
     };
-    let content = file.content.to_vec();
-    let fine_tuning = state.fine_tuning.clone();
-    let stored = record.clone();
-    web::block(move || fine_tuning.store.insert_file(&stored, &content))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+    state
+        .fine_tuning
+        .store
+        .insert_file(&record, file.content)
         .map_err(internal)?;
-    Ok(HttpResponse::Ok().json(file_object(&record)))
+    Ok(record)
 }
 
 /// 400 unless every line is a valid training example; the message names the first bad lines.
@@ -312,7 +328,8 @@ pub async fn content(
         .file(&id)
         .map_err(internal)?
         .ok_or_else(|| file_not_found(&id))?;
-    let bytes = store(&state).read_file(&file.id).map_err(internal)?;
+    let id = file.id.clone();
+    let bytes = crate::api::off_worker(move || store(&state).read_file(&id).map_err(internal)).await?;
     Ok(download(&file.filename, &file.purpose).body(bytes))
 }
 

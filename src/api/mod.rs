@@ -71,14 +71,25 @@ pub struct AppState {
     pub fine_tuning: Arc<crate::jobs::FineTuning>,
 }
 
-/// Reads a request body, refusing (413) one larger than `limits.max_body_bytes`: up front when
-/// `Content-Length` says so, otherwise as soon as the stream passes the limit.
+/// Reads a request body of at most `limits.max_body_bytes`: see [`read_body_within`].
 pub async fn read_body(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
 ) -> Result<web::Bytes, ApiError> {
-    let limit = state.settings.limits.max_body_bytes;
+    read_body_within(state, req, payload, state.settings.limits.max_body_bytes).await
+}
+
+/// Reads a request body, refusing (413) one larger than `limit` bytes: up front when
+/// `Content-Length` says so, otherwise as soon as the stream passes the limit. A client that
+/// sends it slower than `limits.body_timeout_secs` allows gets 408, so a trickling body does not
+/// hold a connection and its buffer forever.
+pub async fn read_body_within(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -87,10 +98,14 @@ pub async fn read_body(
     if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::body_too_large(limit));
     }
-    match payload.to_bytes_limited(limit).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => Err(ApiError::internal(format!("reading the request body: {e}"))),
-        Err(_) => Err(ApiError::body_too_large(limit)),
+    let timeout = std::time::Duration::from_secs(state.settings.limits.body_timeout_secs);
+    match actix_web::rt::time::timeout(timeout, payload.to_bytes_limited(limit)).await {
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Ok(Err(e))) => Err(ApiError::invalid_body(format!(
+            "The request body could not be read: {e}."
+        ))),
+        Ok(Err(_)) => Err(ApiError::body_too_large(limit)),
+        Err(_) => Err(ApiError::body_timeout(timeout.as_secs())),
     }
 }
 

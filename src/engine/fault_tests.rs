@@ -63,7 +63,7 @@ pub(crate) fn tiny_model() -> &'static Path {
 
 pub(crate) struct App {
     pub server: RunningServer,
-    pub data: tempfile::TempDir,
+    pub _data: tempfile::TempDir,
 }
 
 impl App {
@@ -91,7 +91,7 @@ pub(crate) fn spawn(ids: &[&str], configure: impl FnOnce(&mut Settings)) -> App 
     configure(&mut settings);
     let app = App {
         server: crate::api::start(settings).unwrap(),
-        data,
+        _data: data,
     };
     wait_until(Duration::from_secs(60), "not healthy", || {
         match client().get(app.url("/health")).send() {
