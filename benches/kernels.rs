@@ -8,7 +8,6 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use rewind::model::attention::CausalAttention;
-use rewind::model::causal_softmax::{self, CausalRows};
 use rewind::model::matmul::matmul;
 use rewind::model::ops;
 use rewind::model::rope::RopeTables;
@@ -68,28 +67,21 @@ fn main() -> anyhow::Result<()> {
     let ms = median_ms(50, || ops::rope(&q, &cos, &sin).map(drop));
     report("rope", "8 x 8 x 64 x 64", ms);
 
-    let scores = randn(&[tokens / seq, heads, seq, seq])?;
-    let rows = CausalRows {
-        len: seq,
-        first_position: 0,
-    };
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let softmax = |s: &Tensor| causal_softmax::forward(s, scale, rows).expect("f32 on the CPU");
-    let ms = median_ms(50, || softmax(&scores).map(drop));
-    report("causal softmax", "8 x 8 x 64 x 64", ms);
-    let p = softmax(&scores)?;
-    let ms = median_ms(50, || {
-        causal_softmax::backward(&p, &scores, scale)
-            .expect("f32 on the CPU")
-            .map(drop)
-    });
-    report("causal softmax backward", "8 x 8 x 64 x 64", ms);
-
     let attention = CausalAttention::new(seq, seq, 0, scale, DType::F32, &rope);
     let ms = median_ms(50, || attention.forward(&q, &q, &q).map(drop));
     report("attention", "8 x 8 x 64 x 64", ms);
-    let ms = median_ms(50, || attention.backward(&q, &q, &q, &q).map(drop));
+    let ms = median_ms(50, || attention.backward(&q, &q, &q, &q, None).map(drop));
     report("attention backward", "8 x 8 x 64 x 64", ms);
+    // One sequence at long context, where the tiles matter.
+    let long = 1024;
+    let rope = RopeTables::new(head_dim, 10_000.0, long, &dev)?;
+    let q = randn(&[1, heads, long, head_dim])?;
+    let attention = CausalAttention::new(long, long, 0, scale, DType::F32, &rope);
+    let ms = median_ms(10, || attention.forward(&q, &q, &q).map(drop));
+    report("attention", "1 x 8 x 1024 x 64", ms);
+    let ms = median_ms(10, || attention.backward(&q, &q, &q, &q, None).map(drop));
+    report("attention backward", "1 x 8 x 1024 x 64", ms);
 
     // SmolLM2-135M's parameter count in 100 tensors.
     let (tensors, size) = (100, 1_350_000);

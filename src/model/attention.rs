@@ -1,5 +1,6 @@
-//! Causal attention for training: computed over chunks of query rows, with a hand-written
-//! backward that recomputes each chunk's probabilities instead of keeping them.
+//! Causal attention: on the CPU in f32 the tiled kernel of `flash_attention.rs`; otherwise
+//! computed over chunks of query rows, with a hand-written backward that recomputes each
+//! chunk's probabilities instead of keeping them.
 //!
 //! Autograd through the plain form keeps the (queries x keys) scores, their masked and
 //! exponentiated copies and the probabilities of every head: a dozen T x T tensors per block,
@@ -11,8 +12,8 @@
 //! Forward and recomputation run the same ops on the same chunks, so the output is bit-identical
 //! between the two (the exact reversible mode depends on that).
 
-use crate::model::causal_softmax::{self, CausalRows};
 use crate::model::custom_vjp;
+use crate::model::flash_attention::{self, Geometry};
 use crate::model::matmul::matmul;
 use crate::model::ops;
 use crate::model::rope::RopeTables;
@@ -79,7 +80,22 @@ impl CausalAttention {
         let output = self.forward(&q.detach(), &k.detach(), &v.detach())?;
         let this = self.clone();
         custom_vjp::record3(&q, &k, &v, output, move |q, k, v, g| {
-            this.backward(q, k, v, g)
+            this.backward(q, k, v, g, None)
+        })
+    }
+
+    /// The tiled kernel's shapes when it runs this call: f32 scores of f32 operands.
+    fn geometry(&self, q: &Tensor, k: &Tensor) -> Option<Geometry> {
+        let (b, kvh, _, dh) = q.dims4().ok()?;
+        let tiled = q.device().is_cpu() && self.score_dtype == DType::F32 && q.dtype() == DType::F32;
+        tiled.then(|| Geometry {
+            heads: b * kvh,
+            rep: self.rep,
+            seq: self.seq,
+            start: self.start,
+            keys: k.dim(2).unwrap_or(0),
+            head_dim: dh,
+            scale: self.scale as f32,
         })
     }
 
@@ -123,15 +139,6 @@ impl CausalAttention {
         let (b, kvh, rows, _) = q_rows.dims4()?;
         let k = k.narrow(2, 0, c.keys)?;
         let raw = matmul(q_rows, &k.t()?)?;
-        if raw.dtype() == self.score_dtype {
-            let rows = CausalRows {
-                len: c.len,
-                first_position: self.start + c.t0,
-            };
-            if let Some(p) = causal_softmax::forward(&raw, self.scale, rows) {
-                return p;
-            }
-        }
         let scores = (raw * self.scale)?.to_dtype(self.score_dtype)?;
         // Only when the chunk's first query cannot see every key (not in one-token decoding).
         let scores = if self.start + c.t0 + 1 < c.keys {
@@ -151,15 +158,30 @@ impl CausalAttention {
     /// The cotangent of the scaled scores q k^T for the probabilities `p` and their cotangent:
     /// dS = scale P * (dP - rowsum(dP * P)).
     fn softmax_backward(&self, p: &Tensor, grad_p: &Tensor) -> Result<Tensor> {
-        if let Some(grad) = causal_softmax::backward(p, grad_p, self.scale) {
-            return grad;
-        }
         let inner = (grad_p * p)?.sum_keepdim(D::Minus1)?;
         (p * grad_p.broadcast_sub(&inner)?)? * self.scale
     }
 
-    /// softmax(q k^T * scale + mask) v, chunk by chunk, with no graph. (B, KvH, rep*T, Dh).
+    /// softmax(q k^T * scale + mask) v, with no graph. (B, KvH, rep*T, Dh).
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_stats(q, k, v)?.0)
+    }
+
+    /// The output and, when the tiled kernel ran, each query row's log-sum-exp (B*KvH, rep*T):
+    /// what its backward needs besides the cotangent.
+    pub fn forward_with_stats(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(geometry) = self.geometry(q, k) {
+            let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+            if let Some(result) = flash_attention::forward(&q, &k, &v, geometry) {
+                let (out, lse) = result?;
+                return Ok((out, Some(lse)));
+            }
+        }
         let parts = self
             .chunks(k.dim(2)?)
             .map(|c| {
@@ -167,11 +189,43 @@ impl CausalAttention {
                 matmul(&p.to_dtype(v.dtype())?, &v.narrow(2, 0, c.keys)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        self.assemble(parts)
+        Ok((self.assemble(parts)?, None))
     }
 
-    /// Cotangents of q, k and v for the output cotangent `g`.
+    /// Cotangents of q, k and v for the output cotangent `g`. The tiled kernel needs the
+    /// forward's statistics: `saved` gives them (the log-sum-exp from `forward_with_stats`, and
+    /// rowsum(g * output), both (B*KvH, rep*T)), or they are recomputed.
     pub fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        saved: Option<(&Tensor, &Tensor)>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if let Some(geometry) = self.geometry(q, k) {
+            let (q, k, v, g) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, g.contiguous()?);
+            let recomputed;
+            let (lse, delta) = match saved {
+                Some(stats) => stats,
+                None => {
+                    let (out, lse) = self.forward_with_stats(q, k, v)?;
+                    let delta = flash_attention::delta(&out, &g, geometry.head_dim);
+                    let (Some(lse), Some(delta)) = (lse, delta) else {
+                        return self.chunked_backward(q, k, v, &g);
+                    };
+                    recomputed = (delta?.reshape(lse.dims())?, lse);
+                    (&recomputed.1, &recomputed.0)
+                }
+            };
+            if let Some(result) = flash_attention::backward(q, k, v, &g, lse, delta, geometry) {
+                return result;
+            }
+        }
+        self.chunked_backward(q, k, v, g)
+    }
+
+    fn chunked_backward(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -277,11 +331,11 @@ mod tests {
         }
     }
 
-    /// The f32 path (the fused causal softmax) against the same attention in f64 (the
-    /// composite with a mask tensor): stacked heads, queries continuing at position 5 of a
-    /// cache, chunks shorter than the sequence.
+    /// The f32 CPU path (the tiled kernel) against the chunked form in f64 through
+    /// `CausalAttention` itself: stacked heads, queries continuing at position 5 of a cache,
+    /// chunks shorter than the sequence, statistics recomputed by the backward.
     #[test]
-    fn fused_f32_path_matches_the_f64_composite() {
+    fn tiled_f32_path_matches_the_f64_chunked_form() {
         let dev = Device::Cpu;
         let (b, kvh, rep, seq, start, dh) = (2, 2, 3, 11, 5, 8);
         let masks = RopeTables::new(dh, 10_000.0, 64, &dev).unwrap();
@@ -294,9 +348,9 @@ mod tests {
         let got = narrow.forward(&q, &k, &v).unwrap();
         let want = reference.forward(&wide(&q), &wide(&k), &wide(&v)).unwrap();
         assert!(diff(&got, &want) < 1e-5, "output {}", diff(&got, &want));
-        let got = narrow.backward(&q, &k, &v, &g).unwrap();
+        let got = narrow.backward(&q, &k, &v, &g, None).unwrap();
         let want = reference
-            .backward(&wide(&q), &wide(&k), &wide(&v), &wide(&g))
+            .backward(&wide(&q), &wide(&k), &wide(&v), &wide(&g), None)
             .unwrap();
         for (name, got, want) in [
             ("q", got.0, want.0),

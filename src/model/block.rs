@@ -175,6 +175,9 @@ impl Attention {
     }
 }
 
+/// Rows per tile of the MLP branch (its intermediate is ~2.75x wider than the model).
+pub const MLP_ROWS: usize = 512;
+
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
@@ -232,10 +235,23 @@ impl Block {
             .to_dtype(ctx.residual_dtype)
     }
 
-    /// MLP(N2 q), returned in the residual dtype. q: (N, d).
+    /// MLP(N2 q), returned in the residual dtype. q: (N, d). Token-wise, so it runs over
+    /// [`MLP_ROWS`]-row tiles: the (rows x intermediate) activations of one tile are all that
+    /// exist at once. The training backward walks the same tiles, so its recomputation is
+    /// bit-identical to this.
     pub fn mlp_branch(&self, q: &Tensor, ctx: &BlockCtx<'_>) -> Result<Tensor> {
-        let x = self.mlp_input(q, ctx)?;
-        self.mlp.forward(&x)?.to_dtype(ctx.residual_dtype)
+        let rows = q.dim(0)?;
+        let tiles = (0..rows)
+            .step_by(MLP_ROWS)
+            .map(|r0| {
+                let x = self.mlp_input(&q.narrow(0, r0, MLP_ROWS.min(rows - r0))?, ctx)?;
+                self.mlp.forward(&x)?.to_dtype(ctx.residual_dtype)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match tiles.len() {
+            1 => Ok(tiles.into_iter().next().expect("one tile")),
+            _ => Tensor::cat(&tiles, 0),
+        }
     }
 
     /// N1 p in the compute dtype: what the attention projections read.

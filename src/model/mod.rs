@@ -3,11 +3,11 @@
 
 pub mod attention;
 pub mod block;
-pub mod causal_softmax;
 pub mod chat_template;
 pub mod config;
 pub mod custom_vjp;
 pub mod decoder;
+pub mod flash_attention;
 pub mod generate;
 pub mod kv_cache;
 pub mod linear;

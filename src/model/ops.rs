@@ -190,12 +190,15 @@ pub fn swiglu_vjp(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Ten
 /// `f` over the data of same-shaped contiguous f32 CPU tensors, or None for any other kind
 /// (the caller then falls back to candle's ops). candle's own CPU unary ops run on one core.
 pub(crate) fn on_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<Result<R>> {
-    let suitable = |t: &&Tensor| {
-        t.device().is_cpu()
-            && t.dtype() == DType::F32
-            && t.is_contiguous()
-            && t.shape() == ts[0].shape()
-    };
+    if !ts.iter().all(|t| t.shape() == ts[0].shape()) {
+        return None;
+    }
+    with_cpu_f32(ts, f)
+}
+
+/// `f` over the data of contiguous f32 CPU tensors of any shapes, or None for any other kind.
+pub(crate) fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<Result<R>> {
+    let suitable = |t: &&Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
     if !ts.iter().all(suitable) {
         return None;
     }

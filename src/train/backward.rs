@@ -343,7 +343,13 @@ fn reversible_layer(
             let h = t.frozen.reversible.h;
             let (batch, seq) = block_vjp::uniform(layout)?;
             let q = below.view(&s.other, dtype)?;
-            let (m, mlp_tape) = block_vjp::mlp_forward(block, &q, &ctx)?;
+            let (m, d_q) = block_vjp::mlp_value_and_vjp(
+                block,
+                &q,
+                &g.last.affine(h, 0.0)?,
+                &ctx,
+                &mut sink,
+            )?;
             let p_prev = match below {
                 Below::Float => (&s.last - m.affine(h, 0.0)?)?,
                 Below::Kept(_) => kept()?.last.clone(),
@@ -353,8 +359,6 @@ fn reversible_layer(
                 } => stored[j].last.clone(),
                 Below::Exact { fp, .. } => fp.hamiltonian_undo_mlp(h, &s.last, &m)?,
             };
-            let d_q =
-                block_vjp::mlp_backward(block, mlp_tape, &g.last.affine(h, 0.0)?, &ctx, &mut sink)?;
             let g_q = (&g.other + d_q)?;
 
             let p = below.view(&p_prev, dtype)?;
