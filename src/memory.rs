@@ -3,6 +3,7 @@
 //! works without it, reporting zeros).
 
 pub mod device;
+pub mod phases;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -420,11 +420,11 @@ impl Settings {
             ("limits.max_schema_bytes", l.max_schema_bytes),
             ("limits.max_schema_depth", l.max_schema_depth),
             ("fine_tuning.max_n_epochs", self.fine_tuning.max_n_epochs),
-            ("fine_tuning.max_batch_size", self.fine_tuning.max_batch_size),
             (
-                "limits.model_load_timeout_secs",
-                l.model_load_timeout_secs,
+                "fine_tuning.max_batch_size",
+                self.fine_tuning.max_batch_size,
             ),
+            ("limits.model_load_timeout_secs", l.model_load_timeout_secs),
             (
                 "fine_tuning.max_job_attempts",
                 self.fine_tuning.max_job_attempts,
@@ -539,11 +539,13 @@ mod tests {
             ("REWIND_PORT", "9100"),
             ("REWIND_API_KEYS", "k1, k2"),
             ("REWIND_MAX_BATCH", "4"),
+            ("REWIND_MODEL_LOAD_TIMEOUT_SECS", "30"),
             ("REWIND_FORMAT", "Quantized"),
         ]
         .into();
         s.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
         assert_eq!((s.server.port, s.limits.max_batch), (9100, 4));
+        assert_eq!(s.limits.model_load_timeout_secs, 30);
         assert_eq!(s.server.api_keys, ["k1", "k2"]);
         assert_eq!(s.models[0].format, WeightFormat::Quantized);
         s.apply_overrides(&Overrides {

@@ -43,11 +43,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `rewind serve` on `data` as a child process, its output appended to `data/server.log`.
+/// `rewind serve` on `data` as a child process, its output appended to `data/server.log`. Jobs
+/// may start many times (each kill here interrupts one).
 fn spawn_serve(data: &Path, port: u16) -> std::process::Child {
     let config = data.join("config.toml");
     let text = format!(
-        "data_dir = {:?}\n[server]\nworkers = 2\nport = {port}\n[[models]]\nid = \"{TINY}\"\nsource = {:?}\n",
+        "data_dir = {:?}\n[server]\nworkers = 2\nport = {port}\n[fine_tuning]\nmax_job_attempts = 50\n\
+         [[models]]\nid = \"{TINY}\"\nsource = {:?}\n",
         data.to_str().unwrap(),
         tiny_model().to_str().unwrap()
     );
@@ -182,12 +184,19 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     }];
     let first = rewind::api::start(settings.clone()).unwrap();
     let url = first.url();
-    wait_until(Duration::from_secs(60), "the model did not load", || {
-        match client().get(format!("{url}/health")).send().unwrap().status() {
+    wait_until(
+        Duration::from_secs(60),
+        "the model did not load",
+        || match client()
+            .get(format!("{url}/health"))
+            .send()
+            .unwrap()
+            .status()
+        {
             reqwest::StatusCode::OK => Ok(()),
             status => Err(status.to_string()),
-        }
-    });
+        },
+    );
     let file = upload(&url, training_data());
     let lock = std::fs::read_to_string(data.path().join("rewind.lock")).unwrap();
     assert_eq!(lock.trim(), std::process::id().to_string());
@@ -195,9 +204,11 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     // Another process on the same directory: it exits with the reason, without serving.
     let started = Instant::now();
     let mut second = spawn_serve(data.path(), free_port());
-    let status = wait_until(Duration::from_secs(30), "the second server kept running", || {
-        second.try_wait().unwrap().ok_or("running".to_string())
-    });
+    let status = wait_until(
+        Duration::from_secs(30),
+        "the second server kept running",
+        || second.try_wait().unwrap().ok_or("running".to_string()),
+    );
     let log = std::fs::read_to_string(data.path().join("server.log")).unwrap();
     assert!(!status.success(), "{log}");
     assert!(
@@ -215,13 +226,14 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
 
     // The first is untouched: it still serves, its state intact, its lock its own.
     assert_eq!(
-        client().get(format!("{url}/health")).send().unwrap().status(),
+        client()
+            .get(format!("{url}/health"))
+            .send()
+            .unwrap()
+            .status(),
         200
     );
-    assert_eq!(
-        content(&url, file["id"].as_str().unwrap()),
-        training_data()
-    );
+    assert_eq!(content(&url, file["id"].as_str().unwrap()), training_data());
     let line = b"{\"prompt\": \"a\", \"completion\": \"b\"}\n".to_vec();
     let again = upload(&url, line.clone());
     assert_eq!(content(&url, again["id"].as_str().unwrap()), line);
@@ -234,14 +246,18 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let restarted = rewind::api::start(settings).unwrap();
     restarted.stop();
     restarted.wait().unwrap();
-    let other = wait_until(Duration::from_secs(20), "the directory stayed locked", || {
-        let mut child = spawn_serve(data.path(), free_port());
-        std::thread::sleep(Duration::from_millis(500));
-        match child.try_wait().unwrap() {
-            None => Ok(child),
-            Some(status) => Err(format!("exited: {status}")),
-        }
-    });
+    let other = wait_until(
+        Duration::from_secs(20),
+        "the directory stayed locked",
+        || {
+            let mut child = spawn_serve(data.path(), free_port());
+            std::thread::sleep(Duration::from_millis(500));
+            match child.try_wait().unwrap() {
+                None => Ok(child),
+                Some(status) => Err(format!("exited: {status}")),
+            }
+        },
+    );
     let mut other = Process {
         child: other,
         url: String::new(),
@@ -284,6 +300,12 @@ const KILL_POINTS: [KillPoint; 5] = [
     },
 ];
 
+/// How long to wait for a kill point before killing anyway (a kill at a random moment).
+const GIVE_UP_WAITING: Duration = Duration::from_secs(2);
+/// The killed job's epochs and steps (8 an epoch).
+const EPOCHS: u64 = 16;
+const STEPS: u64 = EPOCHS * 8;
+
 fn names(dir: &Path) -> Vec<String> {
     match std::fs::read_dir(dir) {
         Ok(entries) => entries
@@ -304,9 +326,10 @@ fn complete_checkpoint(dir: &Path) -> bool {
 /// `rewind serve` is killed with SIGKILL five times while a job writes checkpoints (inside the
 /// trainer checkpoint's write, a checkpoint model's write, the swap of two checkpoints, ...)
 /// and restarted on the same data directory each time. At each kill a complete checkpoint is
-/// on disk (under its name or aside); after each restart no leftover remains; in the end the
-/// job succeeds having trained every step, the upload is byte-identical, every checkpoint listed
-/// is served, and the epoch-end checkpoints the job keeps are the last ones.
+/// on disk (under its name or aside) and the upload downloads byte-identical after the restart;
+/// in the end the job succeeds having trained every step (none lost more than an epoch's work to
+/// a kill), every checkpoint listed is served, the epoch-end checkpoints the job keeps are the
+/// last ones, and no temporary or aside entry remains.
 #[test]
 fn a_server_killed_during_checkpoint_writes_loses_nothing() {
     let data = tempfile::tempdir().unwrap();
@@ -315,10 +338,11 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
     let uploaded = training_data();
     let file = server.upload(uploaded.clone());
     let file_id = file["id"].as_str().unwrap().to_string();
-    // 8 examples, batch 1: 8 steps an epoch, a checkpoint at each epoch's end (and at step 50).
+    // 8 examples, batch 1: 8 steps an epoch, a checkpoint at each epoch's end (and every 50
+    // steps). Enough epochs that the job outlasts the kills even if no kill point is seen.
     let (status, job) = server.post(
         "/v1/fine_tuning/jobs",
-        &json!({"model": TINY, "training_file": file_id, "hyperparameters": {"n_epochs": 8, "batch_size": 1}}),
+        &json!({"model": TINY, "training_file": file_id, "hyperparameters": {"n_epochs": EPOCHS, "batch_size": 1}}),
     );
     assert_eq!(status, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
@@ -326,10 +350,14 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
     let job_path = format!("/v1/fine_tuning/jobs/{id}");
 
     let mut saw_checkpoint = false;
+    // Epoch-end checkpoint models a kill caught being written (the trainer's own checkpoint of
+    // that step was already saved, so the resumed run must still publish them).
+    let mut interrupted_models = std::collections::BTreeSet::new();
+    let run = Instant::now();
     for point in &KILL_POINTS {
         let started = Instant::now();
         let mut hit = false;
-        while started.elapsed() < Duration::from_secs(15) {
+        while started.elapsed() < GIVE_UP_WAITING {
             let (job_names, model_names) = (names(&job_dir), names(&models));
             saw_checkpoint |= job_names.iter().any(|n| n == "checkpoint");
             if (point.hit)(&job_names, &model_names) {
@@ -339,22 +367,29 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
             std::thread::sleep(Duration::from_millis(1));
         }
         drop(server); // SIGKILL
-        eprintln!(
-            "killed {} ({})",
-            point.what,
-            if hit { "hit" } else { "not seen in 15 s: killed anyway" }
-        );
-        // Whenever a checkpoint had been published, a complete one is there: under its name, or
-        // aside while its replacement was being renamed in.
-        if saw_checkpoint {
-            assert!(
-                complete_checkpoint(&job_dir.join("checkpoint"))
-                    || complete_checkpoint(&job_dir.join(".checkpoint.old")),
-                "no complete checkpoint after a kill {}: {:?}",
-                point.what,
-                names(&job_dir)
-            );
+                      // Whenever a checkpoint had been published, a complete one is there: under its name, or
+                      // aside while its replacement was being renamed in.
+        let complete = !saw_checkpoint
+            || complete_checkpoint(&job_dir.join("checkpoint"))
+            || complete_checkpoint(&job_dir.join(".checkpoint.old"));
+        let found = names(&job_dir);
+        let marker = format!("{id}-step-");
+        for name in names(&models).iter().filter(|n| n.starts_with('.')) {
+            if let Some(rest) = name.split(&marker).nth(1) {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                interrupted_models.insert(digits.parse::<u64>().unwrap());
+            }
         }
+        eprintln!(
+            "{:>5.1} s: killed {} ({})",
+            run.elapsed().as_secs_f64(),
+            point.what,
+            if hit {
+                "hit"
+            } else {
+                "not seen: killed anyway"
+            }
+        );
 
         server = Process::start(data.path());
         assert_eq!(server.content(&file_id), uploaded);
@@ -364,6 +399,11 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
             "the job is no longer running after a kill (the test needs more epochs if it \
              succeeded): {job}\n{}",
             std::fs::read_to_string(data.path().join("server.log")).unwrap_or_default()
+        );
+        assert!(
+            complete,
+            "no complete checkpoint after a kill {}: {found:?}",
+            point.what
         );
     }
 
@@ -390,7 +430,15 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
         .unwrap()
         .clone();
     let mut losses = std::collections::HashMap::new();
-    for e in events.iter().filter(|e| e["type"] == "metrics") {
+    let metrics: Vec<&Value> = events.iter().filter(|e| e["type"] == "metrics").collect();
+    // A kill costs at most the steps since the last checkpoint (one epoch, 8 steps): had a kill
+    // ever found no checkpoint, the job would have started over and trained far more.
+    assert!(
+        metrics.len() as u64 <= STEPS + 8 * KILL_POINTS.len() as u64,
+        "{} steps trained for {STEPS}: a kill lost a checkpoint",
+        metrics.len()
+    );
+    for e in metrics {
         if let (Some(step), Some(loss)) =
             (e["data"]["step"].as_u64(), e["data"]["train_loss"].as_f64())
         {
@@ -402,7 +450,17 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
             }
         }
     }
-    assert_eq!(losses.len(), 64, "every step has metrics");
+    assert_eq!(losses.len() as u64, STEPS, "every step has metrics");
+    for step in &interrupted_models {
+        let created = format!("Checkpoint created at step {step}:");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["message"].as_str().unwrap().starts_with(&created)),
+            "the checkpoint model of step {step}, interrupted by a kill, was never created"
+        );
+    }
+    eprintln!("checkpoint models interrupted and then created: {interrupted_models:?}");
 
     // The last three epochs' checkpoints are listed, and each is served, as is the final model.
     let checkpoints = server.get(&format!("{job_path}/checkpoints?limit=100"))["data"]
@@ -413,25 +471,37 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
         .iter()
         .map(|c| c["step_number"].as_u64().unwrap())
         .collect();
-    assert_eq!(steps, [64, 56, 48]);
+    assert_eq!(steps, [STEPS, STEPS - 8, STEPS - 16]);
     let mut served: Vec<String> = checkpoints
         .iter()
-        .map(|c| c["fine_tuned_model_checkpoint"].as_str().unwrap().to_string())
+        .map(|c| {
+            c["fine_tuned_model_checkpoint"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     served.push(job["fine_tuned_model"].as_str().unwrap().to_string());
     for model in &served {
         let ask = json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
-        wait_until(Duration::from_secs(30), "a listed model is not served", || {
-            match server.post("/v1/chat/completions", &ask) {
+        wait_until(
+            Duration::from_secs(30),
+            "a listed model is not served",
+            || match server.post("/v1/chat/completions", &ask) {
                 (200, _) => Ok(()),
                 (status, reply) => Err(format!("{model}: {status} {reply}")),
-            }
-        });
+            },
+        );
     }
 
     // Nothing temporary or aside remains anywhere, and the job's trainer state is gone.
     for dir in [data.path(), &models, &job_dir, &data.path().join("files")] {
-        assert!(leftovers(dir).is_empty(), "{}: {:?}", dir.display(), leftovers(dir));
+        assert!(
+            leftovers(dir).is_empty(),
+            "{}: {:?}",
+            dir.display(),
+            leftovers(dir)
+        );
     }
     assert!(!job_dir.join("checkpoint").exists());
 }

@@ -201,13 +201,25 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
         }
     }
     if let Some(scheme) = &rewind.scheme {
-        ReversibleConfig::parse(scheme).map_err(|e| {
-            bad_request(
-                format!("`rewind.scheme`: {e:#}"),
-                Some("rewind.scheme"),
-                "invalid_value",
-            )
-        })?;
+        // Checked as the trainer's loader will check it, and more: a blend that is not finite
+        // (`midpoint(a=1e309)`, `a=NaN`) would train to NaN rather than fail.
+        ReversibleConfig::parse(scheme)
+            .and_then(|config| {
+                // A parsed scheme's blend is one constant, so one layer stands for all.
+                config.validate(1)?;
+                anyhow::ensure!(
+                    config.blend(0).is_finite(),
+                    "the blend `a` must be a finite number"
+                );
+                Ok(config)
+            })
+            .map_err(|e| {
+                bad_request(
+                    format!("`rewind.scheme`: {e:#}"),
+                    Some("rewind.scheme"),
+                    "invalid_value",
+                )
+            })?;
     }
     if let Some(strategy) = &rewind.strategy {
         serde_json::from_value::<Strategy>(json!(strategy)).map_err(|_| {

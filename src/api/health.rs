@@ -10,7 +10,10 @@ use serde_json::json;
 /// (a restart is needed), and while the server shuts down.
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let stopped = if !state.engine.is_alive() {
-        Some(("engine_stopped", "The inference engine has stopped; the server needs a restart."))
+        Some((
+            "engine_stopped",
+            "The inference engine has stopped; the server needs a restart.",
+        ))
     } else if !state.fine_tuning.is_alive() {
         Some((
             "fine_tuning_stopped",

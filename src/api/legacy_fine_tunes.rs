@@ -84,6 +84,15 @@ pub async fn create(
     let body = crate::api::read_body(&state, &req, payload).await?;
     let request: CreateRequest = parse_body(&body)?;
     let mut hyperparameters = request.hyperparameters.unwrap_or_else(|| json!({}));
+    // As in the current API: a `hyperparameters` that is not an object would otherwise drop the
+    // top-level `n_epochs`, `batch_size` and `learning_rate_multiplier` unchecked.
+    if !hyperparameters.is_object() {
+        return Err(crate::api::files::bad_request(
+            "`hyperparameters` must be an object.",
+            Some("hyperparameters"),
+            "invalid_value",
+        ));
+    }
     for (key, value) in [
         ("n_epochs", request.n_epochs),
         ("batch_size", request.batch_size),

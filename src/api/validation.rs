@@ -257,14 +257,17 @@ impl SamplingFields {
             p.min_p = range("min_p", v, 0.0, 1.0)?;
         }
         if let Some(v) = self.repetition_penalty {
-            if !(v.is_finite() && v > 0.0) {
+            // Checked as the sampler holds it: in f32, 1e-50 is 0 and 1e300 infinite, which the
+            // sampler refuses mid-request (a 500).
+            let held = v as f32;
+            if !(v.is_finite() && held.is_finite() && held > 0.0) {
                 return Err(ValidationError::OutOfRange {
                     param: "repetition_penalty",
                     value: v.to_string(),
                     range: "(0, inf)".into(),
                 });
             }
-            p.repetition_penalty = v as f32;
+            p.repetition_penalty = held;
         }
         if let Some(v) = self.presence_penalty {
             p.presence_penalty = range("presence_penalty", v, -2.0, 2.0)?;

@@ -2,6 +2,7 @@
 
 use crate::cli::ModelArgs;
 use crate::memory;
+use crate::memory::phases::{self, PhasePeaks};
 use crate::model::config::{Architecture, ModelConfig};
 use crate::model::decoder::SeqInput;
 use crate::model::kv_cache::KvCache;
@@ -103,6 +104,10 @@ struct TrainRow {
     d_model: usize,
     parameters: usize,
     activation_bytes_per_sample: f64,
+    /// The phase whose memory grows fastest with the batch (`forward`, `head`, `walk down`).
+    peak_phase: &'static str,
+    /// Each phase's peak at the full batch.
+    phase_peaks: std::collections::BTreeMap<&'static str, usize>,
     /// Exact mode's kept low bits, bits per element per layer.
     buffer_bits_per_element: f64,
     peak_bytes: usize,
@@ -146,23 +151,24 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Resu
     })
 }
 
-/// Peak memory growth on the batch's device and seconds of one forward+backward.
+/// The peak memory of each phase (above what was live before) and the seconds of one
+/// forward+backward.
 fn measure(
     t: &Trainable,
     batch: &Batch,
     strategy: Strategy,
     exact: Option<FixedPoint>,
-) -> Result<(usize, f64)> {
+) -> Result<(PhasePeaks, f64)> {
     let device = batch.inputs.device();
-    let before = memory::device::live_bytes(device)?;
-    memory::device::reset_peak(device)?;
     let started = Instant::now();
-    let out = loss_and_grads(t, batch, strategy, 1.0, exact)?;
-    device.synchronize()?;
+    let (out, peaks) = phases::measure(device, || {
+        let out = loss_and_grads(t, batch, strategy, 1.0, exact)?;
+        device.synchronize()?;
+        Ok(out)
+    })?;
     let secs = started.elapsed().as_secs_f64();
-    let peak = memory::device::peak_bytes(device)?.saturating_sub(before);
     drop(out);
-    Ok((peak, secs))
+    Ok((peaks, secs))
 }
 
 fn bench_train(args: &TrainBenchArgs) -> Result<()> {
@@ -178,7 +184,7 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
         args.depths.clone()
     };
     if !args.json {
-        println!("strategy    scheme              L   batch seq  act MB/sample  step s   tokens/s  max batch@{:.0}GiB", args.budget_gib);
+        println!("strategy    scheme              L   batch seq  act MB/sample  (phase)     step s   tokens/s  max batch@{:.0}GiB", args.budget_gib);
     }
     for layers in depths {
         let model = if args.real_model {
@@ -208,35 +214,40 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
             runs.push((Strategy::Reversible, Some(FixedPoint::default())));
         }
         for (strategy, exact) in runs {
-            // Per-sample memory is the growth from half the batch to the full batch, so that
-            // costs independent of the batch (weights, gradients, one LM-head chunk) cancel.
+            // Per-sample memory is each phase's peak growth from half the batch to the full
+            // batch (costs independent of the batch cancel), and the fastest-growing phase's
+            // is the step's: see `memory::phases`.
             let half_batch = (args.batch / 2).max(1);
             let full = random_batch(args.batch, args.seq, vocab, &device)?;
             let half = random_batch(half_batch, args.seq, vocab, &device)?;
             measure(&t, &half, strategy, exact)?; // warm-up
-            let (peak_half, _) = measure(&t, &half, strategy, exact)?;
+            let (peaks_half, _) = measure(&t, &half, strategy, exact)?;
             // The first full-batch step faults in the heap it grows by; it is not timed.
             measure(&t, &full, strategy, exact)?;
-            let mut peak_full = 0;
+            let mut peaks_full = None;
             let mut times = Vec::new();
             for _ in 0..args.steps.max(1) {
-                let (peak, secs) = measure(&t, &full, strategy, exact)?;
-                peak_full = peak_full.max(peak);
+                let (peaks, secs) = measure(&t, &full, strategy, exact)?;
+                peaks_full.get_or_insert(peaks);
                 times.push(secs);
             }
+            let peaks_full = peaks_full.expect("at least one step");
             times.sort_by(f64::total_cmp);
             let step_seconds = times[times.len() / 2];
-            let per_sample = if args.batch > half_batch {
-                peak_full.saturating_sub(peak_half) as f64 / (args.batch - half_batch) as f64
+            let cost = if args.batch > half_batch {
+                phases::per_sample((half_batch, &peaks_half), (args.batch, &peaks_full))
             } else {
-                peak_full as f64
+                phases::PerSample {
+                    phase: "rest",
+                    bytes_per_sample: peaks_full.peak() as f64,
+                    fixed_bytes: 0.0,
+                }
             };
-            let fixed = peak_full as f64 - per_sample * args.batch as f64;
             // Weights, gradients and two AdamW moments: 16 bytes per f32 parameter.
             let budget = (args.budget_gib * (1u64 << 30) as f64) as u64;
-            let available = budget as f64 - 16.0 * parameters as f64 - fixed.max(0.0);
-            let max_batch = if per_sample > 0.0 && available > 0.0 {
-                (available / per_sample) as u64
+            let available = budget as f64 - 16.0 * parameters as f64 - cost.fixed_bytes.max(0.0);
+            let max_batch = if cost.bytes_per_sample > 0.0 && available > 0.0 {
+                (available / cost.bytes_per_sample) as u64
             } else {
                 0
             };
@@ -249,13 +260,15 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
                 seq: args.seq,
                 d_model: t.graph.config.hidden_size,
                 parameters,
-                activation_bytes_per_sample: per_sample,
+                activation_bytes_per_sample: cost.bytes_per_sample,
+                peak_phase: cost.phase,
+                phase_peaks: peaks_full.0.iter().map(|&(n, b)| (n, b)).collect(),
                 buffer_bits_per_element: if exact.is_some() {
                     exact::buffer_bits_per_element(&t.graph)?
                 } else {
                     0.0
                 },
-                peak_bytes: peak_full,
+                peak_bytes: peaks_full.peak(),
                 step_seconds,
                 tokens_per_s: (args.batch * args.seq) as f64 / step_seconds,
                 budget_bytes: budget,
@@ -265,13 +278,14 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
                 println!("{}", serde_json::to_string(&row)?);
             } else {
                 println!(
-                    "{:<11} {:<19} {:<3} {:<5} {:<4} {:>13.2}  {:>6.2}  {:>9.0}  {}",
+                    "{:<11} {:<19} {:<3} {:<5} {:<4} {:>13.2}  {:<10}  {:>6.2}  {:>9.0}  {}",
                     row.strategy.clone() + if row.exact { "+exact" } else { "" },
                     row.scheme,
                     row.layers,
                     row.batch,
                     row.seq,
                     row.activation_bytes_per_sample / 1e6,
+                    row.peak_phase,
                     row.step_seconds,
                     row.tokens_per_s,
                     row.max_batch

@@ -63,6 +63,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             tracing::info!(url = %server.url(), "ready");
             break;
         }
+        if server.engine.is_shutting_down() {
+            break; // stopped (SIGTERM, SIGINT) before the models were loaded
+        }
         if let Some(error) = registry.base_model_failure() {
             server.stop();
             let _ = server.wait();

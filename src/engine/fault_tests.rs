@@ -288,16 +288,28 @@ fn a_request_waiting_too_long_for_its_model_gets_503() {
     let waiting = std::thread::spawn({
         let url = app.url("/v1/chat/completions");
         move || {
-            let res = client().post(url).json(&chat(slow, 4, false)).send().unwrap();
+            let res = client()
+                .post(url)
+                .json(&chat(slow, 4, false))
+                .send()
+                .unwrap();
             let retry_after = res.headers().get("retry-after").cloned();
-            (res.status().as_u16(), retry_after, res.json::<Value>().unwrap())
+            (
+                res.status().as_u16(),
+                retry_after,
+                res.json::<Value>().unwrap(),
+            )
         }
     });
     // Answered while the other model loads.
     std::thread::sleep(Duration::from_millis(100));
     let (status, body) = post(&app, "/v1/chat/completions", &chat(base, 4, false));
     assert_eq!(status, 200, "{body}");
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 
     let (status, retry_after, body) = waiting.join().unwrap();
     assert_eq!(status, 503, "{body}");
@@ -317,16 +329,21 @@ fn a_request_waiting_too_long_for_its_model_gets_503() {
     );
     // A stream waiting for the same load: its headers went out, so the 503 is its last event.
     let streamed = Stream::open(&app, &chat(slow, 4, true)).error();
-    assert_eq!(streamed["error"]["code"], "service_unavailable", "{streamed}");
+    assert_eq!(
+        streamed["error"]["code"], "service_unavailable",
+        "{streamed}"
+    );
 
     // The load went on: once done, the model answers.
     faults::clear(slow);
-    wait_until(Duration::from_secs(10), "the load did not finish", || {
-        match post(&app, "/v1/chat/completions", &chat(slow, 4, false)) {
+    wait_until(
+        Duration::from_secs(10),
+        "the load did not finish",
+        || match post(&app, "/v1/chat/completions", &chat(slow, 4, false)) {
             (200, _) => Ok(()),
             (status, body) => Err(format!("{status} {body}")),
-        }
-    });
+        },
+    );
     assert_eq!(metric(&app, "rewind_model_loads_total"), 2.0);
 }
 

@@ -16,9 +16,9 @@
 //! - [`metrics`]: counters and gauges for `/metrics`.
 
 #[cfg(test)]
-pub(crate) mod faults;
-#[cfg(test)]
 pub(crate) mod fault_tests;
+#[cfg(test)]
+pub(crate) mod faults;
 pub mod grammar;
 mod loading;
 pub mod metrics;

@@ -31,7 +31,9 @@ use crate::engine::loading::{LoadDone, LoadTask, Loaded, Loader};
 use crate::engine::metrics::Metrics;
 use crate::engine::registry::{ModelSpec, ModelState, Registry, ServedModel};
 use crate::engine::scheduler::Scheduler;
-use crate::engine::{panic_message, Command, EngineError, EngineLimits, Event, GenerateRequest, Job};
+use crate::engine::{
+    panic_message, Command, EngineError, EngineLimits, Event, GenerateRequest, Job,
+};
 use crate::model::decoder::{Model, SeqInput};
 use crate::model::generate::Sequence;
 use crate::model::kv_cache::KvCache;
@@ -703,7 +705,10 @@ impl Worker {
                 }
             }
             if let Some(message) = failed {
-                let _ = a.job.events.send(Event::Error(EngineError::Failed(message)));
+                let _ = a
+                    .job
+                    .events
+                    .send(Event::Error(EngineError::Failed(message)));
                 self.scheduler.release_all(a.job.id);
                 a.seqs.clear();
                 continue;

@@ -89,12 +89,15 @@ fn a_panic_while_training_fails_the_job_and_the_runner_goes_on() {
         &format!("/v1/fine_tuning/jobs/{failing}/events?limit=100"),
     );
     assert!(
-        events["data"].as_array().unwrap().iter().any(|e| e["level"]
-            == "error"
-            && e["message"]
-                .as_str()
-                .unwrap()
-                .contains("injected panic at step 2")),
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["level"] == "error"
+                && e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("injected panic at step 2")),
         "{events}"
     );
 

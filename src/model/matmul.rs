@@ -16,7 +16,10 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if blas::supports(a, b) {
         return a.apply_op2(b, blas::BlasMatmul);
     }
+    // candle's GEMM reads a batch of matrices only when one stride steps through it; others
+    // (heads split out of a wider row) are copied into rows first.
     a.matmul(b)
+        .or_else(|_| a.contiguous()?.matmul(&b.contiguous()?))
 }
 
 #[cfg(rewind_openblas)]

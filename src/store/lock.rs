@@ -139,7 +139,10 @@ mod tests {
         // Pretend another process holds it (the pid file says so; the flock is real).
         std::fs::write(&path, "4242\n").unwrap();
         let refused = DataDirLock::acquire(dir.path()).unwrap_err().to_string();
-        assert!(refused.contains(&dir.path().display().to_string()), "{refused}");
+        assert!(
+            refused.contains(&dir.path().display().to_string()),
+            "{refused}"
+        );
         assert!(refused.contains("pid 4242"), "{refused}");
         assert!(refused.contains("shared database server"), "{refused}");
 

@@ -385,7 +385,9 @@ pub fn open_data_dir(data_dir: &Path) -> Result<DataDirLock> {
     ];
     let jobs = data_dir.join("jobs");
     if jobs.is_dir() {
-        for entry in std::fs::read_dir(&jobs).with_context(|| format!("reading {}", jobs.display()))? {
+        for entry in
+            std::fs::read_dir(&jobs).with_context(|| format!("reading {}", jobs.display()))?
+        {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
                 dirs.push(entry.path());
@@ -451,8 +453,10 @@ mod tests {
         std::fs::create_dir(crate::durable::temp_dir_path(&model).unwrap()).unwrap();
         // A half-written trainer checkpoint beside the complete one.
         let checkpoint = data.join("jobs").join("ftjob-1").join("checkpoint");
-        crate::durable::publish_dir(&checkpoint, |d| Ok(std::fs::write(d.join("state.json"), "{}")?))
-            .unwrap();
+        crate::durable::publish_dir(&checkpoint, |d| {
+            Ok(std::fs::write(d.join("state.json"), "{}")?)
+        })
+        .unwrap();
         std::fs::create_dir(crate::durable::temp_dir_path(&checkpoint).unwrap()).unwrap();
         // Unfinished blob and registry writes.
         std::fs::create_dir_all(data.join("files")).unwrap();

@@ -16,6 +16,7 @@
 //! and for hamiltonian each half-step is undone in reverse order with its own VJP.
 
 use crate::model::block::Layout;
+use crate::memory::phases;
 use crate::model::decoder::States;
 use crate::train::block_vjp::{self, Sink};
 use crate::train::exact::{self, ExactRule, FixedPoint};
@@ -146,8 +147,10 @@ pub fn loss_and_grads(
         }
         Strategy::Reversible => (t.frozen.run_stack(&e, &mut layout())?, None, Vec::new()),
     };
+    phases::mark(e.device(), "forward")?;
 
     let (loss, mut g) = head_adjoint(t, &top, batch, normalizer, &mut grads)?;
+    phases::mark(e.device(), "head")?;
 
     // Down the stack to the cotangent of the seed states.
     let g_seed = match strategy {
@@ -167,17 +170,26 @@ pub fn loss_and_grads(
             for j in (first..t.graph.layers.len()).rev() {
                 (s, g) = reversible_layer(t, j, &s, &g, &layout(), &mut grads, &below)?;
             }
+            phases::mark(e.device(), "walk down")?;
             g
         }
     };
 
-    // Through the seeding (an Euler step of block 0 under `EulerStep`) to the embedding.
-    let e_var = Var::from_tensor(&e)?;
-    let seeded = t.graph.seed(e_var.as_tensor(), &mut layout())?;
-    let store =
-        (dot(&seeded.other, &g_seed.other)? + dot(&seeded.last, &g_seed.last)?)?.backward()?;
-    grads.absorb(&store, &t.vars)?;
-    let g_e = grad_or_zeros(&store, e_var.as_tensor())?;
+    // Through the seeding to the embedding: both states are e, or under `EulerStep` the pair
+    // (e, e + f_0(e)), whose block is differentiated by hand like the others.
+    let g_e = (&g_seed.other + &g_seed.last)?;
+    let g_e = if first == 1 {
+        let mut sink = Sink {
+            trainable: t,
+            grads: &mut grads,
+        };
+        let block = &t.frozen.layers[0];
+        let ctx = t.frozen.ctx();
+        let (_, d_e) = block_vjp::f_and_vjp(block, &e, &g_seed.last, &layout(), &ctx, &mut sink)?;
+        (g_e + d_e)?
+    } else {
+        g_e
+    };
     finish_embedding(t, &ids, g_e, loss, grads)
 }
 
@@ -211,11 +223,14 @@ fn exact_loss_and_grads(
         other: fp.view(&fwd.top.other, dtype)?,
         last: fp.view(&fwd.top.last, dtype)?,
     };
+    phases::mark(e.device(), "forward")?;
     let (loss, mut g) = head_adjoint(t, &top, batch, normalizer, &mut grads)?;
+    phases::mark(e.device(), "head")?;
     let mut s = fwd.top;
     for j in (0..t.graph.layers.len()).rev() {
         (s, g) = reversible_layer(t, j, &s, &g, &layout(), &mut grads, &below)?;
     }
+    phases::mark(e.device(), "walk down")?;
     // Duplicate seeding: both states are the embedding.
     let g_e = (g.other + g.last)?;
     finish_embedding(t, &ids, g_e, loss, grads)

@@ -96,11 +96,17 @@ pub fn attention_forward(
 ) -> Result<(Tensor, AttentionTape)> {
     let attn = &block.self_attn;
     let x = block.attention_input(p, ctx)?;
-    let (q, k, v) = attn.project(&x)?;
-    let (q, k, v) = attn.split_heads(&q, &k, &v, batch, seq, 0, ctx)?;
+    // Scoped so the projections' row layout and the kernel's output layout are freed as soon
+    // as their copies exist.
+    let (q, k, v) = {
+        let (q, k, v) = attn.project(&x)?;
+        attn.split_heads(&q, &k, &v, batch, seq, 0, ctx)?
+    };
     let kernel = attn.kernel(&q, seq, 0, ctx);
-    let (out, lse) = kernel.forward_with_stats(&q, &k, &v)?;
-    let merged = attn.merge_heads(&out, batch, seq)?;
+    let (merged, lse) = {
+        let (out, lse) = kernel.forward_with_stats(&q, &k, &v)?;
+        (attn.merge_heads(&out, batch, seq)?, lse)
+    };
     let y = attn.o_proj.forward(&merged)?.to_dtype(ctx.residual_dtype)?;
     let tape = AttentionTape {
         p: p.clone(),
@@ -150,25 +156,38 @@ pub fn attention_backward(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, kvh, (h / kvh) * t, dh))?;
+    drop(d_merged);
     let saved = tape.lse.as_ref().zip(delta.as_ref());
     let (dq, dk, dv) = tape
         .kernel
         .backward(&tape.q, &tape.k, &tape.v, &d_out, saved)?;
+    // What the rest needs is x and the three cotangents: every other full-width tensor goes
+    // before the projections' backward allocates its own (a block's working set is what
+    // bounds the batch).
+    drop((d_out, tape.q, tape.k, tape.v));
     let (cos, sin) = ctx.rope.slice(0, t)?;
-    let rows = |g: &Tensor, n: usize| -> Result<Tensor> {
+    let rows = |g: Tensor, n: usize| -> Result<Tensor> {
         Ok(g.reshape((b, n, t, dh))?
             .transpose(1, 2)?
             .reshape((b * t, n * dh))?)
     };
-    let dq = rows(
-        &ops::rope_transpose(&dq.reshape((b, h, t, dh))?, &cos, &sin)?,
-        h,
+    let dx = linear_backward(
+        &attn.q_proj,
+        &tape.x,
+        &rows(ops::rope_transpose(&dq.reshape((b, h, t, dh))?, &cos, &sin)?, h)?,
+        sink,
     )?;
-    let dk = rows(&ops::rope_transpose(&dk, &cos, &sin)?, kvh)?;
-    let dv = rows(&dv, kvh)?;
-    let dx = linear_backward(&attn.q_proj, &tape.x, &dq, sink)?;
-    let dx = (dx + linear_backward(&attn.k_proj, &tape.x, &dk, sink)?)?;
-    let dx = (dx + linear_backward(&attn.v_proj, &tape.x, &dv, sink)?)?;
+    drop(dq);
+    let dx = (dx
+        + linear_backward(
+            &attn.k_proj,
+            &tape.x,
+            &rows(ops::rope_transpose(&dk, &cos, &sin)?, kvh)?,
+            sink,
+        )?)?;
+    drop(dk);
+    let dx = (dx + linear_backward(&attn.v_proj, &tape.x, &rows(dv, kvh)?, sink)?)?;
+    drop(tape.x);
     norm_backward(
         &block.input_layernorm,
         block.rms_norm_eps,

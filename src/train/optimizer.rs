@@ -300,7 +300,9 @@ mod tests {
             assert!(s.grad_norm > 1.0, "clipping is exercised");
         }
         let diff = crate::model::ops::max_abs_diff(narrow.as_tensor(), wide.as_tensor());
-        assert!(diff < 1e-6, "weights differ by {diff}");
+        // Unseeded weights reach |w| ~ 5, where an f32 ulp is 4.8e-7: three steps of rounding
+        // stay within a few ulp of the f64 rule, not within 1e-6 on every draw.
+        assert!(diff < 4e-6, "weights differ by {diff}");
         let (m, m64) = (&fused.moments[0].0, &reference.moments[0].0);
         assert!(crate::model::ops::max_abs_diff(m, m64) < 1e-6);
     }

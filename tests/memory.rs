@@ -1,0 +1,106 @@
+//! Activation memory per strategy, measured on the counted heap: the property the reversible
+//! strategy exists for. Checkpoint keeps every layer's input, so its per-sample memory grows
+//! with depth; reversible keeps the top pair only, so its per-sample memory does not.
+
+use candle_core::{DType, Device, Tensor};
+use rewind::memory::phases::{self, PerSample};
+use rewind::memory::CountingAlloc;
+use rewind::model::config::ModelConfig;
+use rewind::model::loader::{build_model, random::RandomSource, WeightFormat};
+use rewind::model::reversible::ReversibleConfig;
+use rewind::train::backward::{loss_and_grads, Batch, Strategy};
+use rewind::train::loss::{Objective, Targets};
+use rewind::train::trainable::Trainable;
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+const SEQ: usize = 128;
+const VOCAB: usize = 256;
+
+fn trainable(layers: usize) -> Trainable {
+    let config: ModelConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 176,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "vocab_size": VOCAB, "max_position_embeddings": SEQ, "tie_word_embeddings": true
+    }))
+    .unwrap();
+    let source = RandomSource {
+        seed: 5,
+        separate_head: false,
+    };
+    let scheme = ReversibleConfig::parse("midpoint").unwrap();
+    let model = build_model(&config, scheme, &source, WeightFormat::F32, &Device::Cpu).unwrap();
+    Trainable::new(model, |_| true).unwrap()
+}
+
+fn batch(size: usize) -> Batch<'static> {
+    let ids: Vec<u32> = (0..size * (SEQ + 1))
+        .map(|i| (i * 7919 % VOCAB) as u32)
+        .collect();
+    let all = Tensor::from_vec(ids, (size, SEQ + 1), &Device::Cpu).unwrap();
+    Batch {
+        inputs: all.narrow(1, 0, SEQ).unwrap().contiguous().unwrap(),
+        targets: Targets {
+            ids: all.narrow(1, 1, SEQ).unwrap().flatten_all().unwrap(),
+            weights: Tensor::ones(size * SEQ, DType::F32, &Device::Cpu).unwrap(),
+        },
+        objective: Objective::NextToken,
+    }
+}
+
+/// Per-sample memory from steps at batch 8 and 24 (each after a warm-up step): far enough
+/// apart that the few kilobytes a step's timing moves (scratch of parallel tasks) do not count.
+fn per_sample(strategy: Strategy, layers: usize) -> PerSample {
+    let t = trainable(layers);
+    let mut peaks = Vec::new();
+    for size in [8, 24] {
+        let b = batch(size);
+        loss_and_grads(&t, &b, strategy, 1.0, None).unwrap();
+        let device = Device::Cpu;
+        let (_, p) = phases::measure(&device, || loss_and_grads(&t, &b, strategy, 1.0, None)).unwrap();
+        peaks.push((size, p));
+    }
+    phases::per_sample((peaks[0].0, &peaks[0].1), (peaks[1].0, &peaks[1].1))
+}
+
+#[test]
+fn checkpoint_memory_grows_with_depth_and_reversible_memory_does_not() {
+    rewind::memory::mark_installed();
+    // One f32 state of a sample: SEQ tokens of width 64.
+    let state = (SEQ * 64 * 4) as f64;
+    let (shallow, deep) = (2, 24);
+    let checkpoint = (
+        per_sample(Strategy::Checkpoint, shallow),
+        per_sample(Strategy::Checkpoint, deep),
+    );
+    let reversible = (
+        per_sample(Strategy::Reversible, shallow),
+        per_sample(Strategy::Reversible, deep),
+    );
+    // Checkpoint keeps one more state per layer, alive from the forward into the walk down: at
+    // 24 layers they outweigh every other per-sample cost (at 2 layers another phase's is the
+    // largest, so the growth is less than the 22 states kept).
+    let growth = checkpoint.1.bytes_per_sample - checkpoint.0.bytes_per_sample;
+    assert!(
+        growth >= 10.0 * state,
+        "checkpoint {:?} -> {:?}: {:.1} states more",
+        checkpoint.0,
+        checkpoint.1,
+        growth / state
+    );
+    // Reversible: the same within a state's worth, at 12x the depth.
+    let drift = (reversible.1.bytes_per_sample - reversible.0.bytes_per_sample).abs();
+    assert!(
+        drift <= state,
+        "reversible {:?} -> {:?}",
+        reversible.0,
+        reversible.1
+    );
+    assert!(
+        reversible.1.bytes_per_sample < checkpoint.1.bytes_per_sample / 2.0,
+        "reversible {:?}, checkpoint {:?}",
+        reversible.1,
+        checkpoint.1
+    );
+}
