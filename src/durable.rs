@@ -5,18 +5,18 @@
 //! [`recover`] can clean them up at the next start.
 //!
 //! - Files ([`write_file`], [`replace_file`]): written to a temporary sibling
-//!   (`.{name}.{pid}-{n}.tmp`), fsynced, renamed over the target, then the directory is fsynced
+//!   (`.{name}.{pid}-{n}.rewind-tmp`), fsynced, renamed over the target, then the directory is fsynced
 //!   so the rename itself survives power loss (rename(2) is atomic, but only durable once the
 //!   directory entry is on disk).
-//! - Directories ([`publish_dir`]): filled under `.{name}.tmp`, every file and the directory
-//!   fsynced, then an existing `{name}` is renamed aside to `.{name}.old`, the new one renamed
+//! - Directories ([`publish_dir`]): filled under `.{name}.rewind-tmp`, every file and the directory
+//!   fsynced, then an existing `{name}` is renamed aside to `.{name}.rewind-old`, the new one renamed
 //!   in, the parent fsynced, and only then the old one deleted. At every instant `{name}` or
-//!   `.{name}.old` holds a complete directory.
+//!   `.{name}.rewind-old` holds a complete directory.
 //! - Removal ([`remove_dir`]): renamed to a temporary name first, so a crash mid-deletion never
 //!   leaves half a directory under its real name.
 //!
-//! Recovery ([`recover`], [`recover_dir`]): `.*.tmp` entries are unfinished writes or deletions
-//! and are removed; a `.{name}.old` is the previous version of `{name}`: put back when `{name}` is
+//! Recovery ([`recover`], [`recover_dir`]): `.*.rewind-tmp` entries are unfinished writes or deletions
+//! and are removed; a `.{name}.rewind-old` is the previous version of `{name}`: put back when `{name}` is
 //! missing (the crash came between the two renames), removed otherwise.
 //!
 //! This module is a leaf (std and tracing only), so `model`, `train` and `store` can all use it.
@@ -27,10 +27,26 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Suffix of an unfinished write (or deletion): always safe to remove at start-up.
-const TEMP_SUFFIX: &str = ".tmp";
+/// Suffix of an unfinished write (or deletion): always safe to remove at start-up. Both suffixes
+/// name rewind's own entries, so recovery never touches other files in a shared directory.
+const TEMP_SUFFIX: &str = ".rewind-tmp";
 /// Suffix of the previous version of a directory while its replacement is renamed in.
-const ASIDE_SUFFIX: &str = ".old";
+const ASIDE_SUFFIX: &str = ".rewind-old";
+
+/// Creates `dir` and any missing parents durably: each new directory's entry is fsynced into its
+/// parent, so a record that names a path under it never outlives the directory on power loss.
+pub fn create_dir_all(dir: &Path) -> Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    create_dir_all(parent_of(dir))?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent_of(dir)),
+        // Created meanwhile by another thread: its creator syncs it.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+}
 
 /// Writes `bytes` to `path` atomically and durably (see the module docs).
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -43,7 +59,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 /// temporary file it is given; it is then fsynced and renamed over `path`.
 pub fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = parent_of(path);
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    create_dir_all(parent)?;
     let tmp = parent.join(temp_file_name(path)?);
     let written = write(&tmp).and_then(|()| {
         sync_file(&tmp)?;
@@ -72,7 +88,7 @@ fn publish_dir_steps(
     steps: usize,
 ) -> Result<()> {
     let parent = parent_of(target);
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    create_dir_all(parent)?;
     recover_dir(target)?;
     let tmp = temp_dir_path(target)?;
     let aside = aside_dir_path(target)?;
@@ -129,7 +145,7 @@ pub fn remove_dir(target: &Path) -> Result<()> {
 }
 
 /// Repairs what an interrupted write in `dir` left behind: removes unfinished writes
-/// (`.*.tmp`), and puts back a directory moved aside (`.{name}.old`) whose replacement never
+/// (`.*.rewind-tmp`), and puts back a directory moved aside (`.{name}.rewind-old`) whose replacement never
 /// arrived, or removes it when `{name}` is there. A missing `dir` has nothing to repair. Returns
 /// how many entries it repaired.
 pub fn recover(dir: &Path) -> Result<usize> {

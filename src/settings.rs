@@ -96,7 +96,7 @@ pub struct Limits {
     pub max_prefill_tokens: usize,
     /// Request bodies larger than this get 413.
     pub max_body_bytes: usize,
-    /// Seconds a request body may take to arrive before the request gets 408.
+    /// Seconds a request body may stall (no byte arriving) before the request gets 408.
     pub body_timeout_secs: u64,
     /// Upper bound on `max_tokens` / `max_completion_tokens`.
     pub max_tokens: usize,
@@ -451,6 +451,9 @@ impl Settings {
         }
         if self.server.api_keys.iter().any(|k| k.is_empty()) {
             bail!("server.api_keys contains an empty key");
+        }
+        if l.body_timeout_secs == 0 {
+            bail!("limits.body_timeout_secs must be at least 1");
         }
         let lr = self.fine_tuning.max_learning_rate_multiplier;
         if !(lr.is_finite() && lr > 0.0) {

@@ -148,7 +148,10 @@ impl Req {
             let shown = String::from_utf8_lossy(&self.body[..self.body.len().min(160)]).to_string();
             format!(" body[{}]={shown:?}", self.body.len())
         };
-        let auth = match (&self.key, self.headers.iter().find(|(k, _)| k == "Authorization")) {
+        let auth = match (
+            &self.key,
+            self.headers.iter().find(|(k, _)| k == "Authorization"),
+        ) {
             (Some(_), _) => " (key)".to_string(),
             (None, Some((_, v))) => format!(" (Authorization: {v:?})"),
             (None, None) => " (no key)".to_string(),
@@ -364,7 +367,11 @@ fn envelope(body: &[u8]) -> Result<(), String> {
         .get("error")
         .and_then(Value::as_object)
         .ok_or("no `error` object")?;
-    if !e.get("message").and_then(Value::as_str).is_some_and(|m| !m.is_empty()) {
+    if !e
+        .get("message")
+        .and_then(Value::as_str)
+        .is_some_and(|m| !m.is_empty())
+    {
         return Err("`error.message` is not a non-empty string".into());
     }
     if !e.get("type").is_some_and(Value::is_string) {
@@ -390,7 +397,10 @@ fn check_invariants(ctx: &str, req: &Req, r: &Resp) {
     if !(200..300).contains(&r.status) && req.method != "HEAD" {
         let ct = r.header("content-type").unwrap_or("");
         if !ct.starts_with("application/json") {
-            fail(format!("an error that is not application/json ({ct:?}): {}", what()));
+            fail(format!(
+                "an error that is not application/json ({ct:?}): {}",
+                what()
+            ));
         }
         if let Err(why) = envelope(&r.body) {
             fail(format!("an error outside the envelope ({why}): {}", what()));
@@ -416,10 +426,22 @@ fn hit(addr: SocketAddr, ctx: &str, req: &Req) -> Resp {
         Ok(r) => {
             check_invariants(ctx, req, &r);
             if std::env::var_os("ADVERSARIAL_DUMP").is_some() {
-                eprintln!("[{ctx}] {} -> {} param={:?} code={:?} {:?}", req.describe(), r.status, r.param(), r.code(), r.elapsed);
+                eprintln!(
+                    "[{ctx}] {} -> {} param={:?} code={:?} {:?}",
+                    req.describe(),
+                    r.status,
+                    r.param(),
+                    r.code(),
+                    r.elapsed
+                );
             }
             if r.elapsed > slow_threshold() {
-                eprintln!("slow ({:?}): [{ctx}] {} -> {}", r.elapsed, req.describe(), r.excerpt());
+                eprintln!(
+                    "slow ({:?}): [{ctx}] {} -> {}",
+                    r.elapsed,
+                    req.describe(),
+                    r.excerpt()
+                );
             }
             r
         }
@@ -490,18 +512,12 @@ fn check_want(ctx: &str, req: &Req, r: &Resp, want: &Want, busy: bool) {
         Want::Status(s) => r.status == *s,
         Want::OneOf(list) => list.contains(&r.status),
         Want::Param(s, param) => r.status == *s && param_matches(p.as_deref(), param),
-        Want::Code(s, code) => {
-            r.status == *s && r.code().as_deref() == Some(*code) && p.is_none()
-        }
+        Want::Code(s, code) => r.status == *s && r.code().as_deref() == Some(*code) && p.is_none(),
         Want::Json => r.status == 400 && r.code().as_deref() == Some("invalid_json"),
         // A HEAD answer has no body to read the code from.
         Want::Unauthorized if req.method == "HEAD" => r.status == 401,
-        Want::Unauthorized => {
-            r.status == 401 && r.code().as_deref() == Some("invalid_api_key")
-        }
-        Want::Public => {
-            (r.status == 200 && r.json()["status"] == "ok") || r.status == 401
-        }
+        Want::Unauthorized => r.status == 401 && r.code().as_deref() == Some("invalid_api_key"),
+        Want::Public => (r.status == 200 && r.json()["status"] == "ok") || r.status == 401,
         Want::OkOrParam(param) => {
             r.status == 200 || (r.status == 400 && param_matches(p.as_deref(), param))
         }
@@ -540,6 +556,20 @@ fn run(addr: SocketAddr, c: &Case) -> Resp {
 fn run_all(addr: SocketAddr, cases: &[Case]) {
     for c in cases {
         run(addr, c);
+    }
+}
+
+/// `run_all`, each case also to be answered within a second.
+fn run_timed(addr: SocketAddr, cases: &[Case]) {
+    for c in cases {
+        let r = run(addr, c);
+        eprintln!(
+            "timed: [{}] answered {} in {:?}",
+            c.ctx, r.status, r.elapsed
+        );
+        if r.elapsed > Duration::from_secs(1) {
+            fail(format!("[{}] took {:?} (over 1 s)", c.ctx, r.elapsed));
+        }
     }
 }
 
@@ -688,13 +718,15 @@ fn start() -> Server {
     s.fine_tuning.max_lora_rank = MAX_RANK;
     let server = rewind::api::start(s).unwrap();
     let addr = server.addr;
-    common::wait_until(Duration::from_secs(60), "the model did not load", || {
-        match exchange(addr, &Req::get("/health").no_key(), Duration::from_secs(5)) {
+    common::wait_until(
+        Duration::from_secs(60),
+        "the model did not load",
+        || match exchange(addr, &Req::get("/health").no_key(), Duration::from_secs(5)) {
             Ok(r) if r.status == 200 => Ok(()),
             Ok(r) => Err(r.excerpt()),
             Err(e) => Err(e),
-        }
-    });
+        },
+    );
     Server {
         server,
         _data: data,
@@ -703,7 +735,10 @@ fn start() -> Server {
 }
 
 /// Polls `/health` every 200 ms until `stop`: each answer must be 200 within 1 s.
-fn health_poller(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usize, Duration)> {
+fn health_poller(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Duration)> {
     std::thread::spawn(move || {
         let (mut polls, mut slowest) = (0, Duration::ZERO);
         while !stop.load(Ordering::Relaxed) {
@@ -714,7 +749,10 @@ fn health_poller(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHa
             slowest = slowest.max(elapsed);
             match result {
                 Ok(r) if r.status == 200 && elapsed <= Duration::from_secs(1) => {}
-                Ok(r) => fail(format!("/health answered {} after {elapsed:?}", r.excerpt())),
+                Ok(r) => fail(format!(
+                    "/health answered {} after {elapsed:?}",
+                    r.excerpt()
+                )),
                 Err(e) => fail(format!("/health: no answer within 1 s ({elapsed:?}): {e}")),
             }
             std::thread::sleep(Duration::from_millis(200).saturating_sub(elapsed));
@@ -737,6 +775,24 @@ struct Ids {
 // ---------------------------------------------------------------------------------------------
 // The suite.
 
+/// The suite's phases, in order: (name, how long it took, how many requests it sent).
+#[derive(Default)]
+struct Phases(Vec<(&'static str, Duration, usize)>);
+
+impl Phases {
+    /// Runs `body` as the phase `name`, timing it and counting the requests it sends.
+    fn run<T>(&mut self, name: &'static str, body: impl FnOnce() -> T) -> T {
+        let (started, sent_before) = (Instant::now(), SENT.load(Ordering::Relaxed));
+        let out = body();
+        self.0.push((
+            name,
+            started.elapsed(),
+            SENT.load(Ordering::Relaxed) - sent_before,
+        ));
+        out
+    }
+}
+
 #[test]
 fn hostile_clients_get_clean_answers_and_the_server_survives() {
     let suite_started = Instant::now();
@@ -745,54 +801,31 @@ fn hostile_clients_get_clean_answers_and_the_server_survives() {
     eprintln!("server up after {:?}", suite_started.elapsed());
     let stop = Arc::new(AtomicBool::new(false));
     let poller = health_poller(addr, stop.clone());
-    let mut phases: Vec<(&str, Duration, usize)> = Vec::new();
-    let mut phase = |name: &'static str, started: Instant, sent_before: usize| {
-        phases.push((name, started.elapsed(), SENT.load(Ordering::Relaxed) - sent_before));
-    };
+    let mut phases = Phases::default();
     // Files and jobs the suite creates, all of which must still be listed at the end.
     let created_files: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let created_jobs: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    let ids = fixtures(addr, &created_files, &created_jobs);
-    phase("fixtures", t, n);
-
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    let mut pool = auth(addr, &ids);
-    phase("auth and paths", t, n);
-
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    pool.extend(malformed(addr, &ids));
-    phase("malformed bodies", t, n);
-
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    pool.extend(numbers_and_limits(addr, &ids, &created_jobs));
-    phase("numbers and limits", t, n);
-
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    pool.extend(schemas(addr));
-    phase("response_format schemas", t, n);
-
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    pool.extend(uploads(addr, &created_files));
-    phase("uploads", t, n);
-
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    pool.extend(queries(addr, &ids));
-    phase("query strings", t, n);
-
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    concurrent(addr, &pool, &created_files);
-    phase("64 concurrent clients", t, n);
-
-    let (t, n) = (Instant::now(), SENT.load(Ordering::Relaxed));
-    aftermath(addr, &ids, &created_files, &created_jobs);
-    phase("aftermath", t, n);
+    let ids = phases.run("fixtures", || fixtures(addr, &created_files, &created_jobs));
+    let mut pool = phases.run("auth and paths", || auth(addr, &ids));
+    pool.extend(phases.run("malformed bodies", || malformed(addr, &ids)));
+    pool.extend(phases.run("numbers and limits", || {
+        numbers_and_limits(addr, &ids, &created_jobs)
+    }));
+    pool.extend(phases.run("response_format schemas", || schemas(addr)));
+    pool.extend(phases.run("uploads", || uploads(addr, &created_files)));
+    pool.extend(phases.run("query strings", || queries(addr, &ids)));
+    phases.run("64 concurrent clients", || {
+        concurrent(addr, &pool, &created_files)
+    });
+    phases.run("aftermath", || {
+        aftermath(addr, &ids, &created_files, &created_jobs)
+    });
 
     stop.store(true, Ordering::Relaxed);
     let (polls, slowest) = poller.join().unwrap();
     let sent = SENT.load(Ordering::Relaxed);
-    for (name, took, count) in &phases {
+    for (name, took, count) in &phases.0 {
         eprintln!("{name:>26}: {count:4} requests in {took:?}");
     }
     eprintln!(
@@ -809,7 +842,11 @@ fn hostile_clients_get_clean_answers_and_the_server_survives() {
         panic!(
             "{} broken rules{}:\n{}",
             failures.len(),
-            if failures.len() > 60 { " (first 60)" } else { "" },
+            if failures.len() > 60 {
+                " (first 60)"
+            } else {
+                ""
+            },
             shown
                 .iter()
                 .map(|s| format!("- {s}"))
@@ -833,7 +870,10 @@ fn fixtures(
         id
     };
     let training = std::fs::read(common::fixture("facts_train.jsonl")).unwrap();
-    let train = id_of("fixture: training file", upload("fine-tune", "train.jsonl", &training));
+    let train = id_of(
+        "fixture: training file",
+        upload("fine-tune", "train.jsonl", &training),
+    );
     let svg = br#"<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"><script>alert(document.cookie)</script></svg>"#;
     let evil = id_of("fixture: evil.svg", upload("assistants", "evil.svg", svg));
     files.lock().unwrap().extend([train.clone(), evil.clone()]);
@@ -844,25 +884,34 @@ fn fixtures(
     let ok = r.status == 200
         && r.body == svg
         && r.header("content-type") == Some("application/octet-stream")
-        && r
-            .header("content-disposition")
+        && r.header("content-disposition")
             .is_some_and(|d| d.starts_with("attachment"))
-        && r
-            .header("x-content-type-options")
+        && r.header("x-content-type-options")
             .is_some_and(|v| v.eq_ignore_ascii_case("nosniff"));
     if !ok {
-        fail(format!("evil.svg is served unsafely: {:?} {}", r.headers, r.excerpt()));
+        fail(format!(
+            "evil.svg is served unsafely: {:?} {}",
+            r.headers,
+            r.excerpt()
+        ));
     }
     // A file name built to break out of the header comes back with its unsafe characters replaced.
     let html = b"<html><script>alert(1)</script></html>";
     let sneaky = id_of(
         "fixture: a sneaky file name",
-        upload("user_data", "x\";  filename*=UTF-8''evil.html; a=\".html", html),
+        upload(
+            "user_data",
+            "x\";  filename*=UTF-8''evil.html; a=\".html",
+            html,
+        ),
     );
     files.lock().unwrap().insert(sneaky.clone());
     let req = Req::get(&format!("/v1/files/{sneaky}/content"));
     let r = hit(addr, "sneaky download", &req);
-    let disposition = r.header("content-disposition").unwrap_or_default().to_string();
+    let disposition = r
+        .header("content-disposition")
+        .unwrap_or_default()
+        .to_string();
     let quoted = disposition
         .split_once("filename=\"")
         .map(|(_, rest)| rest.trim_end_matches('"'))
@@ -872,7 +921,10 @@ fn fixtures(
         || !disposition.starts_with("attachment")
         || quoted.contains(['"', ';', '\'', ' '])
     {
-        fail(format!("the sneaky file name leaks into the header: {disposition:?} {}", r.excerpt()));
+        fail(format!(
+            "the sneaky file name leaks into the header: {disposition:?} {}",
+            r.excerpt()
+        ));
     }
 
     // The job that must train to the end: two epochs of one step, so two checkpoints.
@@ -890,7 +942,9 @@ fn fixtures(
             "model": MODEL, "training_file": train, "hyperparameters": {"n_epochs": 1, "batch_size": 8}
         })),
     );
-    jobs.lock().unwrap().extend([job.clone(), other_job.clone()]);
+    jobs.lock()
+        .unwrap()
+        .extend([job.clone(), other_job.clone()]);
     let refused = || Want::Code(400, "invalid_state");
     for (action, want) in [
         ("pause", Want::Ok),
@@ -951,16 +1005,40 @@ fn route_table(ids: &Ids) -> Vec<(&'static str, String, Value)> {
             json!({"model": MODEL, "training_file": ids.train}),
         ),
         ("GET", format!("/v1/fine_tuning/jobs/{job}"), none.clone()),
-        ("POST", format!("/v1/fine_tuning/jobs/{job}/cancel"), none.clone()),
-        ("POST", format!("/v1/fine_tuning/jobs/{job}/pause"), none.clone()),
-        ("POST", format!("/v1/fine_tuning/jobs/{job}/resume"), none.clone()),
-        ("GET", format!("/v1/fine_tuning/jobs/{job}/events"), none.clone()),
-        ("GET", format!("/v1/fine_tuning/jobs/{job}/checkpoints"), none.clone()),
+        (
+            "POST",
+            format!("/v1/fine_tuning/jobs/{job}/cancel"),
+            none.clone(),
+        ),
+        (
+            "POST",
+            format!("/v1/fine_tuning/jobs/{job}/pause"),
+            none.clone(),
+        ),
+        (
+            "POST",
+            format!("/v1/fine_tuning/jobs/{job}/resume"),
+            none.clone(),
+        ),
+        (
+            "GET",
+            format!("/v1/fine_tuning/jobs/{job}/events"),
+            none.clone(),
+        ),
+        (
+            "GET",
+            format!("/v1/fine_tuning/jobs/{job}/checkpoints"),
+            none.clone(),
+        ),
     ];
     for prefix in ["/v1/fine-tunes", "/fine_tunes"] {
         routes.extend([
             ("GET", prefix.to_string(), none.clone()),
-            ("POST", prefix.to_string(), json!({"training_file": ids.train})),
+            (
+                "POST",
+                prefix.to_string(),
+                json!({"training_file": ids.train}),
+            ),
             ("GET", format!("{prefix}/{job}"), none.clone()),
             ("POST", format!("{prefix}/{job}/cancel"), none.clone()),
             ("GET", format!("{prefix}/{job}/events"), none.clone()),
@@ -998,7 +1076,11 @@ fn auth(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
     ];
     let mut cases = Vec::new();
     for (method, path, body) in route_table(ids) {
-        cases.push(case("no key", request(method, &path, &body).no_key(), Want::Unauthorized));
+        cases.push(case(
+            "no key",
+            request(method, &path, &body).no_key(),
+            Want::Unauthorized,
+        ));
         for credentials in wrong_credentials {
             cases.push(case(
                 "wrong credentials",
@@ -1010,7 +1092,12 @@ fn auth(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
         let sep = if path.contains('?') { '&' } else { '?' };
         cases.push(case(
             "key in the query",
-            request(method, &format!("{path}{sep}api_key={KEY}&key={KEY}"), &body).no_key(),
+            request(
+                method,
+                &format!("{path}{sep}api_key={KEY}&key={KEY}"),
+                &body,
+            )
+            .no_key(),
             Want::Unauthorized,
         ));
         cases.push(case(
@@ -1024,11 +1111,27 @@ fn auth(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
         ));
         // Methods the route does not serve: 401 without a key, 405 with one.
         for other in ["PUT", "PATCH", "FOO"] {
-            cases.push(case("other method, no key", Req::new(other, &path).no_key(), Want::Unauthorized));
-            cases.push(case("other method", Req::new(other, &path), Want::Status(405)));
+            cases.push(case(
+                "other method, no key",
+                Req::new(other, &path).no_key(),
+                Want::Unauthorized,
+            ));
+            cases.push(case(
+                "other method",
+                Req::new(other, &path),
+                Want::Status(405),
+            ));
         }
-        cases.push(case("HEAD, no key", Req::new("HEAD", &path).no_key(), Want::Unauthorized));
-        cases.push(case("OPTIONS, no key", Req::new("OPTIONS", &path).no_key(), Want::Unauthorized));
+        cases.push(case(
+            "HEAD, no key",
+            Req::new("HEAD", &path).no_key(),
+            Want::Unauthorized,
+        ));
+        cases.push(case(
+            "OPTIONS, no key",
+            Req::new("OPTIONS", &path).no_key(),
+            Want::Unauthorized,
+        ));
     }
     // The key's scheme is case-insensitive (RFC 7235); surrounding whitespace is not part of it.
     for credentials in ["bearer sk-test", "BEARER sk-test", "Bearer   sk-test  "] {
@@ -1039,7 +1142,11 @@ fn auth(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
         ));
     }
     run_all(addr, &cases);
-    pool.extend(cases.into_iter().filter(|c| !c.req.target.contains("/cancel")));
+    pool.extend(
+        cases
+            .into_iter()
+            .filter(|c| !c.req.target.contains("/cancel")),
+    );
 
     // Spellings of paths. Without a key: 401, always (only /health is public). With the key:
     // anything but a 5xx.
@@ -1146,26 +1253,47 @@ fn auth(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
     paths.push(("DELETE", format!("/v1/%66iles/{}", ids.evil)));
     paths.push(("GET", format!("/v1/files/{}", "a".repeat(4000))));
     paths.push(("GET", format!("/v1/models/{}", "%2F".repeat(500))));
-    let public = ["/%68ealth", "/health?x=%00", "/health#frag", "/%68%65%61%6C%74%68"];
+    let public = [
+        "/%68ealth",
+        "/health?x=%00",
+        "/health#frag",
+        "/%68%65%61%6C%74%68",
+    ];
     let mut cases = Vec::new();
     for (method, path) in &paths {
         // Spellings that reach the job or the file with the key would change them: they are
         // checked without a key only (a route reached by another spelling is not a bypass when
         // the key is valid).
         let reaches_job = (path.contains(job.as_str()) && *method == "POST") || *method == "DELETE";
-        cases.push(case("path spelling, no key", Req::new(method, path).no_key(), Want::Unauthorized));
+        cases.push(case(
+            "path spelling, no key",
+            Req::new(method, path).no_key(),
+            Want::Unauthorized,
+        ));
         cases.push(case(
             "path spelling, wrong key",
             Req::new(method, path).authorization("Bearer nope"),
             Want::Unauthorized,
         ));
         if !reaches_job {
-            let body = if *method == "POST" { chat_body() } else { Value::Null };
-            cases.push(case("path spelling, key", request(method, path, &body), Want::Any));
+            let body = if *method == "POST" {
+                chat_body()
+            } else {
+                Value::Null
+            };
+            cases.push(case(
+                "path spelling, key",
+                request(method, path, &body),
+                Want::Any,
+            ));
         }
     }
     for path in public {
-        cases.push(case("health spelling", Req::get(path).no_key(), Want::Public));
+        cases.push(case(
+            "health spelling",
+            Req::get(path).no_key(),
+            Want::Public,
+        ));
     }
     cases.push(case("health", Req::get("/health").no_key(), Want::Ok));
     cases.push(case(
@@ -1188,8 +1316,14 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
             "/v1/fine_tuning/jobs",
             json!({"model": "nope", "training_file": ids.train}),
         ),
-        ("/v1/fine-tunes", json!({"model": "nope", "training_file": ids.train})),
-        ("/fine_tunes", json!({"model": "nope", "training_file": ids.train})),
+        (
+            "/v1/fine-tunes",
+            json!({"model": "nope", "training_file": ids.train}),
+        ),
+        (
+            "/fine_tunes",
+            json!({"model": "nope", "training_file": ids.train}),
+        ),
     ];
     let deep = nested_arrays(10_000);
     let deep_objects = nested_objects(10_000);
@@ -1204,16 +1338,28 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
         ("single quotes", b"{'model':'tiny'}".to_vec()),
         ("BOM", b"\xEF\xBB\xBF{\"model\":\"tiny\"}".to_vec()),
         ("NaN", br#"{"model":"tiny","temperature":NaN}"#.to_vec()),
-        ("Infinity", br#"{"model":"tiny","temperature":Infinity}"#.to_vec()),
+        (
+            "Infinity",
+            br#"{"model":"tiny","temperature":Infinity}"#.to_vec(),
+        ),
         ("1e309", br#"{"model":"tiny","temperature":1e309}"#.to_vec()),
         ("raw NUL", b"{\"model\":\"ti\0ny\"}".to_vec()),
         ("NUL outside", b"\0{\"model\":\"tiny\"}".to_vec()),
         ("NULs", vec![0u8; 4096]),
-        ("invalid UTF-8", b"{\"model\":\"\xFF\xFE\xC0\x80\"}".to_vec()),
+        (
+            "invalid UTF-8",
+            b"{\"model\":\"\xFF\xFE\xC0\x80\"}".to_vec(),
+        ),
         ("invalid UTF-8 key", b"{\"\xFF\":1}".to_vec()),
         ("lone surrogate", br#"{"model":"\ud800"}"#.to_vec()),
         ("bad escape", br#"{"model":"\x41"}"#.to_vec()),
-        ("UTF-16", "{\"model\":\"tiny\"}".encode_utf16().flat_map(u16::to_le_bytes).collect()),
+        (
+            "UTF-16",
+            "{\"model\":\"tiny\"}"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes)
+                .collect(),
+        ),
         ("array", b"[]".to_vec()),
         ("array of object", br#"[{"model":"tiny"}]"#.to_vec()),
         ("number", b"1".to_vec()),
@@ -1246,9 +1392,18 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
             Req::post(path).json(&with(base, "model", json!("ti\u{0}ny"))),
             Want::OneOf(&[400, 404]),
         ));
-        cases.push(case("empty object", Req::post(path).json(&json!({})), Want::Status(400)));
+        cases.push(case(
+            "empty object",
+            Req::post(path).json(&json!({})),
+            Want::Status(400),
+        ));
         // A wrong Content-Type is not a reason to fail (or to succeed differently) on the body.
-        for ct in ["text/plain", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded", ""] {
+        for ct in [
+            "text/plain",
+            "multipart/form-data; boundary=x",
+            "application/x-www-form-urlencoded",
+            "",
+        ] {
             cases.push(case(
                 "body with another content type",
                 Req::post(path).body(b"{".to_vec(), ct),
@@ -1266,13 +1421,25 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
     // Each known field with a value of the wrong type: 400 naming it. The model does not exist,
     // so a field wrongly accepted shows as a 404 instead of creating anything.
     let chat_fields: &[(&str, &[Value])] = &[
-        ("model", &[json!(5), json!([]), json!({}), json!(true), Value::Null]),
+        (
+            "model",
+            &[json!(5), json!([]), json!({}), json!(true), Value::Null],
+        ),
         ("messages", &[json!("x"), json!(5), json!({}), Value::Null]),
-        ("max_tokens", &[json!("5"), json!(1.5), json!([]), json!({}), json!(true)]),
-        ("max_completion_tokens", &[json!("5"), json!(1.5), json!([])]),
+        (
+            "max_tokens",
+            &[json!("5"), json!(1.5), json!([]), json!({}), json!(true)],
+        ),
+        (
+            "max_completion_tokens",
+            &[json!("5"), json!(1.5), json!([])],
+        ),
         ("logprobs", &[json!("true"), json!(1), json!([])]),
         ("top_logprobs", &[json!("x"), json!(1.5), json!([])]),
-        ("temperature", &[json!("x"), json!([]), json!({}), json!(true)]),
+        (
+            "temperature",
+            &[json!("x"), json!([]), json!({}), json!(true)],
+        ),
         ("top_p", &[json!("x"), json!([]), json!(true)]),
         ("top_k", &[json!("x"), json!(1.5), json!([])]),
         ("min_p", &[json!("x"), json!([])]),
@@ -1281,25 +1448,60 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
         ("frequency_penalty", &[json!("x"), json!({})]),
         ("seed", &[json!("x"), json!(1.5), json!([])]),
         ("n", &[json!("x"), json!(1.5), json!([]), json!(true)]),
-        ("logit_bias", &[json!("x"), json!(5), json!([]), json!({"1": "x"})]),
+        (
+            "logit_bias",
+            &[json!("x"), json!(5), json!([]), json!({"1": "x"})],
+        ),
         ("stop", &[json!(5), json!({}), json!([5]), json!(true)]),
         ("stream", &[json!("true"), json!(1)]),
-        ("stream_options", &[json!("x"), json!({"include_usage": "yes"})]),
+        (
+            "stream_options",
+            &[json!("x"), json!({"include_usage": "yes"})],
+        ),
         ("tools", &[json!("x"), json!(5), json!({})]),
     ];
     let nope_chat = with(&chat_body(), "model", json!("nope"));
     for (field, values) in chat_fields {
         for value in *values {
-            let body = if *field == "model" { with(&chat_body(), field, value.clone()) } else { with(&nope_chat, field, value.clone()) };
-            cases.push(case(format!("chat: {field} of the wrong type"), Req::post("/v1/chat/completions").json(&body), bad(field)));
+            let body = if *field == "model" {
+                with(&chat_body(), field, value.clone())
+            } else {
+                with(&nope_chat, field, value.clone())
+            };
+            cases.push(case(
+                format!("chat: {field} of the wrong type"),
+                Req::post("/v1/chat/completions").json(&body),
+                bad(field),
+            ));
         }
     }
     // Fields kept as JSON values are checked after the model is found.
     for (field, values) in [
-        ("response_format", vec![json!("x"), json!(5), json!([]), json!(true), json!({"type": 5})]),
-        ("tool_choice", vec![json!(5), json!([]), json!(true), json!("x")]),
-        ("tools", vec![json!([5]), json!([{"type": "function", "function": {"name": 5}}])]),
-        ("messages", vec![json!([5]), json!([{"role": 5, "content": "x"}])]),
+        (
+            "response_format",
+            vec![
+                json!("x"),
+                json!(5),
+                json!([]),
+                json!(true),
+                json!({"type": 5}),
+            ],
+        ),
+        (
+            "tool_choice",
+            vec![json!(5), json!([]), json!(true), json!("x")],
+        ),
+        (
+            "tools",
+            vec![
+                json!([5]),
+                json!([{"type": "function", "function": {"name": 5}}]),
+            ],
+        ),
+        (
+            "messages",
+            vec![json!([5]), json!([{"role": 5, "content": "x"}])],
+        ),
     ] {
         for value in values {
             cases.push(case(
@@ -1311,7 +1513,17 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
     }
     let completion_fields: &[(&str, &[Value])] = &[
         ("model", &[json!(5), json!([])]),
-        ("prompt", &[json!(5), json!({}), json!([true]), json!([[-1]]), json!([-1]), json!([4294967296u64])]),
+        (
+            "prompt",
+            &[
+                json!(5),
+                json!({}),
+                json!([true]),
+                json!([[-1]]),
+                json!([-1]),
+                json!([4294967296u64]),
+            ],
+        ),
         ("max_tokens", &[json!("5"), json!(1.5)]),
         ("echo", &[json!("x"), json!(1)]),
         ("logprobs", &[json!(true), json!("x"), json!(1.5)]),
@@ -1325,8 +1537,16 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
     let nope_completion = with(&completion_body(), "model", json!("nope"));
     for (field, values) in completion_fields {
         for value in *values {
-            let body = if *field == "model" { with(&completion_body(), field, value.clone()) } else { with(&nope_completion, field, value.clone()) };
-            cases.push(case(format!("completions: {field} of the wrong type"), Req::post("/v1/completions").json(&body), bad(field)));
+            let body = if *field == "model" {
+                with(&completion_body(), field, value.clone())
+            } else {
+                with(&nope_completion, field, value.clone())
+            };
+            cases.push(case(
+                format!("completions: {field} of the wrong type"),
+                Req::post("/v1/completions").json(&body),
+                bad(field),
+            ));
         }
     }
     let ft_nope = json!({"model": "nope", "training_file": ids.train});
@@ -1339,12 +1559,19 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
         ("rewind", &[json!("x"), json!(5), json!(true)]),
         ("rewind.scheme", &[json!(5), json!([])]),
         ("rewind.strategy", &[json!(5)]),
-        ("rewind.lora_rank", &[json!("x"), json!(-1), json!(1.5), json!(1e9)]),
+        (
+            "rewind.lora_rank",
+            &[json!("x"), json!(-1), json!(1.5), json!(1e9)],
+        ),
         ("rewind.lora_alpha", &[json!("x"), json!([])]),
     ];
     for (field, values) in ft_fields {
         for value in *values {
-            let base = if *field == "model" { json!({"model": MODEL, "training_file": "file-nope"}) } else { ft_nope.clone() };
+            let base = if *field == "model" {
+                json!({"model": MODEL, "training_file": "file-nope"})
+            } else {
+                ft_nope.clone()
+            };
             cases.push(case(
                 format!("fine-tuning: {field} of the wrong type"),
                 Req::post("/v1/fine_tuning/jobs").json(&with(&base, field, value.clone())),
@@ -1374,26 +1601,68 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
     for i in 0..10_000 {
         many.push_str(&format!(", \"k{i}\": {i}"));
     }
-    many.push_str(", \"model\": \"tiny\", \"messages\": [], \"prompt\": \"x\", \"training_file\": \"f\"}");
+    many.push_str(
+        ", \"model\": \"tiny\", \"messages\": [], \"prompt\": \"x\", \"training_file\": \"f\"}",
+    );
     let mut timed = Vec::new();
     for (path, param) in [
         ("/v1/chat/completions", "n"),
         ("/v1/completions", "n"),
         ("/v1/fine_tuning/jobs", "seed"),
     ] {
-        timed.push(case("10,000 keys, one type error", Req::post(path).body(many.clone(), "application/json"), bad(param)));
+        timed.push(case(
+            "10,000 keys, one type error",
+            Req::post(path).body(many.clone(), "application/json"),
+            bad(param),
+        ));
     }
     // Huge strings.
     let huge = "x".repeat(900 << 10);
-    cases.push(case("a 900 KiB model name", Req::post("/v1/chat/completions").json(&with(&chat_body(), "model", json!(huge))), Want::Param(404, "model".into())));
-    cases.push(case("a 900 KiB stop", Req::post("/v1/chat/completions").json(&with(&chat_body(), "stop", json!(huge))), bad("stop")));
-    cases.push(case("a 900 KiB suffix", Req::post("/v1/completions").json(&with(&completion_body(), "suffix", json!(huge))), bad("suffix")));
-    cases.push(case("a 900 KiB training file id", Req::post("/v1/fine_tuning/jobs").json(&json!({"model": MODEL, "training_file": huge})), Want::Param(404, "training_file".into())));
+    cases.push(case(
+        "a 900 KiB model name",
+        Req::post("/v1/chat/completions").json(&with(&chat_body(), "model", json!(huge))),
+        Want::Param(404, "model".into()),
+    ));
+    cases.push(case(
+        "a 900 KiB stop",
+        Req::post("/v1/chat/completions").json(&with(&chat_body(), "stop", json!(huge))),
+        bad("stop"),
+    ));
+    cases.push(case(
+        "a 900 KiB suffix",
+        Req::post("/v1/completions").json(&with(&completion_body(), "suffix", json!(huge))),
+        bad("suffix"),
+    ));
+    cases.push(case(
+        "a 900 KiB training file id",
+        Req::post("/v1/fine_tuning/jobs").json(&json!({"model": MODEL, "training_file": huge})),
+        Want::Param(404, "training_file".into()),
+    ));
     cases.push(case("a 900 KiB scheme", Req::post("/v1/fine_tuning/jobs").json(&json!({"model": MODEL, "training_file": ids.train, "rewind": {"scheme": format!("midpoint({huge})")}})), bad("rewind.scheme")));
     let content = "hello ".repeat(120_000);
-    cases.push(case("a 700 KiB message", Req::post("/v1/chat/completions").json(&with(&chat_body(), "messages", json!([{"role": "user", "content": content}]))), bad("messages")));
-    cases.push(case("a 700 KiB prompt", Req::post("/v1/completions").json(&with(&completion_body(), "prompt", json!(content))), bad("prompt")));
-    cases.push(case("100,000 prompt tokens", Req::post("/v1/completions").json(&with(&completion_body(), "prompt", json!(vec![1u32; 100_000]))), bad("prompt")));
+    cases.push(case(
+        "a 700 KiB message",
+        Req::post("/v1/chat/completions").json(&with(
+            &chat_body(),
+            "messages",
+            json!([{"role": "user", "content": content}]),
+        )),
+        bad("messages"),
+    ));
+    cases.push(case(
+        "a 700 KiB prompt",
+        Req::post("/v1/completions").json(&with(&completion_body(), "prompt", json!(content))),
+        bad("prompt"),
+    ));
+    cases.push(case(
+        "100,000 prompt tokens",
+        Req::post("/v1/completions").json(&with(
+            &completion_body(),
+            "prompt",
+            json!(vec![1u32; 100_000]),
+        )),
+        bad("prompt"),
+    ));
     // State-changing POST routes take no body: junk in one changes nothing (unknown job: 404).
     for path in [
         "/v1/fine_tuning/jobs/ftjob-nope/cancel",
@@ -1402,18 +1671,20 @@ fn malformed(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
         "/v1/fine-tunes/ft-nope/cancel",
         "/fine_tunes/ft-nope/cancel",
     ] {
-        for (what, body) in [("junk", b"\xFF{[".to_vec()), ("deep", deep.clone().into_bytes()), ("NULs", vec![0u8; 100])] {
-            cases.push(case(format!("job action with a {what} body"), Req::post(path).body(body, "application/json"), Want::Status(404)));
+        for (what, body) in [
+            ("junk", b"\xFF{[".to_vec()),
+            ("deep", deep.clone().into_bytes()),
+            ("NULs", vec![0u8; 100]),
+        ] {
+            cases.push(case(
+                format!("job action with a {what} body"),
+                Req::post(path).body(body, "application/json"),
+                Want::Status(404),
+            ));
         }
     }
     run_all(addr, &cases);
-    for c in &timed {
-        let r = run(addr, c);
-        eprintln!("timed: [{}] answered {} in {:?}", c.ctx, r.status, r.elapsed);
-        if r.elapsed > Duration::from_secs(1) {
-            fail(format!("[{}] took {:?} (over 1 s)", c.ctx, r.elapsed));
-        }
-    }
+    run_timed(addr, &timed);
     cases.extend(timed);
     cases.retain(|c| c.req.body.len() < 64 << 10);
     cases
@@ -1432,8 +1703,16 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
         ("max_tokens", "99999999999999999999", bad("max_tokens")),
         ("max_tokens", "1e309", Want::Json),
         ("max_completion_tokens", "-1", bad("max_completion_tokens")),
-        ("max_completion_tokens", "1e18", bad("max_completion_tokens")),
-        ("max_completion_tokens", "1000000000000000000", bad("max_completion_tokens")),
+        (
+            "max_completion_tokens",
+            "1e18",
+            bad("max_completion_tokens"),
+        ),
+        (
+            "max_completion_tokens",
+            "1000000000000000000",
+            bad("max_completion_tokens"),
+        ),
         ("n", "-1", bad("n")),
         ("n", "0", bad("n")),
         ("n", "1e18", bad("n")),
@@ -1464,7 +1743,11 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
         ("min_p", "1e18", bad("min_p")),
         ("repetition_penalty", "-1", bad("repetition_penalty")),
         ("repetition_penalty", "0", bad("repetition_penalty")),
-        ("repetition_penalty", "1e18", Want::OkOrParam("repetition_penalty".into())),
+        (
+            "repetition_penalty",
+            "1e18",
+            Want::OkOrParam("repetition_penalty".into()),
+        ),
         ("repetition_penalty", "5e-324", bad("repetition_penalty")),
         ("repetition_penalty", "1e300", bad("repetition_penalty")),
         ("presence_penalty", "-1", Want::Ok),
@@ -1484,11 +1767,17 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
     // infinite. Each is sent alone, three times, for a deterministic answer.
     for raw in ["5e-324", "1e-50", "1e300", "3.5e38"] {
         for _ in 0..3 {
-            run(addr, &case(
-                format!("chat: repetition_penalty = {raw}, alone"),
-                Req::post("/v1/chat/completions").body(with_raw(&chat, "repetition_penalty", raw), "application/json"),
-                bad("repetition_penalty"),
-            ));
+            run(
+                addr,
+                &case(
+                    format!("chat: repetition_penalty = {raw}, alone"),
+                    Req::post("/v1/chat/completions").body(
+                        with_raw(&chat, "repetition_penalty", raw),
+                        "application/json",
+                    ),
+                    bad("repetition_penalty"),
+                ),
+            );
         }
     }
     for (field, raw, want) in chat_numbers {
@@ -1499,48 +1788,252 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
         ));
     }
     let lb = |entries: Value| with(&chat, "logit_bias", entries);
-    let many_bias: serde_json::Map<String, Value> = (0..=MAX_LOGIT_BIAS).map(|i| (i.to_string(), json!(1))).collect();
+    let many_bias: serde_json::Map<String, Value> = (0..=MAX_LOGIT_BIAS)
+        .map(|i| (i.to_string(), json!(1)))
+        .collect();
     for (what, body, want) in [
-        ("logit_bias over the limit", lb(Value::Object(many_bias)), bad("logit_bias")),
-        ("logit_bias value 1e18", lb(json!({"5": 1e18})), bad("logit_bias")),
-        ("logit_bias value -1e18", lb(json!({"5": -1e18})), bad("logit_bias")),
+        (
+            "logit_bias over the limit",
+            lb(Value::Object(many_bias)),
+            bad("logit_bias"),
+        ),
+        (
+            "logit_bias value 1e18",
+            lb(json!({"5": 1e18})),
+            bad("logit_bias"),
+        ),
+        (
+            "logit_bias value -1e18",
+            lb(json!({"5": -1e18})),
+            bad("logit_bias"),
+        ),
         ("logit_bias value -1", lb(json!({"5": -1})), Want::Ok),
         ("logit_bias value -100", lb(json!({"5": -100})), Want::Ok),
         ("logit_bias key -1", lb(json!({"-1": 1})), bad("logit_bias")),
-        ("logit_bias key 1e18", lb(json!({"1000000000000000000": 1})), bad("logit_bias")),
-        ("logit_bias key past u64", lb(json!({"99999999999999999999999": 1})), bad("logit_bias")),
-        ("logit_bias key out of the vocabulary", lb(json!({"49152": 1})), bad("logit_bias")),
-        ("logit_bias key text", lb(json!({"abc": 1})), bad("logit_bias")),
-        ("logit_bias key empty", lb(json!({"": 1})), bad("logit_bias")),
-        ("logit_bias every token banned", lb(json!({"0": -100, "1": -100, "2": -100})), Want::Ok),
-        ("stop count", with(&chat, "stop", json!(["a", "b", "c", "d", "e"])), bad("stop")),
-        ("stop count 1,000", with(&chat, "stop", json!(vec!["a"; 1000])), bad("stop")),
-        ("stop length", with(&chat, "stop", json!("s".repeat(MAX_STOP_CHARS + 1))), bad("stop")),
-        ("stop length, in a list", with(&chat, "stop", json!(["a", "é".repeat(MAX_STOP_CHARS + 1)])), bad("stop")),
-        ("stop at the limit", with(&chat, "stop", json!(["s".repeat(MAX_STOP_CHARS), ""])), Want::Ok),
-        ("messages count", with(&chat, "messages", json!(vec![json!({"role": "user", "content": "hi"}); MAX_MESSAGES + 1])), bad("messages")),
-        ("messages count 10,000", with(&chat, "messages", json!(vec![json!({"role": "user", "content": "hi"}); 10_000])), bad("messages")),
-        ("messages empty", with(&chat, "messages", json!([])), bad("messages")),
-        ("tools count", with(&chat, "tools", json!((0..=MAX_TOOLS).map(|i| tool(&format!("f{i}"), json!({"type": "object"}))).collect::<Vec<_>>())), bad("tools")),
-        ("tools count 1,000", with(&chat, "tools", json!((0..1000).map(|i| tool(&format!("f{i}"), json!({}))).collect::<Vec<_>>())), bad("tools")),
-        ("tool parameters too large", with(&chat, "tools", json!([tool("f", json!({"type": "object", "description": "d".repeat(MAX_SCHEMA_BYTES)}))])), bad("tools[0].function.parameters")),
-        ("tool parameters too deep", with(&chat, "tools", json!([tool("f", object_schema(MAX_SCHEMA_DEPTH + 8))])), bad("tools[0].function.parameters")),
-        ("tool name too long", with(&chat, "tools", json!([tool(&"f".repeat(65), json!({}))])), bad("tools")),
-        ("tool name with a quote", with(&chat, "tools", json!([tool("f\"<script>", json!({}))])), bad("tools")),
-        ("tool_choice names no tool", with(&with(&chat, "tools", json!([tool("f", json!({}))])), "tool_choice", json!({"type": "function", "function": {"name": "g"}})), bad("tool_choice")),
-        ("max_tokens over the cap", with(&chat, "max_tokens", json!(MAX_TOKENS + 1)), bad("max_tokens")),
-        ("max_completion_tokens over the cap", with(&chat, "max_completion_tokens", json!(MAX_TOKENS + 1)), bad("max_completion_tokens")),
-        ("n over the cap", with(&chat, "n", json!(MAX_N + 1)), bad("n")),
+        (
+            "logit_bias key 1e18",
+            lb(json!({"1000000000000000000": 1})),
+            bad("logit_bias"),
+        ),
+        (
+            "logit_bias key past u64",
+            lb(json!({"99999999999999999999999": 1})),
+            bad("logit_bias"),
+        ),
+        (
+            "logit_bias key out of the vocabulary",
+            lb(json!({"49152": 1})),
+            bad("logit_bias"),
+        ),
+        (
+            "logit_bias key text",
+            lb(json!({"abc": 1})),
+            bad("logit_bias"),
+        ),
+        (
+            "logit_bias key empty",
+            lb(json!({"": 1})),
+            bad("logit_bias"),
+        ),
+        (
+            "logit_bias every token banned",
+            lb(json!({"0": -100, "1": -100, "2": -100})),
+            Want::Ok,
+        ),
+        (
+            "stop count",
+            with(&chat, "stop", json!(["a", "b", "c", "d", "e"])),
+            bad("stop"),
+        ),
+        (
+            "stop count 1,000",
+            with(&chat, "stop", json!(vec!["a"; 1000])),
+            bad("stop"),
+        ),
+        (
+            "stop length",
+            with(&chat, "stop", json!("s".repeat(MAX_STOP_CHARS + 1))),
+            bad("stop"),
+        ),
+        (
+            "stop length, in a list",
+            with(&chat, "stop", json!(["a", "é".repeat(MAX_STOP_CHARS + 1)])),
+            bad("stop"),
+        ),
+        (
+            "stop at the limit",
+            with(&chat, "stop", json!(["s".repeat(MAX_STOP_CHARS), ""])),
+            Want::Ok,
+        ),
+        (
+            "messages count",
+            with(
+                &chat,
+                "messages",
+                json!(vec![
+                    json!({"role": "user", "content": "hi"});
+                    MAX_MESSAGES + 1
+                ]),
+            ),
+            bad("messages"),
+        ),
+        (
+            "messages count 10,000",
+            with(
+                &chat,
+                "messages",
+                json!(vec![json!({"role": "user", "content": "hi"}); 10_000]),
+            ),
+            bad("messages"),
+        ),
+        (
+            "messages empty",
+            with(&chat, "messages", json!([])),
+            bad("messages"),
+        ),
+        (
+            "tools count",
+            with(
+                &chat,
+                "tools",
+                json!((0..=MAX_TOOLS)
+                    .map(|i| tool(&format!("f{i}"), json!({"type": "object"})))
+                    .collect::<Vec<_>>()),
+            ),
+            bad("tools"),
+        ),
+        (
+            "tools count 1,000",
+            with(
+                &chat,
+                "tools",
+                json!((0..1000)
+                    .map(|i| tool(&format!("f{i}"), json!({})))
+                    .collect::<Vec<_>>()),
+            ),
+            bad("tools"),
+        ),
+        (
+            "tool parameters too large",
+            with(
+                &chat,
+                "tools",
+                json!([tool(
+                    "f",
+                    json!({"type": "object", "description": "d".repeat(MAX_SCHEMA_BYTES)})
+                )]),
+            ),
+            bad("tools[0].function.parameters"),
+        ),
+        (
+            "tool parameters too deep",
+            with(
+                &chat,
+                "tools",
+                json!([tool("f", object_schema(MAX_SCHEMA_DEPTH + 8))]),
+            ),
+            bad("tools[0].function.parameters"),
+        ),
+        (
+            "tool name too long",
+            with(&chat, "tools", json!([tool(&"f".repeat(65), json!({}))])),
+            bad("tools"),
+        ),
+        (
+            "tool name with a quote",
+            with(&chat, "tools", json!([tool("f\"<script>", json!({}))])),
+            bad("tools"),
+        ),
+        (
+            "tool_choice names no tool",
+            with(
+                &with(&chat, "tools", json!([tool("f", json!({}))])),
+                "tool_choice",
+                json!({"type": "function", "function": {"name": "g"}}),
+            ),
+            bad("tool_choice"),
+        ),
+        (
+            "max_tokens over the cap",
+            with(&chat, "max_tokens", json!(MAX_TOKENS + 1)),
+            bad("max_tokens"),
+        ),
+        (
+            "max_completion_tokens over the cap",
+            with(&chat, "max_completion_tokens", json!(MAX_TOKENS + 1)),
+            bad("max_completion_tokens"),
+        ),
+        (
+            "n over the cap",
+            with(&chat, "n", json!(MAX_N + 1)),
+            bad("n"),
+        ),
         ("n at the cap", with(&chat, "n", json!(MAX_N)), Want::Ok),
-        ("logprobs with 20 alternatives", with(&with(&chat, "logprobs", json!(true)), "top_logprobs", json!(20)), Want::Ok),
-        ("a prompt past the context", with(&chat, "messages", json!([{"role": "user", "content": "hello ".repeat(6000)}])), bad("messages")),
-        ("content parts of another kind", with(&chat, "messages", json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}])), bad("messages[0].content")),
-        ("content of the wrong type", with(&chat, "messages", json!([{"role": "user", "content": {"a": 1}}])), bad("messages[0].content")),
-        ("an unknown role", with(&chat, "messages", json!([{"role": "root", "content": "x"}])), bad("messages[0].role")),
-        ("template syntax in content", with(&chat, "messages", json!([{"role": "user", "content": "{{ 7*7 }}{% for x in range(99999999) %}x{% endfor %}"}])), Want::Ok),
-        ("a stream with usage", with(&with(&chat, "stream", json!(true)), "stream_options", json!({"include_usage": true})), Want::Sse),
+        (
+            "logprobs with 20 alternatives",
+            with(
+                &with(&chat, "logprobs", json!(true)),
+                "top_logprobs",
+                json!(20),
+            ),
+            Want::Ok,
+        ),
+        (
+            "a prompt past the context",
+            with(
+                &chat,
+                "messages",
+                json!([{"role": "user", "content": "hello ".repeat(6000)}]),
+            ),
+            bad("messages"),
+        ),
+        (
+            "content parts of another kind",
+            with(
+                &chat,
+                "messages",
+                json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]),
+            ),
+            bad("messages[0].content"),
+        ),
+        (
+            "content of the wrong type",
+            with(
+                &chat,
+                "messages",
+                json!([{"role": "user", "content": {"a": 1}}]),
+            ),
+            bad("messages[0].content"),
+        ),
+        (
+            "an unknown role",
+            with(&chat, "messages", json!([{"role": "root", "content": "x"}])),
+            bad("messages[0].role"),
+        ),
+        (
+            "template syntax in content",
+            with(
+                &chat,
+                "messages",
+                json!([{"role": "user", "content": "{{ 7*7 }}{% for x in range(99999999) %}x{% endfor %}"}]),
+            ),
+            Want::Ok,
+        ),
+        (
+            "a stream with usage",
+            with(
+                &with(&chat, "stream", json!(true)),
+                "stream_options",
+                json!({"include_usage": true}),
+            ),
+            Want::Sse,
+        ),
     ] {
-        cases.push(case(format!("chat: {what}"), Req::post("/v1/chat/completions").json(&body), want));
+        cases.push(case(
+            format!("chat: {what}"),
+            Req::post("/v1/chat/completions").json(&body),
+            want,
+        ));
     }
     let completion = completion_body();
     let completion_numbers: Vec<(&str, &str, Want)> = vec![
@@ -1575,38 +2068,122 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
     for (field, raw, want) in completion_numbers {
         cases.push(case(
             format!("completions: {field} = {raw}"),
-            Req::post("/v1/completions").body(with_raw(&completion, field, raw), "application/json"),
+            Req::post("/v1/completions")
+                .body(with_raw(&completion, field, raw), "application/json"),
             want,
         ));
     }
     for (what, body, want) in [
-        ("prompt token past the vocabulary", with(&completion, "prompt", json!([49152])), bad("prompt")),
-        ("prompt token u32::MAX", with(&completion, "prompt", json!([4294967295u64])), bad("prompt")),
-        ("prompt empty text list", with(&completion, "prompt", json!([])), bad("prompt")),
-        ("prompt empty token list", with(&completion, "prompt", json!([[]])), bad("prompt")),
-        ("prompt with an empty text", with(&completion, "prompt", json!(["a", ""])), Want::OkOrParam("prompt".into())),
-        ("prompt of 1,000 texts", with(&completion, "prompt", json!(vec!["a"; 1000])), Want::OneOf(&[200, 400, 429])),
-        ("prompt past the context", with(&completion, "prompt", json!(vec![1u32; 5000])), bad("prompt")),
-        ("stop count", with(&completion, "stop", json!(["a", "b", "c", "d", "e"])), bad("stop")),
-        ("stop length", with(&completion, "stop", json!("s".repeat(MAX_STOP_CHARS + 1))), bad("stop")),
-        ("logit_bias over the limit", with(&completion, "logit_bias", Value::Object((0..=MAX_LOGIT_BIAS).map(|i| (i.to_string(), json!(1))).collect())), bad("logit_bias")),
-        ("suffix", with(&completion, "suffix", json!("x")), bad("suffix")),
-        ("echo with tokens", with(&with(&completion, "prompt", json!([1, 2, 3])), "echo", json!(true)), Want::Ok),
-        ("a stream", with(&completion, "stream", json!(true)), Want::Sse),
+        (
+            "prompt token past the vocabulary",
+            with(&completion, "prompt", json!([49152])),
+            bad("prompt"),
+        ),
+        (
+            "prompt token u32::MAX",
+            with(&completion, "prompt", json!([4294967295u64])),
+            bad("prompt"),
+        ),
+        (
+            "prompt empty text list",
+            with(&completion, "prompt", json!([])),
+            bad("prompt"),
+        ),
+        (
+            "prompt empty token list",
+            with(&completion, "prompt", json!([[]])),
+            bad("prompt"),
+        ),
+        (
+            "prompt with an empty text",
+            with(&completion, "prompt", json!(["a", ""])),
+            Want::OkOrParam("prompt".into()),
+        ),
+        (
+            "prompt of 1,000 texts",
+            with(&completion, "prompt", json!(vec!["a"; 1000])),
+            Want::OneOf(&[200, 400, 429]),
+        ),
+        (
+            "prompt past the context",
+            with(&completion, "prompt", json!(vec![1u32; 5000])),
+            bad("prompt"),
+        ),
+        (
+            "stop count",
+            with(&completion, "stop", json!(["a", "b", "c", "d", "e"])),
+            bad("stop"),
+        ),
+        (
+            "stop length",
+            with(&completion, "stop", json!("s".repeat(MAX_STOP_CHARS + 1))),
+            bad("stop"),
+        ),
+        (
+            "logit_bias over the limit",
+            with(
+                &completion,
+                "logit_bias",
+                Value::Object(
+                    (0..=MAX_LOGIT_BIAS)
+                        .map(|i| (i.to_string(), json!(1)))
+                        .collect(),
+                ),
+            ),
+            bad("logit_bias"),
+        ),
+        (
+            "suffix",
+            with(&completion, "suffix", json!("x")),
+            bad("suffix"),
+        ),
+        (
+            "echo with tokens",
+            with(
+                &with(&completion, "prompt", json!([1, 2, 3])),
+                "echo",
+                json!(true),
+            ),
+            Want::Ok,
+        ),
+        (
+            "a stream",
+            with(&completion, "stream", json!(true)),
+            Want::Sse,
+        ),
     ] {
-        cases.push(case(format!("completions: {what}"), Req::post("/v1/completions").json(&body), want));
+        cases.push(case(
+            format!("completions: {what}"),
+            Req::post("/v1/completions").json(&body),
+            want,
+        ));
     }
 
     // Fine-tuning: every value is refused, so none of these creates a job.
     let ft = json!({"model": MODEL, "training_file": ids.train});
     let hp = |name: &str, raw: &str| -> Vec<u8> {
         let text = serde_json::to_string(&ft).unwrap();
-        format!("{{\"hyperparameters\": {{\"{name}\": {raw}}}, {}", &text[1..]).into_bytes()
+        format!(
+            "{{\"hyperparameters\": {{\"{name}\": {raw}}}, {}",
+            &text[1..]
+        )
+        .into_bytes()
     };
     let mut ft_cases: Vec<(String, Vec<u8>, Want)> = Vec::new();
     for name in ["n_epochs", "batch_size", "learning_rate_multiplier"] {
         let param = format!("hyperparameters.{name}");
-        for raw in ["-1", "0", "1e18", "1000000000000000000", "99999999999999999999", "\"x\"", "[]", "{}", "true", "\"Auto\""] {
+        for raw in [
+            "-1",
+            "0",
+            "1e18",
+            "1000000000000000000",
+            "99999999999999999999",
+            "\"x\"",
+            "[]",
+            "{}",
+            "true",
+            "\"Auto\"",
+        ] {
             ft_cases.push((format!("{name} = {raw}"), hp(name, raw), bad(&param)));
         }
         ft_cases.push((format!("{name} = 1e309"), hp(name, "1e309"), Want::Json));
@@ -1620,52 +2197,236 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
         ("learning_rate_multiplier", "10.5"),
         ("learning_rate_multiplier", "-5e-324"),
     ] {
-        ft_cases.push((format!("{name} = {raw}"), hp(name, raw), bad(&format!("hyperparameters.{name}"))));
+        ft_cases.push((
+            format!("{name} = {raw}"),
+            hp(name, raw),
+            bad(&format!("hyperparameters.{name}")),
+        ));
     }
     let body = |v: Value| serde_json::to_vec(&v).unwrap();
     for (what, v, want) in [
         ("seed -1", with(&ft, "seed", json!(-1)), bad("seed")),
-        ("seed 2^31", with(&ft, "seed", json!(2147483648u64)), bad("seed")),
+        (
+            "seed 2^31",
+            with(&ft, "seed", json!(2147483648u64)),
+            bad("seed"),
+        ),
         ("seed 1e18", with(&ft, "seed", json!(1e18)), bad("seed")),
-        ("seed 10^18", with(&ft, "seed", json!(1000000000000000000u64)), bad("seed")),
-        ("seed past i64", with(&ft, "seed", json!(18446744073709551615u64)), bad("seed")),
-        ("suffix 65 characters", with(&ft, "suffix", json!("s".repeat(65))), bad("suffix")),
-        ("suffix with a colon", with(&ft, "suffix", json!("a:b")), bad("suffix")),
-        ("metadata of 17 keys", with(&ft, "metadata", Value::Object((0..17).map(|i| (format!("k{i}"), json!("v"))).collect())), bad("metadata")),
-        ("metadata key of 65", with(&ft, "metadata", Value::Object([("k".repeat(65), json!("v"))].into_iter().collect())), bad("metadata")),
-        ("metadata value of 513", with(&ft, "metadata", json!({"k": "v".repeat(513)})), bad("metadata")),
-        ("metadata value a number", with(&ft, "metadata", json!({"k": 1})), bad("metadata")),
-        ("metadata a string", with(&ft, "metadata", json!("x")), bad("metadata")),
-        ("metadata a list", with(&ft, "metadata", json!([])), bad("metadata")),
-        ("hyperparameters a string", with(&ft, "hyperparameters", json!("x")), bad("hyperparameters")),
-        ("hyperparameters a list", with(&ft, "hyperparameters", json!([1])), bad("hyperparameters")),
-        ("method dpo", with(&ft, "method", json!({"type": "dpo"})), bad("method.type")),
-        ("method a string", with(&ft, "method", json!("supervised")), bad("method.type")),
-        ("method with bad hyperparameters", with(&ft, "method", json!({"type": "supervised", "supervised": {"hyperparameters": 5}})), bad("hyperparameters")),
-        ("method epochs past the limit", with(&ft, "method", json!({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1e9}}})), bad("hyperparameters.n_epochs")),
-        ("lora_rank 1e9", with(&ft, "rewind", json!({"lora_rank": 1e9})), bad("rewind.lora_rank")),
-        ("lora_rank 10^9", with(&ft, "rewind", json!({"lora_rank": 1000000000u64})), bad("rewind.lora_rank")),
-        ("lora_rank over the limit", with(&ft, "rewind", json!({"lora_rank": MAX_RANK + 1})), bad("rewind.lora_rank")),
-        ("lora_rank past u64", with(&ft, "rewind", json!({"lora_rank": 18446744073709551615u64})), bad("rewind.lora_rank")),
-        ("lora_alpha 0", with(&ft, "rewind", json!({"lora_alpha": 0})), bad("rewind.lora_alpha")),
-        ("lora_alpha -1", with(&ft, "rewind", json!({"lora_alpha": -1})), bad("rewind.lora_alpha")),
-        ("lora_alpha 1e18", with(&ft, "rewind", json!({"lora_alpha": 1e18})), bad("rewind.lora_alpha")),
-        ("scheme junk", with(&ft, "rewind", json!({"scheme": "junk"})), bad("rewind.scheme")),
-        ("scheme unbalanced", with(&ft, "rewind", json!({"scheme": "midpoint(a=((("})), bad("rewind.scheme")),
-        ("scheme with a huge argument", with(&ft, "rewind", json!({"scheme": "midpoint(a=1e309)"})), bad("rewind.scheme")),
-        ("scheme with NaN", with(&ft, "rewind", json!({"scheme": "midpoint(a=NaN)"})), bad("rewind.scheme")),
-        ("scheme empty", with(&ft, "rewind", json!({"scheme": ""})), bad("rewind.scheme")),
-        ("scheme with NUL", with(&ft, "rewind", json!({"scheme": "midpoint\u{0}"})), bad("rewind.scheme")),
-        ("scheme with many arguments", with(&ft, "rewind", json!({"scheme": format!("midpoint({}q=1)", "a=1,".repeat(1000))})), bad("rewind.scheme")),
-        ("scheme with h = 0", with(&ft, "rewind", json!({"scheme": "midpoint(h=0)"})), bad("rewind.scheme")),
-        ("scheme with a = 0", with(&ft, "rewind", json!({"scheme": "midpoint(a=0)"})), bad("rewind.scheme")),
-        ("scheme with h = inf", with(&ft, "rewind", json!({"scheme": "leapfrog(h=inf)"})), bad("rewind.scheme")),
-        ("strategy junk", with(&ft, "rewind", json!({"strategy": "fast"})), bad("rewind.strategy")),
-        ("unknown model", with(&ft, "model", json!("nope")), Want::Param(404, "model".into())),
-        ("unknown training file", with(&ft, "training_file", json!("file-nope")), Want::Param(404, "training_file".into())),
-        ("unknown validation file", with(&ft, "validation_file", json!("file-nope")), Want::Param(404, "validation_file".into())),
-        ("training file of another purpose", with(&ft, "training_file", json!(ids.evil)), bad("training_file")),
-        ("validation file of another purpose", with(&ft, "validation_file", json!(ids.evil)), bad("validation_file")),
+        (
+            "seed 10^18",
+            with(&ft, "seed", json!(1000000000000000000u64)),
+            bad("seed"),
+        ),
+        (
+            "seed past i64",
+            with(&ft, "seed", json!(18446744073709551615u64)),
+            bad("seed"),
+        ),
+        (
+            "suffix 65 characters",
+            with(&ft, "suffix", json!("s".repeat(65))),
+            bad("suffix"),
+        ),
+        (
+            "suffix with a colon",
+            with(&ft, "suffix", json!("a:b")),
+            bad("suffix"),
+        ),
+        (
+            "metadata of 17 keys",
+            with(
+                &ft,
+                "metadata",
+                Value::Object((0..17).map(|i| (format!("k{i}"), json!("v"))).collect()),
+            ),
+            bad("metadata"),
+        ),
+        (
+            "metadata key of 65",
+            with(
+                &ft,
+                "metadata",
+                Value::Object([("k".repeat(65), json!("v"))].into_iter().collect()),
+            ),
+            bad("metadata"),
+        ),
+        (
+            "metadata value of 513",
+            with(&ft, "metadata", json!({"k": "v".repeat(513)})),
+            bad("metadata"),
+        ),
+        (
+            "metadata value a number",
+            with(&ft, "metadata", json!({"k": 1})),
+            bad("metadata"),
+        ),
+        (
+            "metadata a string",
+            with(&ft, "metadata", json!("x")),
+            bad("metadata"),
+        ),
+        (
+            "metadata a list",
+            with(&ft, "metadata", json!([])),
+            bad("metadata"),
+        ),
+        (
+            "hyperparameters a string",
+            with(&ft, "hyperparameters", json!("x")),
+            bad("hyperparameters"),
+        ),
+        (
+            "hyperparameters a list",
+            with(&ft, "hyperparameters", json!([1])),
+            bad("hyperparameters"),
+        ),
+        (
+            "method dpo",
+            with(&ft, "method", json!({"type": "dpo"})),
+            bad("method.type"),
+        ),
+        (
+            "method a string",
+            with(&ft, "method", json!("supervised")),
+            bad("method.type"),
+        ),
+        (
+            "method with bad hyperparameters",
+            with(
+                &ft,
+                "method",
+                json!({"type": "supervised", "supervised": {"hyperparameters": 5}}),
+            ),
+            bad("hyperparameters"),
+        ),
+        (
+            "method epochs past the limit",
+            with(
+                &ft,
+                "method",
+                json!({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1e9}}}),
+            ),
+            bad("hyperparameters.n_epochs"),
+        ),
+        (
+            "lora_rank 1e9",
+            with(&ft, "rewind", json!({"lora_rank": 1e9})),
+            bad("rewind.lora_rank"),
+        ),
+        (
+            "lora_rank 10^9",
+            with(&ft, "rewind", json!({"lora_rank": 1000000000u64})),
+            bad("rewind.lora_rank"),
+        ),
+        (
+            "lora_rank over the limit",
+            with(&ft, "rewind", json!({"lora_rank": MAX_RANK + 1})),
+            bad("rewind.lora_rank"),
+        ),
+        (
+            "lora_rank past u64",
+            with(&ft, "rewind", json!({"lora_rank": 18446744073709551615u64})),
+            bad("rewind.lora_rank"),
+        ),
+        (
+            "lora_alpha 0",
+            with(&ft, "rewind", json!({"lora_alpha": 0})),
+            bad("rewind.lora_alpha"),
+        ),
+        (
+            "lora_alpha -1",
+            with(&ft, "rewind", json!({"lora_alpha": -1})),
+            bad("rewind.lora_alpha"),
+        ),
+        (
+            "lora_alpha 1e18",
+            with(&ft, "rewind", json!({"lora_alpha": 1e18})),
+            bad("rewind.lora_alpha"),
+        ),
+        (
+            "scheme junk",
+            with(&ft, "rewind", json!({"scheme": "junk"})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme unbalanced",
+            with(&ft, "rewind", json!({"scheme": "midpoint(a=((("})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme with a huge argument",
+            with(&ft, "rewind", json!({"scheme": "midpoint(a=1e309)"})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme with NaN",
+            with(&ft, "rewind", json!({"scheme": "midpoint(a=NaN)"})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme empty",
+            with(&ft, "rewind", json!({"scheme": ""})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme with NUL",
+            with(&ft, "rewind", json!({"scheme": "midpoint\u{0}"})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme with many arguments",
+            with(
+                &ft,
+                "rewind",
+                json!({"scheme": format!("midpoint({}q=1)", "a=1,".repeat(1000))}),
+            ),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme with h = 0",
+            with(&ft, "rewind", json!({"scheme": "midpoint(h=0)"})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme with a = 0",
+            with(&ft, "rewind", json!({"scheme": "midpoint(a=0)"})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "scheme with h = inf",
+            with(&ft, "rewind", json!({"scheme": "leapfrog(h=inf)"})),
+            bad("rewind.scheme"),
+        ),
+        (
+            "strategy junk",
+            with(&ft, "rewind", json!({"strategy": "fast"})),
+            bad("rewind.strategy"),
+        ),
+        (
+            "unknown model",
+            with(&ft, "model", json!("nope")),
+            Want::Param(404, "model".into()),
+        ),
+        (
+            "unknown training file",
+            with(&ft, "training_file", json!("file-nope")),
+            Want::Param(404, "training_file".into()),
+        ),
+        (
+            "unknown validation file",
+            with(&ft, "validation_file", json!("file-nope")),
+            Want::Param(404, "validation_file".into()),
+        ),
+        (
+            "training file of another purpose",
+            with(&ft, "training_file", json!(ids.evil)),
+            bad("training_file"),
+        ),
+        (
+            "validation file of another purpose",
+            with(&ft, "validation_file", json!(ids.evil)),
+            bad("validation_file"),
+        ),
     ] {
         ft_cases.push((what.to_string(), body(v), want));
     }
@@ -1674,13 +2435,21 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
         if r.status == 200 {
             if let Some(id) = r.json()["id"].as_str() {
                 jobs.lock().unwrap().insert(id.to_string());
-                let _ = hit(addr, "cancelling a job created by mistake", &Req::post(&format!("{path}/{id}/cancel")));
+                let _ = hit(
+                    addr,
+                    "cancelling a job created by mistake",
+                    &Req::post(&format!("{path}/{id}/cancel")),
+                );
             }
         }
     };
     // (Not replayed under load: a value wrongly accepted would create a job each time.)
     for (what, bytes, want) in ft_cases {
-        let c = case(format!("fine-tuning: {what}"), Req::post("/v1/fine_tuning/jobs").body(bytes, "application/json"), want);
+        let c = case(
+            format!("fine-tuning: {what}"),
+            Req::post("/v1/fine_tuning/jobs").body(bytes, "application/json"),
+            want,
+        );
         let r = run(addr, &c);
         created("/v1/fine_tuning/jobs", &r);
     }
@@ -1688,32 +2457,107 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
     let legacy = json!({"training_file": ids.train});
     for prefix in ["/v1/fine-tunes", "/fine_tunes"] {
         for (what, v, want) in [
-            ("n_epochs -1", with(&legacy, "n_epochs", json!(-1)), bad("hyperparameters.n_epochs")),
-            ("n_epochs 1e18", with(&legacy, "n_epochs", json!(1e18)), bad("hyperparameters.n_epochs")),
-            ("n_epochs a string", with(&legacy, "n_epochs", json!("x")), bad("hyperparameters.n_epochs")),
-            ("batch_size 0", with(&legacy, "batch_size", json!(0)), bad("hyperparameters.batch_size")),
-            ("batch_size 1e18", with(&legacy, "batch_size", json!(1e18)), bad("hyperparameters.batch_size")),
-            ("learning_rate_multiplier -1", with(&legacy, "learning_rate_multiplier", json!(-1)), bad("hyperparameters.learning_rate_multiplier")),
-            ("learning_rate_multiplier 1e18", with(&legacy, "learning_rate_multiplier", json!(1e18)), bad("hyperparameters.learning_rate_multiplier")),
-            ("hyperparameters a string", with(&legacy, "hyperparameters", json!("x")), bad("hyperparameters")),
-            ("hyperparameters a number, epochs past the limit", with(&with(&legacy, "hyperparameters", json!(5)), "n_epochs", json!(1e9)), bad("hyperparameters")),
-            ("suffix of 41", with(&legacy, "suffix", json!("s".repeat(41))), bad("suffix")),
-            ("lora_rank 1e9", with(&legacy, "rewind", json!({"lora_rank": 1e9})), bad("rewind.lora_rank")),
-            ("lora_rank over the limit", with(&legacy, "rewind", json!({"lora_rank": MAX_RANK + 1})), bad("rewind.lora_rank")),
-            ("lora_alpha 1e18", with(&legacy, "rewind", json!({"lora_alpha": 1e18})), bad("rewind.lora_alpha")),
-            ("scheme junk", with(&legacy, "rewind", json!({"scheme": "leapfrog(b=2"})), bad("rewind.scheme")),
-            ("unknown model", with(&legacy, "model", json!("nope")), Want::Param(404, "model".into())),
-            ("unknown file", with(&legacy, "training_file", json!("file-nope")), Want::Param(404, "training_file".into())),
+            (
+                "n_epochs -1",
+                with(&legacy, "n_epochs", json!(-1)),
+                bad("hyperparameters.n_epochs"),
+            ),
+            (
+                "n_epochs 1e18",
+                with(&legacy, "n_epochs", json!(1e18)),
+                bad("hyperparameters.n_epochs"),
+            ),
+            (
+                "n_epochs a string",
+                with(&legacy, "n_epochs", json!("x")),
+                bad("hyperparameters.n_epochs"),
+            ),
+            (
+                "batch_size 0",
+                with(&legacy, "batch_size", json!(0)),
+                bad("hyperparameters.batch_size"),
+            ),
+            (
+                "batch_size 1e18",
+                with(&legacy, "batch_size", json!(1e18)),
+                bad("hyperparameters.batch_size"),
+            ),
+            (
+                "learning_rate_multiplier -1",
+                with(&legacy, "learning_rate_multiplier", json!(-1)),
+                bad("hyperparameters.learning_rate_multiplier"),
+            ),
+            (
+                "learning_rate_multiplier 1e18",
+                with(&legacy, "learning_rate_multiplier", json!(1e18)),
+                bad("hyperparameters.learning_rate_multiplier"),
+            ),
+            (
+                "hyperparameters a string",
+                with(&legacy, "hyperparameters", json!("x")),
+                bad("hyperparameters"),
+            ),
+            (
+                "hyperparameters a number, epochs past the limit",
+                with(
+                    &with(&legacy, "hyperparameters", json!(5)),
+                    "n_epochs",
+                    json!(1e9),
+                ),
+                bad("hyperparameters"),
+            ),
+            (
+                "suffix of 41",
+                with(&legacy, "suffix", json!("s".repeat(41))),
+                bad("suffix"),
+            ),
+            (
+                "lora_rank 1e9",
+                with(&legacy, "rewind", json!({"lora_rank": 1e9})),
+                bad("rewind.lora_rank"),
+            ),
+            (
+                "lora_rank over the limit",
+                with(&legacy, "rewind", json!({"lora_rank": MAX_RANK + 1})),
+                bad("rewind.lora_rank"),
+            ),
+            (
+                "lora_alpha 1e18",
+                with(&legacy, "rewind", json!({"lora_alpha": 1e18})),
+                bad("rewind.lora_alpha"),
+            ),
+            (
+                "scheme junk",
+                with(&legacy, "rewind", json!({"scheme": "leapfrog(b=2"})),
+                bad("rewind.scheme"),
+            ),
+            (
+                "unknown model",
+                with(&legacy, "model", json!("nope")),
+                Want::Param(404, "model".into()),
+            ),
+            (
+                "unknown file",
+                with(&legacy, "training_file", json!("file-nope")),
+                Want::Param(404, "training_file".into()),
+            ),
         ] {
-            let c = case(format!("legacy {prefix}: {what}"), Req::post(prefix).json(&v), want);
+            let c = case(
+                format!("legacy {prefix}: {what}"),
+                Req::post(prefix).json(&v),
+                want,
+            );
             let r = run(addr, &c);
             created(prefix, &r);
         }
-        run(addr, &case(
-            format!("legacy {prefix}: n_epochs 1e309"),
-            Req::post(prefix).body(with_raw(&legacy, "n_epochs", "1e309"), "application/json"),
-            Want::Json,
-        ));
+        run(
+            addr,
+            &case(
+                format!("legacy {prefix}: n_epochs 1e309"),
+                Req::post(prefix).body(with_raw(&legacy, "n_epochs", "1e309"), "application/json"),
+                Want::Json,
+            ),
+        );
     }
 
     // Bodies past `limits.max_body_bytes`: 413, announced or streamed.
@@ -1722,24 +2566,62 @@ fn numbers_and_limits(addr: SocketAddr, ids: &Ids, jobs: &Mutex<BTreeSet<String>
         b.truncate(MAX_BODY + 100);
         b
     };
-    for path in ["/v1/chat/completions", "/v1/completions", "/v1/fine_tuning/jobs", "/v1/fine-tunes", "/fine_tunes"] {
-        run(addr, &case("body over the limit", Req::post(path).body(big.clone(), "application/json"), Want::Code(413, "request_too_large")));
-        run(addr, &case("chunked body over the limit", Req::post(path).body(big.clone(), "application/json").chunked(), Want::Code(413, "request_too_large")));
-        run(addr, &case(
-            "a Content-Length far past the limit",
-            Req::post(path).body(b"{}".to_vec(), "application/json").header("Content-Length", "99999999999999"),
-            Want::Code(413, "request_too_large"),
-        ));
+    for path in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/fine_tuning/jobs",
+        "/v1/fine-tunes",
+        "/fine_tunes",
+    ] {
+        run(
+            addr,
+            &case(
+                "body over the limit",
+                Req::post(path).body(big.clone(), "application/json"),
+                Want::Code(413, "request_too_large"),
+            ),
+        );
+        run(
+            addr,
+            &case(
+                "chunked body over the limit",
+                Req::post(path)
+                    .body(big.clone(), "application/json")
+                    .chunked(),
+                Want::Code(413, "request_too_large"),
+            ),
+        );
+        run(
+            addr,
+            &case(
+                "a Content-Length far past the limit",
+                Req::post(path)
+                    .body(b"{}".to_vec(), "application/json")
+                    .header("Content-Length", "99999999999999"),
+                Want::Code(413, "request_too_large"),
+            ),
+        );
     }
     // Just under the limit: parsed and refused on its merits.
     let mut under = with(&chat, "model", json!("nope"));
     under["pad"] = json!("p".repeat(MAX_BODY - 200));
-    run(addr, &case("body just under the limit", Req::post("/v1/chat/completions").json(&under), Want::Param(404, "model".into())));
+    run(
+        addr,
+        &case(
+            "body just under the limit",
+            Req::post("/v1/chat/completions").json(&under),
+            Want::Param(404, "model".into()),
+        ),
+    );
     // A malformed chunked encoding is the client's fault.
     let broken_chunks = Req::post("/v1/chat/completions")
         .body(b"zz\r\n{}\r\n0\r\n\r\n".to_vec(), "application/json")
         .header("Transfer-Encoding", "chunked");
-    run(addr, &case("a malformed chunked body", broken_chunks, Want::Status(400)));
+    run(
+        addr,
+        &case("a malformed chunked body", broken_chunks, Want::Status(400)),
+    );
+    run_all(addr, &cases);
     cases.retain(|c| c.req.body.len() < 64 << 10);
     cases
 }
@@ -1752,30 +2634,74 @@ fn schemas(addr: SocketAddr) -> Vec<Case> {
     let enum_values: Vec<Value> = (0..10_000).map(|i| json!(format!("v{i}"))).collect();
     let mut hostile = vec![
         ("$ref to the root", json!({"$ref": "#"})),
-        ("$ref to itself", json!({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})),
-        ("mutually recursive $defs", json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})),
-        ("recursive anyOf", json!({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "string"}]}}, "$ref": "#/$defs/a"})),
-        ("recursive allOf", json!({"$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"})),
+        (
+            "$ref to itself",
+            json!({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+        ),
+        (
+            "mutually recursive $defs",
+            json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+        ),
+        (
+            "recursive anyOf",
+            json!({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "string"}]}}, "$ref": "#/$defs/a"}),
+        ),
+        (
+            "recursive allOf",
+            json!({"$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}),
+        ),
         ("a $ref to nowhere", json!({"$ref": "#/$defs/nope"})),
-        ("a remote $ref", json!({"$ref": "http://169.254.169.254/latest/meta-data"})),
+        (
+            "a remote $ref",
+            json!({"$ref": "http://169.254.169.254/latest/meta-data"}),
+        ),
         ("a file $ref", json!({"$ref": "file:///etc/passwd"})),
         ("$ref not a string", json!({"$ref": 5})),
         ("40 levels of objects", object_schema(MAX_SCHEMA_DEPTH + 8)),
-        ("40 levels of 7-way type lists", typelist_schema(MAX_SCHEMA_DEPTH + 8)),
+        (
+            "40 levels of 7-way type lists",
+            typelist_schema(MAX_SCHEMA_DEPTH + 8),
+        ),
         ("a 10,000-value enum", json!({"enum": enum_values})),
-        ("a 600-value enum", json!({"enum": (0..600).collect::<Vec<_>>()})),
+        (
+            "a 600-value enum",
+            json!({"enum": (0..600).collect::<Vec<_>>()}),
+        ),
         ("an empty enum", json!({"enum": []})),
-        ("a 600-way anyOf", json!({"anyOf": vec![json!({"type": "string"}); 600]})),
-        ("an 8-way type list", json!({"type": ["string", "string", "string", "string", "string", "string", "string", "string"]})),
+        (
+            "a 600-way anyOf",
+            json!({"anyOf": vec![json!({"type": "string"}); 600]}),
+        ),
+        (
+            "an 8-way type list",
+            json!({"type": ["string", "string", "string", "string", "string", "string", "string", "string"]}),
+        ),
         ("an empty type list", json!({"type": []})),
         ("an unknown type", json!({"type": "tuple"})),
         ("a false schema", json!(false)),
         ("a number schema", json!(5)),
-        ("65 properties", json!({"type": "object", "properties": (0..65).map(|i| (format!("p{i}"), json!({"type": "string"}))).collect::<serde_json::Map<_, _>>()})),
-        ("required names nothing", json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]})),
-        ("maxItems below minItems", json!({"type": "array", "minItems": 5, "maxItems": 1})),
+        (
+            "65 properties",
+            json!({"type": "object", "properties": (0..65).map(|i| (format!("p{i}"), json!({"type": "string"}))).collect::<serde_json::Map<_, _>>()}),
+        ),
+        (
+            "required names nothing",
+            json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}),
+        ),
+        (
+            "maxItems below minItems",
+            json!({"type": "array", "minItems": 5, "maxItems": 1}),
+        ),
         ("a chain of 40 $refs", {
-            let defs: serde_json::Map<String, Value> = (0..40).map(|i| (format!("d{i}"), json!({"$ref": format!("#/$defs/d{}", i + 1)}))).chain([("d40".to_string(), json!({"type": "string"}))]).collect();
+            let defs: serde_json::Map<String, Value> = (0..40)
+                .map(|i| {
+                    (
+                        format!("d{i}"),
+                        json!({"$ref": format!("#/$defs/d{}", i + 1)}),
+                    )
+                })
+                .chain([("d40".to_string(), json!({"type": "string"}))])
+                .collect();
             json!({"$defs": defs, "$ref": "#/$defs/d0"})
         }),
         ("a chain of 40 anyOfs", {
@@ -1785,7 +2711,10 @@ fn schemas(addr: SocketAddr) -> Vec<Case> {
             }
             s
         }),
-        ("a schema over the byte limit", json!({"type": "string", "description": "d".repeat(MAX_SCHEMA_BYTES)})),
+        (
+            "a schema over the byte limit",
+            json!({"type": "string", "description": "d".repeat(MAX_SCHEMA_BYTES)}),
+        ),
         ("an exploding type list", {
             // Each of the 7 entries compiles the same properties again: 7^12 states, compiled
             // naively, from a schema of a few hundred bytes.
@@ -1813,18 +2742,48 @@ fn schemas(addr: SocketAddr) -> Vec<Case> {
     };
     let thousand_req = Req::post("/v1/chat/completions").body(thousand, "application/json");
     let r = hit(addr, "schema: 1,000 levels", &thousand_req);
-    if !(r.status == 400 && (r.param().as_deref() == Some("response_format") || r.code().as_deref() == Some("invalid_json"))) {
-        fail(format!("[schema: 1,000 levels] -> {}; expected 400 naming response_format (or invalid_json)", r.excerpt()));
+    if !(r.status == 400
+        && (r.param().as_deref() == Some("response_format")
+            || r.code().as_deref() == Some("invalid_json")))
+    {
+        fail(format!(
+            "[schema: 1,000 levels] -> {}; expected 400 naming response_format (or invalid_json)",
+            r.excerpt()
+        ));
     }
     // The same through a tool's parameters.
     for (what, schema, param) in [
-        ("$ref to the root", json!({"type": "object", "properties": {"a": {"$ref": "#"}}}), "tools"),
-        ("40 levels", object_schema(MAX_SCHEMA_DEPTH + 8), "tools[0].function.parameters"),
-        ("over the byte limit", json!({"type": "object", "description": "d".repeat(MAX_SCHEMA_BYTES)}), "tools[0].function.parameters"),
+        (
+            "$ref to the root",
+            json!({"type": "object", "properties": {"a": {"$ref": "#"}}}),
+            "tools",
+        ),
+        (
+            "40 levels",
+            object_schema(MAX_SCHEMA_DEPTH + 8),
+            "tools[0].function.parameters",
+        ),
+        (
+            "over the byte limit",
+            json!({"type": "object", "description": "d".repeat(MAX_SCHEMA_BYTES)}),
+            "tools[0].function.parameters",
+        ),
     ] {
         // Tool parameters are passed to the template, not compiled: a recursive one is served.
-        let want = if param == "tools" { Want::OkOrParam("tools".into()) } else { bad(param) };
-        cases.push(case(format!("tool parameters: {what}"), Req::post("/v1/chat/completions").json(&with(&chat, "tools", json!([tool("f", schema)]))), want));
+        let want = if param == "tools" {
+            Want::OkOrParam("tools".into())
+        } else {
+            bad(param)
+        };
+        cases.push(case(
+            format!("tool parameters: {what}"),
+            Req::post("/v1/chat/completions").json(&with(
+                &chat,
+                "tools",
+                json!([tool("f", schema)]),
+            )),
+            want,
+        ));
     }
     // Legitimate schemas, some unusual: served (or refused cleanly), never a 5xx.
     let tree = json!({
@@ -1838,36 +2797,76 @@ fn schemas(addr: SocketAddr) -> Vec<Case> {
     for (what, schema, want) in [
         ("a recursive tree", tree, Want::Ok),
         ("a recursive list", list, Want::Ok),
-        ("30 levels of 7-way type lists", typelist_schema(MAX_SCHEMA_DEPTH - 2), Want::OkOrParam("response_format".into())),
-        ("minItems 10^18", json!({"type": "array", "minItems": 1000000000000000000u64, "items": {"type": "integer"}}), Want::OkOrParam("response_format".into())),
-        ("a 512-value enum", json!({"enum": (0..512).map(|i| format!("value {i}")).collect::<Vec<_>>()}), Want::Ok),
+        (
+            "30 levels of 7-way type lists",
+            typelist_schema(MAX_SCHEMA_DEPTH - 2),
+            Want::OkOrParam("response_format".into()),
+        ),
+        (
+            "minItems 10^18",
+            json!({"type": "array", "minItems": 1000000000000000000u64, "items": {"type": "integer"}}),
+            Want::OkOrParam("response_format".into()),
+        ),
+        (
+            "a 512-value enum",
+            json!({"enum": (0..512).map(|i| format!("value {i}")).collect::<Vec<_>>()}),
+            Want::Ok,
+        ),
         ("an empty schema", json!({}), Want::Ok),
         ("true", json!(true), Want::Ok),
     ] {
-        let body = with(&with(&chat, "response_format", json_schema(schema)), "max_tokens", json!(8));
-        cases.push(case(format!("schema: {what}"), Req::post("/v1/chat/completions").json(&body), want));
+        let body = with(
+            &with(&chat, "response_format", json_schema(schema)),
+            "max_tokens",
+            json!(8),
+        );
+        cases.push(case(
+            format!("schema: {what}"),
+            Req::post("/v1/chat/completions").json(&body),
+            want,
+        ));
     }
     for (what, value) in [
         ("json_object", json!({"type": "json_object"})),
-        ("json_schema without a schema", json!({"type": "json_schema", "json_schema": {"name": "x"}})),
+        (
+            "json_schema without a schema",
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+        ),
     ] {
-        let body = with(&with(&chat, "response_format", value), "max_tokens", json!(8));
-        cases.push(case(format!("response_format: {what}"), Req::post("/v1/chat/completions").json(&body), Want::Ok));
+        let body = with(
+            &with(&chat, "response_format", value),
+            "max_tokens",
+            json!(8),
+        );
+        cases.push(case(
+            format!("response_format: {what}"),
+            Req::post("/v1/chat/completions").json(&body),
+            Want::Ok,
+        ));
     }
     for (what, value) in [
         ("json_schema missing", json!({"type": "json_schema"})),
         ("an unknown type", json!({"type": "yaml"})),
         ("no type", json!({"json_schema": {}})),
-        ("a schema of the wrong type", json!({"type": "json_schema", "json_schema": {"schema": "x"}})),
+        (
+            "a schema of the wrong type",
+            json!({"type": "json_schema", "json_schema": {"schema": "x"}}),
+        ),
     ] {
-        cases.push(case(format!("response_format: {what}"), Req::post("/v1/chat/completions").json(&with(&chat, "response_format", value)), bad("response_format")));
+        cases.push(case(
+            format!("response_format: {what}"),
+            Req::post("/v1/chat/completions").json(&with(&chat, "response_format", value)),
+            bad("response_format"),
+        ));
     }
     for c in &cases {
         let r = run(addr, c);
         if r.elapsed > Duration::from_secs(2) {
             eprintln!("slow: [{}] took {:?}", c.ctx, r.elapsed);
         }
-        if (c.ctx.contains("exploding") || c.ctx.contains("7-way")) && r.elapsed > Duration::from_secs(2) {
+        if (c.ctx.contains("exploding") || c.ctx.contains("7-way"))
+            && r.elapsed > Duration::from_secs(2)
+        {
             fail(format!("[{}] took {:?}", c.ctx, r.elapsed));
         }
     }
@@ -1881,69 +2880,360 @@ fn uploads(addr: SocketAddr, files: &Mutex<BTreeSet<String>>) -> Vec<Case> {
     let ct = format!("multipart/form-data; boundary={b}");
     let good_line = br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#;
     let post = |body: Vec<u8>, content_type: &str| Req::post("/v1/files").body(body, content_type);
-    let valid = multipart(b, &[("purpose", None, b"assistants"), ("file", Some("a.txt"), b"hello")]);
+    let valid = multipart(
+        b,
+        &[
+            ("purpose", None, b"assistants"),
+            ("file", Some("a.txt"), b"hello"),
+        ],
+    );
     let mut cases = vec![
-        case("upload as JSON", post(br#"{"purpose": "fine-tune", "file": "x"}"#.to_vec(), "application/json"), Want::Status(400)),
-        case("upload as text", post(valid.clone(), "text/plain"), Want::Status(400)),
-        case("upload without a content type", post(valid.clone(), ""), Want::Status(400)),
-        case("upload as a form", post(b"purpose=fine-tune&file=x".to_vec(), "application/x-www-form-urlencoded"), Want::Status(400)),
-        case("multipart without a boundary", post(valid.clone(), "multipart/form-data"), Want::Status(400)),
-        case("multipart with an empty boundary", post(valid.clone(), "multipart/form-data; boundary="), Want::Status(400)),
-        case("multipart with another boundary", post(valid.clone(), "multipart/form-data; boundary=other"), Want::Status(400)),
-        case("multipart garbage", post(b"garbage".to_vec(), &ct), Want::Status(400)),
+        case(
+            "upload as JSON",
+            post(
+                br#"{"purpose": "fine-tune", "file": "x"}"#.to_vec(),
+                "application/json",
+            ),
+            Want::Status(400),
+        ),
+        case(
+            "upload as text",
+            post(valid.clone(), "text/plain"),
+            Want::Status(400),
+        ),
+        case(
+            "upload without a content type",
+            post(valid.clone(), ""),
+            Want::Status(400),
+        ),
+        case(
+            "upload as a form",
+            post(
+                b"purpose=fine-tune&file=x".to_vec(),
+                "application/x-www-form-urlencoded",
+            ),
+            Want::Status(400),
+        ),
+        case(
+            "multipart without a boundary",
+            post(valid.clone(), "multipart/form-data"),
+            Want::Status(400),
+        ),
+        case(
+            "multipart with an empty boundary",
+            post(valid.clone(), "multipart/form-data; boundary="),
+            Want::Status(400),
+        ),
+        case(
+            "multipart with another boundary",
+            post(valid.clone(), "multipart/form-data; boundary=other"),
+            Want::Status(400),
+        ),
+        case(
+            "multipart garbage",
+            post(b"garbage".to_vec(), &ct),
+            Want::Status(400),
+        ),
         case("multipart empty", post(Vec::new(), &ct), Want::Status(400)),
-        case("multipart NULs", post(vec![0u8; 1000], &ct), Want::Status(400)),
-        case("multipart without a line break", post(b"--XyZContent-Disposition: x".to_vec(), &ct), Want::Status(400)),
-        case("multipart with unterminated headers", post(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"".to_vec(), &ct), Want::Status(400)),
-        case("multipart without a closing boundary", post(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\ndata".to_vec(), &ct), Want::Status(400)),
-        case("multipart part without a disposition", post(b"--XyZ\r\nContent-Type: text/plain\r\n\r\ndata\r\n--XyZ--".to_vec(), &ct), Want::Status(400)),
-        case("multipart non-UTF-8 headers", post(b"--XyZ\r\nContent-Disposition: form-data; name=\"\xFF\"\r\n\r\ndata\r\n--XyZ--".to_vec(), &ct), Want::Status(400)),
-        case("multipart boundary only", post(b"--XyZ--".to_vec(), &ct), Want::Param(400, "purpose".into())),
-        case("no purpose", post(multipart(b, &[("file", Some("a.jsonl"), good_line)]), &ct), Want::Param(400, "purpose".into())),
-        case("no file", post(multipart(b, &[("purpose", None, b"fine-tune")]), &ct), Want::Param(400, "file".into())),
-        case("an unknown purpose", post(multipart(b, &[("purpose", None, b"evil"), ("file", Some("a"), b"x")]), &ct), Want::Param(400, "purpose".into())),
-        case("purpose with NUL", post(multipart(b, &[("purpose", None, b"fine-tune\0"), ("file", Some("a"), good_line)]), &ct), Want::Param(400, "purpose".into())),
-        case("purpose not UTF-8", post(multipart(b, &[("purpose", None, b"fine-tune\xFF"), ("file", Some("a"), good_line)]), &ct), Want::Param(400, "purpose".into())),
-        case("purpose fine-tune-results", post(multipart(b, &[("purpose", None, b"fine-tune-results"), ("file", Some("a.svg"), b"<svg/>")]), &ct), Want::Param(400, "purpose".into())),
-        case("training file not JSONL", post(multipart(b, &[("purpose", None, b"fine-tune"), ("file", Some("a.jsonl"), b"not json\n{}\n")]), &ct), Want::Param(400, "file".into())),
-        case("training file not UTF-8", post(multipart(b, &[("purpose", None, b"fine-tune"), ("file", Some("a.jsonl"), b"\xFF\xFE{}")]), &ct), Want::Param(400, "file".into())),
-        case("training file empty", post(multipart(b, &[("purpose", None, b"fine-tune"), ("file", Some("a.jsonl"), b"")]), &ct), Want::Param(400, "file".into())),
-        case("training file deeply nested", post(multipart(b, &[("purpose", None, b"fine-tune"), ("file", Some("a.jsonl"), nested_arrays(10_000).as_bytes())]), &ct), Want::Param(400, "file".into())),
-        case("training file with NULs", post(multipart(b, &[("purpose", None, b"fine-tune"), ("file", Some("a.jsonl"), &[0u8; 100])]), &ct), Want::Param(400, "file".into())),
-        case("training file without an assistant", post(multipart(b, &[("purpose", None, b"fine-tune"), ("file", Some("a.jsonl"), br#"{"messages": [{"role": "user", "content": "a"}]}"#)]), &ct), Want::Param(400, "file".into())),
+        case(
+            "multipart NULs",
+            post(vec![0u8; 1000], &ct),
+            Want::Status(400),
+        ),
+        case(
+            "multipart without a line break",
+            post(b"--XyZContent-Disposition: x".to_vec(), &ct),
+            Want::Status(400),
+        ),
+        case(
+            "multipart with unterminated headers",
+            post(
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"".to_vec(),
+                &ct,
+            ),
+            Want::Status(400),
+        ),
+        case(
+            "multipart without a closing boundary",
+            post(
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\ndata".to_vec(),
+                &ct,
+            ),
+            Want::Status(400),
+        ),
+        case(
+            "multipart part without a disposition",
+            post(
+                b"--XyZ\r\nContent-Type: text/plain\r\n\r\ndata\r\n--XyZ--".to_vec(),
+                &ct,
+            ),
+            Want::Status(400),
+        ),
+        case(
+            "multipart non-UTF-8 headers",
+            post(
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"\xFF\"\r\n\r\ndata\r\n--XyZ--"
+                    .to_vec(),
+                &ct,
+            ),
+            Want::Status(400),
+        ),
+        case(
+            "multipart boundary only",
+            post(b"--XyZ--".to_vec(), &ct),
+            Want::Param(400, "purpose".into()),
+        ),
+        case(
+            "no purpose",
+            post(multipart(b, &[("file", Some("a.jsonl"), good_line)]), &ct),
+            Want::Param(400, "purpose".into()),
+        ),
+        case(
+            "no file",
+            post(multipart(b, &[("purpose", None, b"fine-tune")]), &ct),
+            Want::Param(400, "file".into()),
+        ),
+        case(
+            "an unknown purpose",
+            post(
+                multipart(b, &[("purpose", None, b"evil"), ("file", Some("a"), b"x")]),
+                &ct,
+            ),
+            Want::Param(400, "purpose".into()),
+        ),
+        case(
+            "purpose with NUL",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune\0"),
+                        ("file", Some("a"), good_line),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "purpose".into()),
+        ),
+        case(
+            "purpose not UTF-8",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune\xFF"),
+                        ("file", Some("a"), good_line),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "purpose".into()),
+        ),
+        case(
+            "purpose fine-tune-results",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune-results"),
+                        ("file", Some("a.svg"), b"<svg/>"),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "purpose".into()),
+        ),
+        case(
+            "training file not JSONL",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune"),
+                        ("file", Some("a.jsonl"), b"not json\n{}\n"),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "file".into()),
+        ),
+        case(
+            "training file not UTF-8",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune"),
+                        ("file", Some("a.jsonl"), b"\xFF\xFE{}"),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "file".into()),
+        ),
+        case(
+            "training file empty",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune"),
+                        ("file", Some("a.jsonl"), b""),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "file".into()),
+        ),
+        case(
+            "training file deeply nested",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune"),
+                        ("file", Some("a.jsonl"), nested_arrays(10_000).as_bytes()),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "file".into()),
+        ),
+        case(
+            "training file with NULs",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune"),
+                        ("file", Some("a.jsonl"), &[0u8; 100]),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "file".into()),
+        ),
+        case(
+            "training file without an assistant",
+            post(
+                multipart(
+                    b,
+                    &[
+                        ("purpose", None, b"fine-tune"),
+                        (
+                            "file",
+                            Some("a.jsonl"),
+                            br#"{"messages": [{"role": "user", "content": "a"}]}"#,
+                        ),
+                    ],
+                ),
+                &ct,
+            ),
+            Want::Param(400, "file".into()),
+        ),
     ];
     // 10,000 bad lines: every line named, answered quickly.
     let many_lines = "{\"messages\": 5}\n".repeat(10_000);
-    cases.push(case("10,000 bad lines", post(multipart(b, &[("purpose", None, b"fine-tune"), ("file", Some("a.jsonl"), many_lines.as_bytes())]), &ct), Want::Param(400, "file".into())));
+    cases.push(case(
+        "10,000 bad lines",
+        post(
+            multipart(
+                b,
+                &[
+                    ("purpose", None, b"fine-tune"),
+                    ("file", Some("a.jsonl"), many_lines.as_bytes()),
+                ],
+            ),
+            &ct,
+        ),
+        Want::Param(400, "file".into()),
+    ));
     // Over `fine_tuning.max_file_bytes`: inside the multipart slack, and far past it.
     let over = vec![b'a'; MAX_FILE + 1];
-    cases.push(case("file over the limit", post(multipart(b, &[("purpose", None, b"assistants"), ("file", Some("a"), &over)]), &ct), Want::Code(413, "request_too_large")));
+    cases.push(case(
+        "file over the limit",
+        post(
+            multipart(
+                b,
+                &[("purpose", None, b"assistants"), ("file", Some("a"), &over)],
+            ),
+            &ct,
+        ),
+        Want::Code(413, "request_too_large"),
+    ));
     let far_over = vec![b'a'; MAX_FILE + (512 << 10)];
-    cases.push(case("body far over the limit", post(multipart(b, &[("purpose", None, b"assistants"), ("file", Some("a"), &far_over)]), &ct), Want::Code(413, "request_too_large")));
-    cases.push(case("body far over the limit, chunked", post(multipart(b, &[("purpose", None, b"assistants"), ("file", Some("a"), &far_over)]), &ct).chunked(), Want::Code(413, "request_too_large")));
-    cases.push(case("a Content-Length far past the limit", post(valid.clone(), &ct).header("Content-Length", "99999999999999"), Want::Code(413, "request_too_large")));
+    cases.push(case(
+        "body far over the limit",
+        post(
+            multipart(
+                b,
+                &[
+                    ("purpose", None, b"assistants"),
+                    ("file", Some("a"), &far_over),
+                ],
+            ),
+            &ct,
+        ),
+        Want::Code(413, "request_too_large"),
+    ));
+    cases.push(case(
+        "body far over the limit, chunked",
+        post(
+            multipart(
+                b,
+                &[
+                    ("purpose", None, b"assistants"),
+                    ("file", Some("a"), &far_over),
+                ],
+            ),
+            &ct,
+        )
+        .chunked(),
+        Want::Code(413, "request_too_large"),
+    ));
+    cases.push(case(
+        "a Content-Length far past the limit",
+        post(valid.clone(), &ct).header("Content-Length", "99999999999999"),
+        Want::Code(413, "request_too_large"),
+    ));
     // A boundary built to make a naive search quadratic: must not stall the worker.
     let long_boundary = format!("{}x", "-".repeat(8000));
     let quadratic = vec![b'-'; MAX_FILE];
-    let slow = post(quadratic, &format!("multipart/form-data; boundary={long_boundary}"));
+    let slow = post(
+        quadratic,
+        &format!("multipart/form-data; boundary={long_boundary}"),
+    );
     let mut timed = vec![case("a quadratic boundary search", slow, Want::Status(400))];
-    timed.push(case("many parts", post(multipart(b, &vec![("x", None, &b"y"[..]); 5_000]), &ct), Want::Param(400, "purpose".into())));
+    timed.push(case(
+        "many parts",
+        post(multipart(b, &vec![("x", None, &b"y"[..]); 5_000]), &ct),
+        Want::Param(400, "purpose".into()),
+    ));
     run_all(addr, &cases);
-    for c in &timed {
-        let r = run(addr, c);
-        eprintln!("timed: [{}] answered {} in {:?}", c.ctx, r.status, r.elapsed);
-        if r.elapsed > Duration::from_secs(1) {
-            fail(format!("[{}] took {:?} (over 1 s)", c.ctx, r.elapsed));
-        }
-    }
+    run_timed(addr, &timed);
     // Accepted uploads: odd but valid names and contents; each must still be listed at the end.
     for (what, purpose, name, content) in [
-        ("a file named with a path", "user_data", "../../etc/passwd", b"x".as_slice()),
-        ("a file named with NUL", "batch", "a\0b.jsonl", b"x".as_slice()),
+        (
+            "a file named with a path",
+            "user_data",
+            "../../etc/passwd",
+            b"x".as_slice(),
+        ),
+        (
+            "a file named with NUL",
+            "batch",
+            "a\0b.jsonl",
+            b"x".as_slice(),
+        ),
         ("a file without a name", "evals", "", b"x".as_slice()),
         ("an empty file", "vision", "empty.png", b"".as_slice()),
         ("a file of NULs", "assistants", "nul.bin", &[0u8; 1000]),
-        ("a training file with CRLF", "fine-tune", "crlf.jsonl", b"{\"prompt\": \"a\", \"completion\": \"b\"}\r\n\r\n"),
+        (
+            "a training file with CRLF",
+            "fine-tune",
+            "crlf.jsonl",
+            b"{\"prompt\": \"a\", \"completion\": \"b\"}\r\n\r\n",
+        ),
     ] {
         let req = upload(purpose, name, content);
         let r = hit(addr, what, &req);
@@ -1953,7 +3243,11 @@ fn uploads(addr: SocketAddr, files: &Mutex<BTreeSet<String>>) -> Vec<Case> {
             let get = Req::get(&format!("/v1/files/{id}/content"));
             let d = hit(addr, what, &get);
             if d.body != content || d.header("content-type") != Some("application/octet-stream") {
-                fail(format!("[{what}] downloads as {:?} {}", d.headers, d.excerpt()));
+                fail(format!(
+                    "[{what}] downloads as {:?} {}",
+                    d.headers,
+                    d.excerpt()
+                ));
             }
         }
     }
@@ -1990,7 +3284,11 @@ fn queries(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
             ("limit=1e3", "limit"),
         ] {
             let want = if *pages { bad(param) } else { Want::Ok };
-            cases.push(case(format!("query {query}"), Req::get(&format!("{path}?{query}")), want));
+            cases.push(case(
+                format!("query {query}"),
+                Req::get(&format!("{path}?{query}")),
+                want,
+            ));
         }
         for (query, param) in [
             ("after=%00", "after"),
@@ -1998,27 +3296,58 @@ fn queries(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
             ("after='%20OR%201=1--", "after"),
             ("purpose=%FF", "purpose"),
             ("purpose=%00", "purpose"),
-
             ("%", "limit"),
             ("%%%%=%%%%", "limit"),
             ("&&&==&", "limit"),
             ("a[b]=c&a[b]=d", "a"),
             ("stream=%FF", "stream"),
         ] {
-            let want = if *pages { Want::OkOrParam(param.into()) } else { Want::Ok };
-            cases.push(case(format!("query {query}"), Req::get(&format!("{path}?{query}")), want));
+            let want = if *pages {
+                Want::OkOrParam(param.into())
+            } else {
+                Want::Ok
+            };
+            cases.push(case(
+                format!("query {query}"),
+                Req::get(&format!("{path}?{query}")),
+                want,
+            ));
         }
         // A repeated parameter: refused or one of them taken, never a 5xx.
-        cases.push(case("query limit=1&limit=2", Req::get(&format!("{path}?limit=1&limit=2")), Want::OneOf(&[200, 400])));
+        cases.push(case(
+            "query limit=1&limit=2",
+            Req::get(&format!("{path}?limit=1&limit=2")),
+            Want::OneOf(&[200, 400]),
+        ));
         let long = format!("{path}?after={}", "a".repeat(4000));
         cases.push(case("a 4,000-character cursor", Req::get(&long), Want::Ok));
     }
     // Query extractors run before the handler looks the job up.
-    cases.push(case("an unknown job, a bad limit", Req::get("/v1/fine_tuning/jobs/x/checkpoints?limit=abc"), Want::OneOf(&[400, 404])));
-    cases.push(case("query order=sideways", Req::get("/v1/files?order=sideways"), bad("order")));
-    cases.push(case("query order=asc", Req::get("/v1/files?order=asc&limit=2"), Want::Ok));
-    cases.push(case("query limit=10000", Req::get("/v1/fine_tuning/jobs?limit=10000"), Want::Ok));
-    cases.push(case("legacy events of an unknown job, streamed", Req::get("/v1/fine-tunes/ft-nope/events?stream=true"), Want::Status(404)));
+    cases.push(case(
+        "an unknown job, a bad limit",
+        Req::get("/v1/fine_tuning/jobs/x/checkpoints?limit=abc"),
+        Want::OneOf(&[400, 404]),
+    ));
+    cases.push(case(
+        "query order=sideways",
+        Req::get("/v1/files?order=sideways"),
+        bad("order"),
+    ));
+    cases.push(case(
+        "query order=asc",
+        Req::get("/v1/files?order=asc&limit=2"),
+        Want::Ok,
+    ));
+    cases.push(case(
+        "query limit=10000",
+        Req::get("/v1/fine_tuning/jobs?limit=10000"),
+        Want::Ok,
+    ));
+    cases.push(case(
+        "legacy events of an unknown job, streamed",
+        Req::get("/v1/fine-tunes/ft-nope/events?stream=true"),
+        Want::Status(404),
+    ));
     // Ids that are not ids.
     for path in [
         "/v1/files/'%20OR%201=1--",
@@ -2042,7 +3371,11 @@ fn queries(addr: SocketAddr, ids: &Ids) -> Vec<Case> {
         ("/v1/models/..%2F..%2Fdata", 404),
         ("/v1/models/tiny", 403),
     ] {
-        cases.push(case("a delete of what cannot be deleted", Req::new("DELETE", path), Want::Status(status)));
+        cases.push(case(
+            "a delete of what cannot be deleted",
+            Req::new("DELETE", path),
+            Want::Status(status),
+        ));
     }
     run_all(addr, &cases);
     cases
@@ -2054,9 +3387,25 @@ fn concurrent(addr: SocketAddr, pool: &[Case], files: &Mutex<BTreeSet<String>>) 
     let mut pool: Vec<Case> = pool.to_vec();
     let chat = with(&chat_body(), "max_tokens", json!(4));
     for i in 0..24 {
-        pool.push(case("load: chat", Req::post("/v1/chat/completions").json(&with(&chat, "seed", json!(i))), Want::Ok));
-        pool.push(case("load: chat stream", Req::post("/v1/chat/completions").json(&with(&with(&chat, "stream", json!(true)), "n", json!(2))), Want::Sse));
-        pool.push(case("load: completion", Req::post("/v1/completions").json(&with(&completion_body(), "max_tokens", json!(4))), Want::Ok));
+        pool.push(case(
+            "load: chat",
+            Req::post("/v1/chat/completions").json(&with(&chat, "seed", json!(i))),
+            Want::Ok,
+        ));
+        pool.push(case(
+            "load: chat stream",
+            Req::post("/v1/chat/completions").json(&with(
+                &with(&chat, "stream", json!(true)),
+                "n",
+                json!(2),
+            )),
+            Want::Sse,
+        ));
+        pool.push(case(
+            "load: completion",
+            Req::post("/v1/completions").json(&with(&completion_body(), "max_tokens", json!(4))),
+            Want::Ok,
+        ));
     }
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -2082,6 +3431,16 @@ fn concurrent(addr: SocketAddr, pool: &[Case], files: &Mutex<BTreeSet<String>>) 
     eprintln!("64 clients done in {:?}", started.elapsed());
 }
 
+/// The `id` of each entry of a list's `data`.
+fn listed_ids(list: &Value) -> BTreeSet<String> {
+    list["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry["id"].as_str().map(String::from))
+        .collect()
+}
+
 /// The server is alive, still serves, and lost nothing the suite created.
 fn aftermath(
     addr: SocketAddr,
@@ -2098,9 +3457,21 @@ fn aftermath(
     // A normal chat completion.
     let req = Req::post("/v1/chat/completions").json(&with(&chat_body(), "max_tokens", json!(8)));
     let r = hit(addr, "a normal chat completion at the end", &req);
-    check_want("a normal chat completion at the end", &req, &r, &Want::Ok, false);
-    if r.json()["choices"][0]["message"]["content"].as_str().is_none() {
-        fail(format!("the last chat completion has no content: {}", r.excerpt()));
+    check_want(
+        "a normal chat completion at the end",
+        &req,
+        &r,
+        &Want::Ok,
+        false,
+    );
+    if r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .is_none()
+    {
+        fail(format!(
+            "the last chat completion has no content: {}",
+            r.excerpt()
+        ));
     }
     // The job trained to the end, through every hostile cancel and pause aimed at it.
     let started = Instant::now();
@@ -2115,18 +3486,17 @@ fn aftermath(
     if job["status"] != "succeeded" {
         fail(format!("the job did not succeed: {job}"));
     }
-    let checkpoints = get("checkpoints", &format!("/v1/fine_tuning/jobs/{}/checkpoints?limit=100", ids.job));
+    let checkpoints = get(
+        "checkpoints",
+        &format!("/v1/fine_tuning/jobs/{}/checkpoints?limit=100", ids.job),
+    );
     let checkpoints = checkpoints["data"].as_array().cloned().unwrap_or_default();
     if checkpoints.len() != 2 {
-        fail(format!("expected 2 checkpoints (one per epoch), got {checkpoints:?}"));
+        fail(format!(
+            "expected 2 checkpoints (one per epoch), got {checkpoints:?}"
+        ));
     }
-    let models = get("models", "/v1/models");
-    let served: BTreeSet<String> = models["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["id"].as_str().map(String::from))
-        .collect();
+    let served = listed_ids(&get("models", "/v1/models"));
     let mut expected_models: Vec<String> = checkpoints
         .iter()
         .filter_map(|c| c["fine_tuned_model_checkpoint"].as_str().map(String::from))
@@ -2134,13 +3504,20 @@ fn aftermath(
     expected_models.extend(job["fine_tuned_model"].as_str().map(String::from));
     for model in &expected_models {
         if !served.contains(model) {
-            fail(format!("the model {model} is not listed in /v1/models: {served:?}"));
+            fail(format!(
+                "the model {model} is not listed in /v1/models: {served:?}"
+            ));
         }
         get("a fine-tuned model", &format!("/v1/models/{model}"));
     }
     // The result files: the suite's own SVG plot renders inline, but under a policy that runs
     // no script.
-    for id in job["result_files"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+    for id in job["result_files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
         files.lock().unwrap().insert(id.to_string());
         let req = Req::get(&format!("/v1/files/{id}/content"));
         let r = hit(addr, "a result file", &req);
@@ -2148,9 +3525,14 @@ fn aftermath(
         if r.status != 200
             || !csp.contains("default-src 'none'")
             || !csp.contains("sandbox")
-            || !r.header("x-content-type-options").is_some_and(|v| v.eq_ignore_ascii_case("nosniff"))
+            || !r
+                .header("x-content-type-options")
+                .is_some_and(|v| v.eq_ignore_ascii_case("nosniff"))
         {
-            fail(format!("result file {id} is served without its policy: {:?}", r.headers));
+            fail(format!(
+                "result file {id} is served without its policy: {:?}",
+                r.headers
+            ));
         }
     }
     // The legacy event stream of a finished job ends.
@@ -2158,36 +3540,24 @@ fn aftermath(
     let r = hit(addr, "legacy event stream", &req);
     check_want("legacy event stream", &req, &r, &Want::Sse, false);
     // Every file and job the suite created is still listed.
-    let listed_files: BTreeSet<String> = get("files", "/v1/files?limit=10000")["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f["id"].as_str().map(String::from))
-        .collect();
+    let listed_files = listed_ids(&get("files", "/v1/files?limit=10000"));
     for id in files.lock().unwrap().iter() {
         if !listed_files.contains(id) {
             fail(format!("the file {id} is lost"));
         }
         get("a created file", &format!("/v1/files/{id}"));
     }
-    let listed_jobs: BTreeSet<String> = get("jobs", "/v1/fine_tuning/jobs?limit=10000")["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|j| j["id"].as_str().map(String::from))
-        .collect();
-    let legacy_jobs: BTreeSet<String> = get("legacy jobs", "/fine_tunes")["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|j| j["id"].as_str().map(String::from))
-        .collect();
+    let listed_jobs = listed_ids(&get("jobs", "/v1/fine_tuning/jobs?limit=10000"));
+    let legacy_jobs = listed_ids(&get("legacy jobs", "/fine_tunes"));
     for id in jobs.lock().unwrap().iter() {
         if !listed_jobs.contains(id) || !legacy_jobs.contains(id) {
             fail(format!("the job {id} is lost"));
         }
     }
-    let other = get("the other job", &format!("/v1/fine_tuning/jobs/{}", ids.other_job));
+    let other = get(
+        "the other job",
+        &format!("/v1/fine_tuning/jobs/{}", ids.other_job),
+    );
     if other["status"] != "cancelled" {
         fail(format!("the cancelled job is {}", other["status"]));
     }
@@ -2200,10 +3570,26 @@ fn aftermath(
     let r = hit(addr, "a file to delete", &req);
     if let Some(id) = r.json()["id"].as_str() {
         for (what, req, want) in [
-            ("delete", Req::new("DELETE", &format!("/v1/files/{id}")), Want::Ok),
-            ("deleted", Req::get(&format!("/v1/files/{id}")), Want::Status(404)),
-            ("deleted twice", Req::new("DELETE", &format!("/v1/files/{id}")), Want::Status(404)),
-            ("deleted content", Req::get(&format!("/v1/files/{id}/content")), Want::Status(404)),
+            (
+                "delete",
+                Req::new("DELETE", &format!("/v1/files/{id}")),
+                Want::Ok,
+            ),
+            (
+                "deleted",
+                Req::get(&format!("/v1/files/{id}")),
+                Want::Status(404),
+            ),
+            (
+                "deleted twice",
+                Req::new("DELETE", &format!("/v1/files/{id}")),
+                Want::Status(404),
+            ),
+            (
+                "deleted content",
+                Req::get(&format!("/v1/files/{id}/content")),
+                Want::Status(404),
+            ),
         ] {
             run(addr, &case(what, req, want));
         }
@@ -2213,7 +3599,10 @@ fn aftermath(
     let r = hit(addr, "metrics", &req);
     let text = String::from_utf8_lossy(&r.body).to_string();
     let mut reached = BTreeSet::new();
-    for line in text.lines().filter(|l| l.starts_with("rewind_requests_total{")) {
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("rewind_requests_total{"))
+    {
         let label = |name: &str| {
             line.split(&format!("{name}=\""))
                 .nth(1)
@@ -2230,11 +3619,22 @@ fn aftermath(
         }
     }
     let mut patterns: Vec<String> = [
-        "/health", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models",
-        "/v1/models/{model:.+}", "/v1/files", "/v1/files/{id}", "/v1/files/{id}/content",
-        "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{id}", "/v1/fine_tuning/jobs/{id}/cancel",
-        "/v1/fine_tuning/jobs/{id}/pause", "/v1/fine_tuning/jobs/{id}/resume",
-        "/v1/fine_tuning/jobs/{id}/events", "/v1/fine_tuning/jobs/{id}/checkpoints",
+        "/health",
+        "/metrics",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/models/{model:.+}",
+        "/v1/files",
+        "/v1/files/{id}",
+        "/v1/files/{id}/content",
+        "/v1/fine_tuning/jobs",
+        "/v1/fine_tuning/jobs/{id}",
+        "/v1/fine_tuning/jobs/{id}/cancel",
+        "/v1/fine_tuning/jobs/{id}/pause",
+        "/v1/fine_tuning/jobs/{id}/resume",
+        "/v1/fine_tuning/jobs/{id}/events",
+        "/v1/fine_tuning/jobs/{id}/checkpoints",
     ]
     .map(String::from)
     .to_vec();
@@ -2245,7 +3645,9 @@ fn aftermath(
     }
     let missing: Vec<&String> = patterns.iter().filter(|p| !reached.contains(*p)).collect();
     if !missing.is_empty() {
-        fail(format!("routes never reached past authentication: {missing:?} (reached: {reached:?})"));
+        fail(format!(
+            "routes never reached past authentication: {missing:?} (reached: {reached:?})"
+        ));
     }
     // Still healthy.
     let r = hit(addr, "health at the end", &Req::get("/health").no_key());

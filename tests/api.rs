@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::wait_until;
+use common::{client, wait_until};
 use rewind::api::RunningServer;
 use rewind::engine::registry::ModelSpec;
 use rewind::model::loader::WeightFormat;
@@ -72,13 +72,6 @@ fn spawn_app(models: &[(&str, &str, WeightFormat)], configure: impl FnOnce(&mut 
         }
     });
     app
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
 }
 
 /// The shared tiny-model server for tests that need no special limits.
@@ -1000,7 +993,13 @@ fn api_keys_are_required_when_configured() {
         200
     );
     // Default deny: the legacy paths, metrics (not configured public) and unknown paths too.
-    for path in ["/v1/models", "/fine_tunes", "/v1/fine-tunes", "/metrics", "/nowhere"] {
+    for path in [
+        "/v1/models",
+        "/fine_tunes",
+        "/v1/fine-tunes",
+        "/metrics",
+        "/nowhere",
+    ] {
         assert_eq!(
             client().get(app.url(path)).send().unwrap().status(),
             401,

@@ -5,151 +5,36 @@
 
 mod common;
 
-use common::wait_until;
+use common::{client, tiny_chatml_model, upload_training_file, wait_until, ServeProcess, TINY};
 use rewind::model::loader::WeightFormat;
 use rewind::settings::{ModelSettings, Settings};
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use serde_json::json;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-const TINY: &str = "tiny";
-const CHATML: &str = "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}";
+/// Jobs may start many times here (each kill interrupts one).
+const CONFIG: &str = "[fine_tuning]\nmax_job_attempts = 50\n";
+/// The trainer and the poller here share two cores; candle's spinning pool would not.
+const ONE_CANDLE_THREAD: &[(&str, &str)] = &[("CANDLE_NUM_THREADS", "1")];
 
-/// The tiny model's directory, written once per test run.
-fn tiny_model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| common::write_tiny_model("chatml", CHATML))
-        .1
+/// `rewind serve` on `data`, not waited for.
+fn spawn_serve(data: &Path) -> ServeProcess {
+    ServeProcess::spawn(data, tiny_chatml_model(), CONFIG, ONE_CANDLE_THREAD)
 }
 
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+/// `rewind serve` on `data`, healthy.
+fn start(data: &Path) -> ServeProcess {
+    spawn_serve(data).healthy()
 }
 
 fn training_data() -> Vec<u8> {
     std::fs::read(common::fixture("facts_train.jsonl")).unwrap()
 }
 
-/// A free port on localhost (bound, read and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `rewind serve` on `data` as a child process, its output appended to `data/server.log`. Jobs
-/// may start many times (each kill here interrupts one).
-fn spawn_serve(data: &Path, port: u16) -> std::process::Child {
-    let config = data.join("config.toml");
-    let text = format!(
-        "data_dir = {:?}\n[server]\nworkers = 2\nport = {port}\n[fine_tuning]\nmax_job_attempts = 50\n\
-         [[models]]\nid = \"{TINY}\"\nsource = {:?}\n",
-        data.to_str().unwrap(),
-        tiny_model().to_str().unwrap()
-    );
-    std::fs::write(&config, text).unwrap();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data.join("server.log"))
-        .unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_rewind"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        // The trainer and the poller here share two cores; candle's spinning pool would not.
-        .env("CANDLE_NUM_THREADS", "1")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-/// A `rewind serve` child process; dropping it kills it (SIGKILL) and reaps it.
-struct Process {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Process {
-    /// Starts one and waits until it is healthy (failing at once if it exits).
-    fn start(data: &Path) -> Self {
-        let port = free_port();
-        let mut process = Self {
-            child: spawn_serve(data, port),
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        wait_until(Duration::from_secs(60), "the server did not start", || {
-            if let Some(status) = process.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
-                panic!("the server exited ({status}):\n{log}");
-            }
-            match client().get(format!("{}/health", process.url)).send() {
-                Ok(r) if r.status() == 200 => Ok(()),
-                Ok(r) => Err(r.status().to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        });
-        process
-    }
-
-    fn get(&self, path: &str) -> Value {
-        client()
-            .get(format!("{}{path}", self.url))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap()
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let res = client()
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .unwrap();
-        (res.status().as_u16(), res.json().unwrap_or(Value::Null))
-    }
-
-    fn upload(&self, content: Vec<u8>) -> Value {
-        upload(&self.url, content)
-    }
-
-    fn content(&self, file_id: &str) -> Vec<u8> {
-        content(&self.url, file_id)
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn upload(url: &str, content: Vec<u8>) -> Value {
-    let form = reqwest::blocking::multipart::Form::new()
-        .text("purpose", "fine-tune")
-        .part(
-            "file",
-            reqwest::blocking::multipart::Part::bytes(content).file_name("facts.jsonl"),
-        );
+/// The content of file `file_id` on the server at `base`.
+fn content(base: &str, file_id: &str) -> Vec<u8> {
     let res = client()
-        .post(format!("{url}/v1/files"))
-        .multipart(form)
-        .send()
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    res.json().unwrap()
-}
-
-fn content(url: &str, file_id: &str) -> Vec<u8> {
-    let res = client()
-        .get(format!("{url}/v1/files/{file_id}/content"))
+        .get(format!("{base}/v1/files/{file_id}/content"))
         .send()
         .unwrap();
     assert_eq!(res.status(), 200);
@@ -178,7 +63,7 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     settings.data_dir = data.path().to_path_buf();
     settings.models = vec![ModelSettings {
         id: Some(TINY.into()),
-        source: tiny_model().to_str().unwrap().into(),
+        source: tiny_chatml_model().to_str().unwrap().into(),
         scheme: None,
         format: WeightFormat::F32,
     }];
@@ -197,19 +82,19 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
             status => Err(status.to_string()),
         },
     );
-    let file = upload(&url, training_data());
+    let file = upload_training_file(&url, training_data());
     let lock = std::fs::read_to_string(data.path().join("rewind.lock")).unwrap();
     assert_eq!(lock.trim(), std::process::id().to_string());
 
     // Another process on the same directory: it exits with the reason, without serving.
     let started = Instant::now();
-    let mut second = spawn_serve(data.path(), free_port());
+    let mut second = spawn_serve(data.path());
     let status = wait_until(
         Duration::from_secs(30),
         "the second server kept running",
-        || second.try_wait().unwrap().ok_or("running".to_string()),
+        || second.try_wait().ok_or("running".to_string()),
     );
-    let log = std::fs::read_to_string(data.path().join("server.log")).unwrap();
+    let log = second.log();
     assert!(!status.success(), "{log}");
     assert!(
         started.elapsed() < Duration::from_secs(20),
@@ -235,7 +120,7 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     );
     assert_eq!(content(&url, file["id"].as_str().unwrap()), training_data());
     let line = b"{\"prompt\": \"a\", \"completion\": \"b\"}\n".to_vec();
-    let again = upload(&url, line.clone());
+    let again = upload_training_file(&url, line.clone());
     assert_eq!(content(&url, again["id"].as_str().unwrap()), line);
     let lock = std::fs::read_to_string(data.path().join("rewind.lock")).unwrap();
     assert_eq!(lock.trim(), std::process::id().to_string());
@@ -246,23 +131,19 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let restarted = rewind::api::start(settings).unwrap();
     restarted.stop();
     restarted.wait().unwrap();
-    let other = wait_until(
+    let mut other = wait_until(
         Duration::from_secs(20),
         "the directory stayed locked",
         || {
-            let mut child = spawn_serve(data.path(), free_port());
+            let mut other = spawn_serve(data.path());
             std::thread::sleep(Duration::from_millis(500));
-            match child.try_wait().unwrap() {
-                None => Ok(child),
+            match other.try_wait() {
+                None => Ok(other),
                 Some(status) => Err(format!("exited: {status}")),
             }
         },
     );
-    let mut other = Process {
-        child: other,
-        url: String::new(),
-    };
-    assert!(other.child.try_wait().unwrap().is_none());
+    assert!(other.try_wait().is_none());
     drop(other);
 }
 
@@ -276,19 +157,19 @@ struct KillPoint {
 const KILL_POINTS: [KillPoint; 5] = [
     KillPoint {
         what: "while the trainer's checkpoint is written under its temporary name",
-        hit: |job, _| job.iter().any(|n| n == ".checkpoint.tmp"),
+        hit: |job, _| job.iter().any(|n| n == ".checkpoint.rewind-tmp"),
     },
     KillPoint {
         what: "while an epoch's checkpoint model is written",
         hit: |_, models| {
             models
                 .iter()
-                .any(|n| n.starts_with('.') && n.ends_with(".tmp") && n.contains("-step-"))
+                .any(|n| n.starts_with('.') && n.ends_with(".rewind-tmp") && n.contains("-step-"))
         },
     },
     KillPoint {
         what: "while the previous trainer checkpoint is moved aside",
-        hit: |job, _| job.iter().any(|n| n == ".checkpoint.old"),
+        hit: |job, _| job.iter().any(|n| n == ".checkpoint.rewind-old"),
     },
     KillPoint {
         what: "while anything under models/ is written, replaced or deleted",
@@ -334,7 +215,7 @@ fn complete_checkpoint(dir: &Path) -> bool {
 fn a_server_killed_during_checkpoint_writes_loses_nothing() {
     let data = tempfile::tempdir().unwrap();
     let models = data.path().join("models");
-    let mut server = Process::start(data.path());
+    let mut server = start(data.path());
     let uploaded = training_data();
     let file = server.upload(uploaded.clone());
     let file_id = file["id"].as_str().unwrap().to_string();
@@ -371,7 +252,7 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
                       // aside while its replacement was being renamed in.
         let complete = !saw_checkpoint
             || complete_checkpoint(&job_dir.join("checkpoint"))
-            || complete_checkpoint(&job_dir.join(".checkpoint.old"));
+            || complete_checkpoint(&job_dir.join(".checkpoint.rewind-old"));
         let found = names(&job_dir);
         let marker = format!("{id}-step-");
         for name in names(&models).iter().filter(|n| n.starts_with('.')) {
@@ -391,14 +272,14 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
             }
         );
 
-        server = Process::start(data.path());
-        assert_eq!(server.content(&file_id), uploaded);
+        server = start(data.path());
+        assert_eq!(content(&server.url(""), &file_id), uploaded);
         let job = server.get(&job_path);
         assert!(
             ["validating_files", "queued", "running"].contains(&job["status"].as_str().unwrap()),
             "the job is no longer running after a kill (the test needs more epochs if it \
              succeeded): {job}\n{}",
-            std::fs::read_to_string(data.path().join("server.log")).unwrap_or_default()
+            server.log()
         );
         assert!(
             complete,
@@ -409,47 +290,23 @@ fn a_server_killed_during_checkpoint_writes_loses_nothing() {
 
     // (Leftovers are checked at the end only: right after a restart the resumed job may already
     // be writing under temporary names again.)
-    let job = wait_until(Duration::from_secs(120), "job not finished", || {
-        let job = server.get(&job_path);
-        match job["status"].as_str().unwrap() {
-            "succeeded" | "failed" | "cancelled" => Ok(job),
-            _ => Err(job.to_string()),
-        }
-    });
-    assert_eq!(
-        job["status"],
-        "succeeded",
-        "{job}\n{}",
-        std::fs::read_to_string(data.path().join("server.log")).unwrap_or_default()
-    );
-    assert_eq!(server.content(&file_id), uploaded);
+    let job = server.finished_job(&id);
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", server.log());
+    assert_eq!(content(&server.url(""), &file_id), uploaded);
 
     // Every step trained and recorded; a step trained again after a kill gives the same loss.
     let events = server.get(&format!("{job_path}/events?limit=10000"))["data"]
         .as_array()
         .unwrap()
         .clone();
-    let mut losses = std::collections::HashMap::new();
-    let metrics: Vec<&Value> = events.iter().filter(|e| e["type"] == "metrics").collect();
+    let metrics = events.iter().filter(|e| e["type"] == "metrics").count();
     // A kill costs at most the steps since the last checkpoint (one epoch, 8 steps): had a kill
     // ever found no checkpoint, the job would have started over and trained far more.
     assert!(
-        metrics.len() as u64 <= STEPS + 8 * KILL_POINTS.len() as u64,
-        "{} steps trained for {STEPS}: a kill lost a checkpoint",
-        metrics.len()
+        metrics as u64 <= STEPS + 8 * KILL_POINTS.len() as u64,
+        "{metrics} steps trained for {STEPS}: a kill lost a checkpoint"
     );
-    for e in metrics {
-        if let (Some(step), Some(loss)) =
-            (e["data"]["step"].as_u64(), e["data"]["train_loss"].as_f64())
-        {
-            if let Some(previous) = losses.insert(step, loss) {
-                assert!(
-                    (previous - loss).abs() < 1e-4 * previous.abs().max(1.0),
-                    "step {step}: {previous} then {loss}"
-                );
-            }
-        }
-    }
+    let losses = common::step_losses(&events);
     assert_eq!(losses.len() as u64, STEPS, "every step has metrics");
     for step in &interrupted_models {
         let created = format!("Checkpoint created at step {step}:");

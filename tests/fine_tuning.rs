@@ -5,24 +5,13 @@
 
 mod common;
 
-use common::{poll_until, wait_until};
+use common::{client, poll_until, tiny_chatml_model, wait_until, ServeProcess, TINY};
 use rewind::api::RunningServer;
 use rewind::model::loader::WeightFormat;
 use rewind::settings::{ModelSettings, Settings};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-const TINY: &str = "tiny";
-const CHATML: &str = "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}";
-
-/// The tiny model's directory, written once per test run.
-fn tiny_model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| common::write_tiny_model("chatml", CHATML))
-        .1
-}
 
 struct App {
     server: RunningServer,
@@ -43,7 +32,7 @@ fn spawn_app(data: &Path) -> App {
     settings.fine_tuning.max_file_bytes = 64 << 10;
     settings.models = vec![ModelSettings {
         id: Some(TINY.into()),
-        source: tiny_model().to_str().unwrap().into(),
+        source: tiny_chatml_model().to_str().unwrap().into(),
         scheme: None,
         format: WeightFormat::F32,
     }];
@@ -61,13 +50,6 @@ fn wait_until_healthy(app: &App, limit: Duration) {
             status => Err(status.to_string()),
         }
     })
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
 }
 
 fn get(app: &App, path: &str) -> (u16, Value) {
@@ -711,100 +693,16 @@ fn a_resume_racing_its_pause_keeps_the_job_running_or_requeues_it() {
     );
 }
 
-/// A free port on localhost (bound, read and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `rewind serve` as a child process, so it can be killed with SIGKILL.
-struct Process {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Process {
-    fn start(data: &Path) -> Self {
-        let port = free_port();
-        let config = data.join("config.toml");
-        let text = format!(
-            "data_dir = {:?}\n[server]\nworkers = 2\nport = {port}\n[[models]]\nid = \"{TINY}\"\nsource = {:?}\n",
-            data.to_str().unwrap(),
-            tiny_model().to_str().unwrap()
-        );
-        std::fs::write(&config, text).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data.join("server.log"))
-            .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rewind"))
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let process = Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        wait_until(
-            Duration::from_secs(60),
-            "the server did not start",
-            || match client().get(format!("{}/health", process.url)).send() {
-                Ok(r) if r.status() == 200 => Ok(()),
-                Ok(r) => Err(r.status().to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-        );
-        process
-    }
-
-    fn get(&self, path: &str) -> Value {
-        client()
-            .get(format!("{}{path}", self.url))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
     let data = tempfile::tempdir().unwrap();
-    let server = Process::start(data.path());
-    let form = reqwest::blocking::multipart::Form::new()
-        .text("purpose", "fine-tune")
-        .part(
-            "file",
-            reqwest::blocking::multipart::Part::bytes(training_data()).file_name("facts.jsonl"),
-        );
-    let file: Value = client()
-        .post(format!("{}/v1/files", server.url))
-        .multipart(form)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let body = json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 10, "batch_size": 1}});
-    let job: Value = client()
-        .post(format!("{}/v1/fine_tuning/jobs", server.url))
-        .json(&body)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let server = ServeProcess::start(data.path(), tiny_chatml_model(), "");
+    let file = server.upload(training_data());
+    let (status, job) = server.post(
+        "/v1/fine_tuning/jobs",
+        &json!({"model": TINY, "training_file": file["id"], "hyperparameters": {"n_epochs": 10, "batch_size": 1}}),
+    );
+    assert_eq!(status, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
     let events_path = format!("/v1/fine_tuning/jobs/{id}/events?limit=10000");
 
@@ -820,19 +718,14 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
         checkpointed.then_some(()).ok_or(events.to_string())
     });
     drop(server);
-    let before: Vec<Value> = Process::start(data.path()).get(&events_path)["data"]
+    let before: Vec<Value> = ServeProcess::start(data.path(), tiny_chatml_model(), "")
+        .get(&events_path)["data"]
         .as_array()
         .unwrap()
         .clone();
     // (That server instance is dropped at once too: the second restart must resume as well.)
-    let server = Process::start(data.path());
-    let job = wait_until(Duration::from_secs(120), "job not finished", || {
-        let job = server.get(&format!("/v1/fine_tuning/jobs/{id}"));
-        match job["status"].as_str().unwrap() {
-            "running" | "queued" => Err(job.to_string()),
-            _ => Ok(job),
-        }
-    });
+    let server = ServeProcess::start(data.path(), tiny_chatml_model(), "");
+    let job = server.finished_job(&id);
     assert_eq!(job["status"], "succeeded", "{job}");
     let events = server.get(&events_path)["data"].as_array().unwrap().clone();
     // Nothing recorded before the kills is lost.
@@ -844,19 +737,7 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoint() {
         .unwrap()
         .contains("resuming from the last checkpoint")));
     // Steps trained twice (after the checkpoint, before a kill) reproduce the same loss.
-    let mut seen = std::collections::HashMap::new();
-    for e in events.iter().filter(|e| e["type"] == "metrics") {
-        if let (Some(step), Some(loss)) =
-            (e["data"]["step"].as_u64(), e["data"]["train_loss"].as_f64())
-        {
-            if let Some(previous) = seen.insert(step, loss) {
-                assert!(
-                    (previous - loss).abs() < 1e-4 * previous.abs().max(1.0),
-                    "step {step}: {previous} then {loss}"
-                );
-            }
-        }
-    }
+    let seen = common::step_losses(&events);
     assert_eq!(seen.len(), 80, "every step has metrics");
     // Ten epochs, ten checkpoints made; the last three kept, the older ones' weights deleted.
     let checkpoints = server.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100"));

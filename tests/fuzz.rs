@@ -15,7 +15,9 @@ use rewind::api::completions::CompletionRequest;
 use rewind::api::error::ApiError;
 use rewind::api::extractors::parse_query;
 use rewind::api::validation::{self, ValidationError};
-use rewind::api::{files::ListQuery, fine_tuning::PageQuery, legacy_fine_tunes::EventsQuery, tools};
+use rewind::api::{
+    files::ListQuery, fine_tuning::PageQuery, legacy_fine_tunes::EventsQuery, tools,
+};
 use rewind::engine::grammar::{Grammar, Matcher};
 use rewind::model::chat_template::ChatTemplate;
 use rewind::model::reversible::ReversibleConfig;
@@ -58,21 +60,93 @@ fn limits() -> Limits {
 
 /// Request fields, schema keywords and training-file keys, so random objects hit real paths.
 const KEYS: &[&str] = &[
-    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "temperature",
-    "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-    "logit_bias", "seed", "stop", "stream", "stream_options", "include_usage", "logprobs",
-    "top_logprobs", "response_format", "tools", "tool_choice", "echo", "best_of", "suffix",
-    "role", "content", "name", "tool_calls", "tool_call_id", "type", "text", "function",
-    "parameters", "json_schema", "schema", "properties", "items", "required", "enum", "const",
-    "anyOf", "oneOf", "allOf", "$ref", "$defs", "additionalProperties", "minItems", "maxItems",
-    "completion", "0", "5", "-1", "",
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "include_usage",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "echo",
+    "best_of",
+    "suffix",
+    "role",
+    "content",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "type",
+    "text",
+    "function",
+    "parameters",
+    "json_schema",
+    "schema",
+    "properties",
+    "items",
+    "required",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "$defs",
+    "additionalProperties",
+    "minItems",
+    "maxItems",
+    "completion",
+    "0",
+    "5",
+    "-1",
+    "",
 ];
 
 const STRINGS: &[&str] = &[
-    "tiny", "user", "assistant", "system", "developer", "tool", "function", "text", "image_url",
-    "json_object", "json_schema", "object", "array", "string", "number", "integer", "boolean",
-    "null", "none", "auto", "required", "#", "#/$defs/a", "#/$defs/b", "\u{0}", "<tool_call>",
-    "{{ 7*7 }}", "",
+    "tiny",
+    "user",
+    "assistant",
+    "system",
+    "developer",
+    "tool",
+    "function",
+    "text",
+    "image_url",
+    "json_object",
+    "json_schema",
+    "object",
+    "array",
+    "string",
+    "number",
+    "integer",
+    "boolean",
+    "null",
+    "none",
+    "auto",
+    "required",
+    "#",
+    "#/$defs/a",
+    "#/$defs/b",
+    "\u{0}",
+    "<tool_call>",
+    "{{ 7*7 }}",
+    "",
 ];
 
 fn key() -> impl Strategy<Value = String> {
@@ -214,7 +288,9 @@ fn check_refusal(e: &ValidationError, body_is_object: bool) -> Result<(), TestCa
     let api = ApiError::from(e.clone());
     prop_assert_eq!(api.status.as_u16(), 400);
     let envelope = api.body();
-    prop_assert!(envelope["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    prop_assert!(envelope["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
     prop_assert!(envelope["error"]["code"].is_string());
     if body_is_object && !matches!(e, ValidationError::InvalidJson(_)) {
         prop_assert!(e.param().is_some(), "a refusal names no parameter: {e}");
@@ -224,11 +300,17 @@ fn check_refusal(e: &ValidationError, body_is_object: bool) -> Result<(), TestCa
 
 /// The engine never re-checks: what the API accepts, the sampler accepts (a value it refuses
 /// mid-request is a 500).
-fn check_sampling(sampling: &validation::SamplingFields, limits: &Limits) -> Result<(), TestCaseError> {
+fn check_sampling(
+    sampling: &validation::SamplingFields,
+    limits: &Limits,
+) -> Result<(), TestCaseError> {
     match sampling.validate(VOCAB, limits) {
         Ok(s) => {
             let checked = s.params.validate();
-            prop_assert!(checked.is_ok(), "accepted, then refused by the sampler: {checked:?} ({sampling:?})");
+            prop_assert!(
+                checked.is_ok(),
+                "accepted, then refused by the sampler: {checked:?} ({sampling:?})"
+            );
         }
         Err(e) => check_refusal(&e, true)?,
     }
@@ -253,7 +335,11 @@ fn validate_chat(bytes: &[u8]) -> Result<(), TestCaseError> {
     if let Err(e) = &messages {
         check_refusal(e, true)?;
     }
-    let setup = tools::validate(request.tools.as_deref(), request.tool_choice.as_ref(), &limits);
+    let setup = tools::validate(
+        request.tools.as_deref(),
+        request.tool_choice.as_ref(),
+        &limits,
+    );
     if let Err(e) = &setup {
         check_refusal(e, true)?;
     }
@@ -266,14 +352,28 @@ fn validate_chat(bytes: &[u8]) -> Result<(), TestCaseError> {
         Ok(None) => {}
         Err(e) => check_refusal(&e, true)?,
     }
-    prop_assert!(started.elapsed() < Duration::from_secs(2), "response_format took {:?}", started.elapsed());
+    prop_assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "response_format took {:?}",
+        started.elapsed()
+    );
     // The template renders what validation let through, or refuses it: never a panic.
     if let (Ok(messages), Ok(setup)) = (messages, setup) {
-        let template = ChatTemplate::new("fuzz", TOOLS_TEMPLATE, "<|im_start|>", "<|im_end|>").unwrap();
+        let template =
+            ChatTemplate::new("fuzz", TOOLS_TEMPLATE, "<|im_start|>", "<|im_end|>").unwrap();
         let _ = template.render(&messages, true, setup.tools.as_ref());
-        let _ = ChatTemplate::chatml_default().unwrap().render(&messages, true, None);
+        let _ = ChatTemplate::chatml_default()
+            .unwrap()
+            .render(&messages, true, None);
     }
-    for max in [None, Some(-1), Some(0), Some(1), Some(i64::MAX), Some(i64::MIN)] {
+    for max in [
+        None,
+        Some(-1),
+        Some(0),
+        Some(1),
+        Some(i64::MAX),
+        Some(i64::MIN),
+    ] {
         let _ = validation::max_tokens(max, "max_tokens", 10, 100, 50, "messages");
     }
     Ok(())
@@ -292,7 +392,9 @@ fn validate_completion(bytes: &[u8]) -> Result<(), TestCaseError> {
 fn edge_f64() -> impl Strategy<Value = f64> {
     prop_oneof![
         any::<f64>().prop_filter("JSON numbers are finite", |f| f.is_finite()),
-        prop::sample::select(vec![5e-324, 1e-50, 1e-45, 1.2e-38, 3.4e38, 3.5e38, 1e300, -0.0, 0.0, 1.0, 2.0, 100.0, 100.5]),
+        prop::sample::select(vec![
+            5e-324, 1e-50, 1e-45, 1.2e-38, 3.4e38, 3.5e38, 1e300, -0.0, 0.0, 1.0, 2.0, 100.0, 100.5
+        ]),
         -3.0f64..3.0,
     ]
 }
@@ -476,8 +578,19 @@ struct RewindBody {
 
 /// A training line: valid chats and prompt/completion pairs, near misses, and anything.
 fn arb_training_line() -> impl Strategy<Value = String> {
-    let role = prop::sample::select(vec!["system", "developer", "user", "assistant", "tool", "robot", ""]);
-    let message = (role, prop_oneof![".{0,12}".prop_map(Value::String), leaf(), arb_json()])
+    let role = prop::sample::select(vec![
+        "system",
+        "developer",
+        "user",
+        "assistant",
+        "tool",
+        "robot",
+        "",
+    ]);
+    let message = (
+        role,
+        prop_oneof![".{0,12}".prop_map(Value::String), leaf(), arb_json()],
+    )
         .prop_map(|(role, content)| json!({"role": role, "content": content}));
     prop_oneof![
         3 => prop::collection::vec(message, 0..5).prop_map(|m| json!({"messages": m}).to_string()),
@@ -502,21 +615,38 @@ fn check_jsonl(text: &str) -> Result<(), TestCaseError> {
             prop_assert!(!errors.is_empty());
             let mut previous = 0;
             for e in &errors {
-                prop_assert!(e.line >= 1 && e.line <= lines.len().max(1), "line {} of {}", e.line, lines.len());
+                prop_assert!(
+                    e.line >= 1 && e.line <= lines.len().max(1),
+                    "line {} of {}",
+                    e.line,
+                    lines.len()
+                );
                 prop_assert!(e.line > previous, "errors out of order");
                 previous = e.line;
-                prop_assert!(e.to_string().starts_with(&format!("line {}: ", e.line)), "{}", e);
+                prop_assert!(
+                    e.to_string().starts_with(&format!("line {}: ", e.line)),
+                    "{}",
+                    e
+                );
                 prop_assert!(!e.reason.is_empty());
                 if let Some(line) = lines.get(e.line - 1) {
                     if !line.trim().is_empty() {
-                        prop_assert!(parse_line(line).is_err(), "line {} is valid: {line:?}", e.line);
+                        prop_assert!(
+                            parse_line(line).is_err(),
+                            "line {} is valid: {line:?}",
+                            e.line
+                        );
                     }
                 }
             }
             // Every invalid line is reported, not only the first.
             for (i, line) in lines.iter().enumerate() {
                 if !line.trim().is_empty() && parse_line(line).is_err() {
-                    prop_assert!(errors.iter().any(|e| e.line == i + 1), "line {} not reported", i + 1);
+                    prop_assert!(
+                        errors.iter().any(|e| e.line == i + 1),
+                        "line {} not reported",
+                        i + 1
+                    );
                 }
             }
         }
@@ -564,7 +694,10 @@ fn deep_and_wide_schemas_are_refused_without_overflow() {
             };
             let mut deep = json!({"type": "string"});
             for _ in 0..5_000 {
-                deep = object(vec![("type", json!("object")), ("properties", object(vec![("a", deep)]))]);
+                deep = object(vec![
+                    ("type", json!("object")),
+                    ("properties", object(vec![("a", deep)])),
+                ]);
             }
             assert!(Grammar::from_schema(&deep, 32).is_err());
             let mut items = json!({"type": "string"});
@@ -579,7 +712,12 @@ fn deep_and_wide_schemas_are_refused_without_overflow() {
             assert!(Grammar::from_schema(&any_of, 32).is_err());
             // A chain of 5,000 $refs, each to the next.
             let defs: serde_json::Map<String, Value> = (0..5_000)
-                .map(|i| (format!("d{i}"), json!({"$ref": format!("#/$defs/d{}", i + 1)})))
+                .map(|i| {
+                    (
+                        format!("d{i}"),
+                        json!({"$ref": format!("#/$defs/d{}", i + 1)}),
+                    )
+                })
                 .chain([("d5000".to_string(), json!({"type": "string"}))])
                 .collect();
             let chain = json!({"$defs": defs, "$ref": "#/$defs/d0"});
@@ -588,11 +726,18 @@ fn deep_and_wide_schemas_are_refused_without_overflow() {
             // Exploding type lists: 7 entries each compiling the same properties again.
             let mut exploding = json!({"type": "string"});
             for _ in 0..20 {
-                exploding = object(vec![("type", json!(vec!["object"; 7])), ("properties", object(vec![("a", exploding)]))]);
+                exploding = object(vec![
+                    ("type", json!(vec!["object"; 7])),
+                    ("properties", object(vec![("a", exploding)])),
+                ]);
             }
             let started = Instant::now();
             assert!(Grammar::from_schema(&exploding, 32).is_err());
-            assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                started.elapsed()
+            );
             // The deepest body serde_json parses (its limit is 128 levels) is refused cleanly.
             let mut text = String::from("{\"type\":\"string\"}");
             for _ in 0..60 {
@@ -620,10 +765,16 @@ fn wide_bodies_are_refused_in_one_pass() {
         .err()
         .unwrap();
     assert_eq!(e.param().as_deref(), Some("n"), "{e}");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     assert_eq!(
-        validation::json_object(nested.as_bytes()).unwrap_err().code(),
+        validation::json_object(nested.as_bytes())
+            .unwrap_err()
+            .code(),
         "invalid_json"
     );
     let lines = "{\"messages\": 5}\n".repeat(50_000);
@@ -631,5 +782,9 @@ fn wide_bodies_are_refused_in_one_pass() {
     let errors = parse_jsonl(&lines).unwrap_err();
     assert_eq!(errors.len(), 50_000);
     assert_eq!(errors.last().unwrap().line, 50_000);
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }

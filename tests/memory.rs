@@ -49,6 +49,9 @@ fn batch(size: usize) -> Batch<'static> {
     }
 }
 
+/// The counted heap is the process's: one measurement at a time.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Per-sample memory from steps at batch 8 and 24 (each after a warm-up step): far enough
 /// apart that the few kilobytes a step's timing moves (scratch of parallel tasks) do not count.
 fn per_sample(strategy: Strategy, layers: usize) -> PerSample {
@@ -58,7 +61,8 @@ fn per_sample(strategy: Strategy, layers: usize) -> PerSample {
         let b = batch(size);
         loss_and_grads(&t, &b, strategy, 1.0, None).unwrap();
         let device = Device::Cpu;
-        let (_, p) = phases::measure(&device, || loss_and_grads(&t, &b, strategy, 1.0, None)).unwrap();
+        let (_, p) =
+            phases::measure(&device, || loss_and_grads(&t, &b, strategy, 1.0, None)).unwrap();
         peaks.push((size, p));
     }
     phases::per_sample((peaks[0].0, &peaks[0].1), (peaks[1].0, &peaks[1].1))
@@ -66,6 +70,7 @@ fn per_sample(strategy: Strategy, layers: usize) -> PerSample {
 
 #[test]
 fn checkpoint_memory_grows_with_depth_and_reversible_memory_does_not() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     rewind::memory::mark_installed();
     // One f32 state of a sample: SEQ tokens of width 64.
     let state = (SEQ * 64 * 4) as f64;
@@ -103,4 +108,39 @@ fn checkpoint_memory_grows_with_depth_and_reversible_memory_does_not() {
         reversible.1,
         checkpoint.1
     );
+}
+
+/// The batch a run may use, from the memory it measures: a batch far beyond the machine's memory
+/// is refused before any step with the estimate, and as an upper bound ("auto") it is lowered to
+/// the largest that fits, which a second fit then accepts as asked.
+#[test]
+fn batches_are_fitted_to_the_free_memory() {
+    use rewind::train::memory_fit::{fit_batch, BatchRule};
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    rewind::memory::mark_installed();
+    let t = trainable(2);
+    let huge = 1 << 40;
+    let refused = fit_batch(&t, Strategy::Reversible, None, SEQ, huge, BatchRule::Required)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("does not fit") && refused.contains("at most"),
+        "{refused}"
+    );
+    let fit = fit_batch(&t, Strategy::Reversible, None, SEQ, huge, BatchRule::AtMost)
+        .unwrap()
+        .expect("memory is measurable here");
+    assert!(fit.batch > 0 && fit.batch == fit.max_batch && fit.batch < huge, "{fit:?}");
+    // The probe's two small batches see costs that stop growing at larger ones (an MLP tile
+    // that is not yet full), so it may overestimate a sample, never underestimate it much.
+    let measured = per_sample(Strategy::Reversible, 2).bytes_per_sample;
+    assert!(
+        fit.bytes_per_sample >= 0.8 * measured && fit.bytes_per_sample <= 4.0 * measured,
+        "probe {} vs {measured}",
+        fit.bytes_per_sample
+    );
+    let again = fit_batch(&t, Strategy::Reversible, None, SEQ, fit.batch / 2, BatchRule::Required)
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.batch, fit.batch / 2);
 }

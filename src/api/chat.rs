@@ -12,8 +12,8 @@ use crate::engine::grammar::Grammar;
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
 use crate::model::chat_template::ChatMessage;
-use crate::settings::Limits;
 use crate::model::generate::{FinishReason, GenerationParams, StepOutput, TokenLogprob};
+use crate::settings::Limits;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -262,7 +262,8 @@ pub async fn create(
     let body = read_body(&state, &req, payload).await?;
     let shared = state.clone();
     let (model, chat) = off_worker(move || {
-        let (mut request, sampling): (ChatCompletionRequest, _) = validation::parse_generation_body(&body)?;
+        let (mut request, sampling): (ChatCompletionRequest, _) =
+            validation::parse_generation_body(&body)?;
         request.sampling = sampling;
         let model = stream::served_model(&shared.engine, &request.model)?;
         let validated = request.validate(model.clone(), &shared)?;
@@ -461,14 +462,20 @@ mod tests {
     #[test]
     fn response_formats() {
         assert!(response_format(None, &Limits::default()).unwrap().is_none());
-        assert!(response_format(Some(&json!({"type": "text"})), &Limits::default())
-            .unwrap()
-            .is_none());
-        assert!(response_format(Some(&json!({"type": "json_object"})), &Limits::default())
+        assert!(
+            response_format(Some(&json!({"type": "text"})), &Limits::default())
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            response_format(Some(&json!({"type": "json_object"})), &Limits::default())
+                .unwrap()
+                .is_some()
+        );
+        let schema = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}});
+        assert!(response_format(Some(&schema), &Limits::default())
             .unwrap()
             .is_some());
-        let schema = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}});
-        assert!(response_format(Some(&schema), &Limits::default()).unwrap().is_some());
         for bad in [
             json!({"type": "yaml"}),
             json!({"type": "json_schema"}),
@@ -477,7 +484,10 @@ mod tests {
             json!({"type": "json_schema", "json_schema": {"schema": {"enum": ["x".repeat(70_000)]}}}),
         ] {
             assert_eq!(
-                response_format(Some(&bad), &Limits::default()).unwrap_err().param().as_deref(),
+                response_format(Some(&bad), &Limits::default())
+                    .unwrap_err()
+                    .param()
+                    .as_deref(),
                 Some("response_format")
             );
         }

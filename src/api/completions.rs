@@ -202,7 +202,8 @@ pub async fn create(
     let body = read_body(&state, &req, payload).await?;
     let shared = state.clone();
     let (model, job) = off_worker(move || {
-        let (mut request, sampling): (CompletionRequest, _) = validation::parse_generation_body(&body)?;
+        let (mut request, sampling): (CompletionRequest, _) =
+            validation::parse_generation_body(&body)?;
         request.sampling = sampling;
         let model = stream::served_model(&shared.engine, &request.model)?;
         let validated = request.validate(model.clone(), &shared)?;

@@ -114,7 +114,7 @@ impl ApiError {
         Self::new(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
-            format!("The request body did not arrive within {secs} seconds."),
+            format!("The request body stalled: no data for {secs} seconds."),
         )
         .code("request_timeout")
     }

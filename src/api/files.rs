@@ -6,12 +6,12 @@
 //! the failing lines and rules. Uploads larger than `fine_tuning.max_file_bytes` get 413.
 
 use crate::api::error::ApiError;
+use crate::api::extractors::Query;
 use crate::api::AppState;
 use crate::engine::unix_now;
 use crate::store::{FileRecord, Store};
 use crate::train::data::parse_jsonl;
 use actix_web::http::{header, StatusCode};
-use crate::api::extractors::Query;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -67,8 +67,12 @@ struct Part<'a> {
     content: &'a [u8],
 }
 
+/// RFC 2046's longest boundary.
+const MAX_BOUNDARY: usize = 70;
+
+/// Linear in the haystack whatever the needle (a two-way search).
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// `name="value"` from a `Content-Disposition` header.
@@ -101,6 +105,9 @@ fn parse_multipart<'a>(content_type: &str, body: &'a [u8]) -> Result<Vec<Part<'a
     let boundary = disposition_param(content_type, "boundary")
         .filter(|b| !b.is_empty())
         .ok_or_else(|| malformed("no boundary"))?;
+    if boundary.len() > MAX_BOUNDARY {
+        return Err(malformed("a boundary longer than 70 characters"));
+    }
     let delimiter = format!("--{boundary}").into_bytes();
     let mut rest = &body[find(body, &delimiter)
         .ok_or_else(|| malformed("no opening boundary"))?
@@ -160,8 +167,8 @@ pub async fn create(
         .unwrap_or("")
         .to_string();
     // Splitting and validating tens of megabytes is CPU work: off the HTTP workers.
-    let record = crate::api::off_worker(move || store_upload(&state, &content_type, &body, limit))
-        .await?;
+    let record =
+        crate::api::off_worker(move || store_upload(&state, &content_type, &body, limit)).await?;
     Ok(HttpResponse::Ok().json(file_object(&record)))
 }
 
@@ -329,7 +336,8 @@ pub async fn content(
         .map_err(internal)?
         .ok_or_else(|| file_not_found(&id))?;
     let id = file.id.clone();
-    let bytes = crate::api::off_worker(move || store(&state).read_file(&id).map_err(internal)).await?;
+    let bytes =
+        crate::api::off_worker(move || store(&state).read_file(&id).map_err(internal)).await?;
     Ok(download(&file.filename, &file.purpose).body(bytes))
 }
 
@@ -348,7 +356,13 @@ fn download(filename: &str, purpose: &str) -> actix_web::HttpResponseBuilder {
     // Only the name's safe characters reach the header (no quote, CR or LF to break out of it).
     let safe_name: String = filename
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let mut response = HttpResponse::Ok();
     response
@@ -372,10 +386,14 @@ pub async fn delete(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    if !store(&state).delete_file(&id).map_err(internal)? {
+    let id = id.into_inner();
+    let file = id.clone();
+    let deleted =
+        crate::api::off_worker(move || store(&state).delete_file(&file).map_err(internal)).await?;
+    if !deleted {
         return Err(file_not_found(&id));
     }
-    Ok(HttpResponse::Ok().json(json!({"id": id.as_str(), "object": "file", "deleted": true})))
+    Ok(HttpResponse::Ok().json(json!({"id": id, "object": "file", "deleted": true})))
 }
 
 #[cfg(test)]

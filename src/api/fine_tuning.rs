@@ -6,15 +6,16 @@
 //! (the job's, else the served model's) is reversible, and to `checkpoint` otherwise.
 
 use crate::api::error::ApiError;
+use crate::api::extractors::Query;
 use crate::api::files::{bad_request, file_not_found, internal};
+use crate::api::off_worker;
 use crate::api::validation::parse_body;
 use crate::api::AppState;
 use crate::engine::unix_now;
-use crate::jobs::StateError;
+use crate::jobs::{FineTuning, StateError};
 use crate::model::reversible::ReversibleConfig;
 use crate::store::{CheckpointRecord, EventRecord, JobRecord, RewindOptions};
 use crate::train::backward::Strategy;
-use crate::api::extractors::Query;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -255,10 +256,7 @@ pub async fn create_job(state: &AppState, new: NewJob) -> Result<JobRecord, ApiE
         attempts: 0,
     };
     let service = state.fine_tuning.clone();
-    web::block(move || service.create(job))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(internal)
+    off_worker(move || service.create(job).map_err(internal)).await
 }
 
 /// OpenAI's `FineTuningJob` object.
@@ -299,8 +297,18 @@ pub fn find_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
         .ok_or_else(|| job_not_found(id))
 }
 
-pub fn cancel_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
-    state_change(state.fine_tuning.cancel(id), id)
+pub async fn cancel_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
+    change_job(state, id, FineTuning::cancel).await
+}
+
+/// A pause, resume or cancel, off the HTTP workers: each commits a durable transaction.
+async fn change_job(
+    state: &AppState,
+    id: &str,
+    change: fn(&FineTuning, &str) -> std::result::Result<JobRecord, StateError>,
+) -> Result<JobRecord, ApiError> {
+    let (service, id) = (state.fine_tuning.clone(), id.to_string());
+    off_worker(move || state_change(change(&service, &id), &id)).await
 }
 
 /// A pause, resume or cancel's result in the API's terms: 404 for an unknown job, 400 for a
@@ -324,7 +332,7 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = crate::api::read_body(&state, &req, payload).await?;
-    let request: CreateRequest = parse_body(&body)?;
+    let request: CreateRequest = off_worker(move || Ok(parse_body(&body)?)).await?;
     // `method` supersedes the deprecated top-level `hyperparameters`.
     let mut hyperparameters = request.hyperparameters.unwrap_or_else(|| json!({}));
     if let Some(method) = &request.method {
@@ -416,14 +424,14 @@ pub async fn cancel(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(job_object(&cancel_job(&state, &id)?)))
+    Ok(HttpResponse::Ok().json(job_object(&cancel_job(&state, &id).await?)))
 }
 
 pub async fn pause(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let job = state_change(state.fine_tuning.pause(&id), &id)?;
+    let job = change_job(&state, &id, FineTuning::pause).await?;
     Ok(HttpResponse::Ok().json(job_object(&job)))
 }
 
@@ -431,7 +439,7 @@ pub async fn resume(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let job = state_change(state.fine_tuning.resume(&id), &id)?;
+    let job = change_job(&state, &id, FineTuning::resume).await?;
     Ok(HttpResponse::Ok().json(job_object(&job)))
 }
 

@@ -8,12 +8,12 @@
 //! objects. `model` defaults to the first served model.
 
 use crate::api::error::ApiError;
+use crate::api::extractors::Query;
 use crate::api::files::{file_object, internal};
 use crate::api::fine_tuning::{cancel_job, create_job, find_job, NewJob};
 use crate::api::validation::parse_body;
 use crate::api::AppState;
 use crate::store::{EventRecord, JobRecord, RewindOptions};
-use crate::api::extractors::Query;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -82,7 +82,7 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = crate::api::read_body(&state, &req, payload).await?;
-    let request: CreateRequest = parse_body(&body)?;
+    let request: CreateRequest = crate::api::off_worker(move || Ok(parse_body(&body)?)).await?;
     let mut hyperparameters = request.hyperparameters.unwrap_or_else(|| json!({}));
     // As in the current API: a `hyperparameters` that is not an object would otherwise drop the
     // top-level `n_epochs`, `batch_size` and `learning_rate_multiplier` unchecked.
@@ -156,7 +156,7 @@ pub async fn cancel(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let job = cancel_job(&state, &id)?;
+    let job = cancel_job(&state, &id).await?;
     Ok(HttpResponse::Ok().json(fine_tune_object(&state, &job, true)?))
 }
 

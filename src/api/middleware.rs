@@ -22,20 +22,10 @@ pub async fn track(
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let method = req.method().clone();
     let started = Instant::now();
-    // A handler that panics fails its own request with a 500 in the envelope; the worker thread
-    // and every other connection on it go on.
-    let result = match AssertUnwindSafe(next.call(req)).catch_unwind().await {
-        Ok(result) => result.map(ServiceResponse::map_into_boxed_body),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(%method, endpoint, panic = what, "a request handler panicked");
-            Err(ApiError::internal("the server failed while handling this request").into())
-        }
-    };
+    let result = next
+        .call(req)
+        .await
+        .map(ServiceResponse::map_into_boxed_body);
     let status = match &result {
         Ok(res) => res.status(),
         Err(e) => e.as_response_error().status_code(),
@@ -54,6 +44,24 @@ pub async fn track(
         tracing::info!(%method, endpoint, status = status.as_u16(), ms, "request");
     }
     result
+}
+
+/// A handler that panics fails its own request with a 500 in the envelope; the worker thread
+/// and every other connection on it go on. Innermost, so the 500 still passes through CORS and
+/// the access log like any other answer.
+pub async fn catch_panics(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, Error> {
+    let (method, path) = (req.method().clone(), req.path().to_string());
+    match AssertUnwindSafe(next.call(req)).catch_unwind().await {
+        Ok(result) => result.map(ServiceResponse::map_into_boxed_body),
+        Err(panic) => {
+            let what = crate::engine::panic_message(panic.as_ref());
+            tracing::error!(%method, path, panic = what, "a request handler panicked");
+            Err(ApiError::internal("the server failed while handling this request").into())
+        }
+    }
 }
 
 /// CORS, off unless origins are configured. Preflight requests are answered here; other

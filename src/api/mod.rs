@@ -81,15 +81,16 @@ pub async fn read_body(
 }
 
 /// Reads a request body, refusing (413) one larger than `limit` bytes: up front when
-/// `Content-Length` says so, otherwise as soon as the stream passes the limit. A client that
-/// sends it slower than `limits.body_timeout_secs` allows gets 408, so a trickling body does not
-/// hold a connection and its buffer forever.
+/// `Content-Length` says so, otherwise as soon as the stream passes the limit. A client whose
+/// body stalls (no byte for `limits.body_timeout_secs`) gets 408, so a trickling body does not
+/// hold a connection and its buffer forever, while a large upload on a slow link still arrives.
 pub async fn read_body_within(
     state: &AppState,
     req: &HttpRequest,
-    payload: web::Payload,
+    mut payload: web::Payload,
     limit: usize,
 ) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -98,14 +99,24 @@ pub async fn read_body_within(
     if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::body_too_large(limit));
     }
-    let timeout = std::time::Duration::from_secs(state.settings.limits.body_timeout_secs);
-    match actix_web::rt::time::timeout(timeout, payload.to_bytes_limited(limit)).await {
-        Ok(Ok(Ok(bytes))) => Ok(bytes),
-        Ok(Ok(Err(e))) => Err(ApiError::invalid_body(format!(
-            "The request body could not be read: {e}."
-        ))),
-        Ok(Err(_)) => Err(ApiError::body_too_large(limit)),
-        Err(_) => Err(ApiError::body_timeout(timeout.as_secs())),
+    let idle = std::time::Duration::from_secs(state.settings.limits.body_timeout_secs);
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    loop {
+        match actix_web::rt::time::timeout(idle, payload.next()).await {
+            Err(_) => return Err(ApiError::body_timeout(idle.as_secs())),
+            Ok(None) => return Ok(body.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::invalid_body(format!(
+                    "The request body could not be read: {e}."
+                )))
+            }
+            Ok(Some(Ok(chunk))) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(ApiError::body_too_large(limit));
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
     }
 }
 
@@ -258,6 +269,9 @@ impl RunningServer {
                 tracing::warn!(
                     "the fine-tuning job did not reach the end of its step in time; it resumes from its last checkpoint"
                 );
+                if let Err(e) = fine_tuning.forgive_interrupted_attempts() {
+                    tracing::warn!("recording the interrupted job's attempt: {e:#}");
+                }
             }
         }
         result
@@ -280,32 +294,50 @@ fn begin_shutdown(engine: &Engine, fine_tuning: &Weak<crate::jobs::FineTuning>) 
     }
 }
 
-/// Stops the server on SIGTERM or SIGINT as [`RunningServer::stop`] does. (actix's own signal
-/// handling is off: it would leave the engine and the runner unaware, and on SIGINT cut the
-/// streams in flight without a final event.)
+/// Stops the server on SIGTERM or SIGINT as [`RunningServer::stop`] does; a second signal
+/// while it stops exits at once. (actix's own signal handling is off: it would leave the engine
+/// and the runner unaware, and on SIGINT cut the streams in flight without a final event.)
 async fn stop_on_signal(
     handle: actix_web::dev::ServerHandle,
     engine: Engine,
     fine_tuning: Weak<crate::jobs::FineTuning>,
 ) {
-    use actix_web::rt::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!("cannot listen for SIGTERM and SIGINT: {e}");
-            return;
-        }
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let Some(name) = next_signal().await else {
+        return;
     };
     tracing::info!("{name}: stopping (requests end, the running fine-tuning job saves its state)");
     begin_shutdown(&engine, &fine_tuning);
-    handle.stop(true).await;
+    tokio::select! {
+        _ = handle.stop(true) => {}
+        Some(again) = next_signal() => {
+            tracing::warn!("{again} again: exiting now (a running job resumes from its last checkpoint)");
+            std::process::exit(130);
+        }
+    }
+}
+
+/// The next SIGTERM or SIGINT (Ctrl-C elsewhere); None when they cannot be listened for.
+#[cfg(unix)]
+async fn next_signal() -> Option<&'static str> {
+    use actix_web::rt::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => Some(tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot listen for SIGTERM and SIGINT: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn next_signal() -> Option<&'static str> {
+    actix_web::rt::signal::ctrl_c().await.ok().map(|_| "Ctrl-C")
 }
 
 /// Starts the engine (which loads the models in the background) and the HTTP server. Returns
@@ -347,6 +379,7 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
                     App::new()
                         .app_data(state.clone())
                         .app_data(extractors::path_config())
+                        .wrap(from_fn(middleware::catch_panics))
                         .wrap(from_fn(middleware::cors))
                         .wrap(from_fn(middleware::track))
                         .configure(routes(public_metrics))

@@ -43,9 +43,13 @@ pub async fn delete(
             "The model `{id}` is a base model served from the configuration; only fine-tuned (`ft:`) models can be deleted."
         )));
     }
-    state
-        .fine_tuning
-        .delete_model(&id)
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    // Removing a model directory and syncing the registry is disk work: off the HTTP workers.
+    let (service, model) = (state.fine_tuning.clone(), id.into_inner());
+    crate::api::off_worker(move || {
+        service
+            .delete_model(&model)
+            .map_err(|e| ApiError::internal(format!("{e:#}")))
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(json!({"id": spec.id, "object": "model", "deleted": true})))
 }

@@ -202,12 +202,20 @@ mod tests {
     #[test]
     fn tool_lists_and_choices_are_validated() {
         let tools = [tool("get_weather")];
-        assert!(validate(Some(&tools), None, &Limits::default()).unwrap().tools.is_some());
-        assert!(validate(Some(&tools), Some(&json!("none")), &Limits::default())
+        assert!(validate(Some(&tools), None, &Limits::default())
+            .unwrap()
+            .tools
+            .is_some());
+        assert!(
+            validate(Some(&tools), Some(&json!("none")), &Limits::default())
+                .unwrap()
+                .tools
+                .is_none()
+        );
+        assert!(validate(None, None, &Limits::default())
             .unwrap()
             .tools
             .is_none());
-        assert!(validate(None, None, &Limits::default()).unwrap().tools.is_none());
         assert!(validate(Some(&[tool("bad name")]), None, &Limits::default()).is_err());
         assert!(validate(Some(&tools), Some(&json!("sometimes")), &Limits::default()).is_err());
         assert!(validate(None, Some(&json!("required")), &Limits::default()).is_err());

@@ -307,7 +307,10 @@ impl SamplingFields {
         if stop.len() > MAX_STOPS {
             return Err(ValidationError::TooManyStops(stop.len()));
         }
-        if let Some(long) = stop.iter().find(|s| s.chars().count() > limits.max_stop_chars) {
+        if let Some(long) = stop
+            .iter()
+            .find(|s| s.chars().count() > limits.max_stop_chars)
+        {
             return Err(ValidationError::TooLarge {
                 param: "stop".into(),
                 what: format!("a sequence of {} characters", long.chars().count()),
@@ -357,10 +360,7 @@ pub fn schema_within(param: &str, schema: &Value, limits: &Limits) -> Result<(),
     };
     let bytes = serde_json::to_vec(schema).map_or(usize::MAX, |v| v.len());
     if bytes > limits.max_schema_bytes {
-        return Err(too_large(
-            format!("{bytes} bytes"),
-            limits.max_schema_bytes,
-        ));
+        return Err(too_large(format!("{bytes} bytes"), limits.max_schema_bytes));
     }
     // Nesting of the JSON itself (a schema level is at least one object), walked without
     // recursion.
@@ -443,20 +443,13 @@ mod tests {
 
     #[test]
     fn shape_errors_name_the_parameter() {
-        assert_eq!(
-            parse(b"{").unwrap_err().code(),
-            "invalid_json"
-        );
-        assert_eq!(
-            parse(b"[1]").unwrap_err().code(),
-            "invalid_json"
-        );
+        assert_eq!(parse(b"{").unwrap_err().code(), "invalid_json");
+        assert_eq!(parse(b"[1]").unwrap_err().code(), "invalid_json");
         assert_eq!(
             parse(br#"{"n": 1}"#).unwrap_err(),
             ValidationError::MissingField("model".into())
         );
-        let e =
-            parse(br#"{"model": "m", "temperature": "hot", "foo": 1}"#).unwrap_err();
+        let e = parse(br#"{"model": "m", "temperature": "hot", "foo": 1}"#).unwrap_err();
         assert_eq!(e.param().as_deref(), Some("temperature"), "{e}");
         let e = parse(br#"{"model": 5, "n": 1}"#).unwrap_err();
         assert_eq!(
@@ -465,12 +458,15 @@ mod tests {
             "{e}"
         );
         // Unknown fields are ignored.
-        let p = parse(br#"{"model": "m", "store": true, "metadata": {"a": "b"}}"#)
-            .unwrap();
+        let p = parse(br#"{"model": "m", "store": true, "metadata": {"a": "b"}}"#).unwrap();
         assert!(p.temperature.is_none());
         // Nested values are named by their path; one pass reports a type error among many keys.
         let e = parse(br#"{"model": "m", "stream_options": {"include_usage": 3}}"#).unwrap_err();
-        assert_eq!(e.param().as_deref(), Some("stream_options.include_usage"), "{e}");
+        assert_eq!(
+            e.param().as_deref(),
+            Some("stream_options.include_usage"),
+            "{e}"
+        );
         let mut many = String::from(r#"{"model": "m", "n": "x""#);
         for i in 0..100_000 {
             many.push_str(&format!(r#", "k{i}": {i}"#));
@@ -479,14 +475,16 @@ mod tests {
         let started = std::time::Instant::now();
         let e = parse(many.as_bytes()).unwrap_err();
         assert_eq!(e.param().as_deref(), Some("n"), "{e}");
-        assert!(started.elapsed().as_secs_f64() < 2.0, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed().as_secs_f64() < 2.0,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
     fn ranges_are_checked_per_parameter() {
-        let check = |json: &str| {
-            parse(json.as_bytes()).unwrap().validate(100, &limits())
-        };
+        let check = |json: &str| parse(json.as_bytes()).unwrap().validate(100, &limits());
         for (json, param) in [
             (r#"{"model":"m","temperature":2.5}"#, "temperature"),
             (r#"{"model":"m","top_p":-0.1}"#, "top_p"),

@@ -10,10 +10,10 @@ use crate::model::loader::{self, random::RandomSource, WeightFormat};
 use crate::model::reversible::ReversibleConfig;
 use crate::train::backward::{loss_and_grads, Batch, Strategy};
 use crate::train::exact::{self, FixedPoint};
-use crate::train::loss::{Objective, Targets};
+use crate::train::memory_fit::synthetic_batch;
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -136,21 +136,6 @@ fn synthetic_config(args: &TrainBenchArgs, layers: usize) -> ModelConfig {
     }
 }
 
-fn random_batch(batch: usize, seq: usize, vocab: usize, device: &Device) -> Result<Batch<'static>> {
-    let ids: Vec<u32> = (0..batch * (seq + 1))
-        .map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32)
-        .collect();
-    let all = Tensor::from_vec(ids, (batch, seq + 1), device)?;
-    Ok(Batch {
-        inputs: all.narrow(1, 0, seq)?.contiguous()?,
-        targets: Targets {
-            ids: all.narrow(1, 1, seq)?.flatten_all()?,
-            weights: Tensor::ones(batch * seq, candle_core::DType::F32, device)?,
-        },
-        objective: Objective::NextToken,
-    })
-}
-
 /// The peak memory of each phase (above what was live before) and the seconds of one
 /// forward+backward.
 fn measure(
@@ -218,8 +203,8 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
             // batch (costs independent of the batch cancel), and the fastest-growing phase's
             // is the step's: see `memory::phases`.
             let half_batch = (args.batch / 2).max(1);
-            let full = random_batch(args.batch, args.seq, vocab, &device)?;
-            let half = random_batch(half_batch, args.seq, vocab, &device)?;
+            let full = synthetic_batch(args.batch, args.seq, vocab, &device)?;
+            let half = synthetic_batch(half_batch, args.seq, vocab, &device)?;
             measure(&t, &half, strategy, exact)?; // warm-up
             let (peaks_half, _) = measure(&t, &half, strategy, exact)?;
             // The first full-batch step faults in the heap it grows by; it is not timed.

@@ -137,6 +137,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         seed: args.seed,
         train_only,
         checkpoint_dir: Some(args.output.with_extension("checkpoint")),
+        // A batch that cannot fit is refused with the estimate before the first step.
+        batch_rule: Some(crate::train::memory_fit::BatchRule::Required),
         ..Default::default()
     };
     tracing::info!(

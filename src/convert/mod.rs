@@ -156,6 +156,8 @@ pub fn convert(
                 checkpoint_dir: Some(work_dir.join(format!("stage-{i}.checkpoint"))),
                 checkpoint_every: 20,
                 grad_accum: 1,
+                // Distillation also holds the teacher, which the probe does not see.
+                batch_rule: None,
             };
             let outcome = trainer::train(
                 student,

@@ -1037,7 +1037,10 @@ mod tests {
             "$ref": "#/$defs/t"
         });
         let g = Grammar::from_schema(&tree, 32).unwrap();
-        assert!(accepts(&g, r#"{"name": "a", "children": [{"name": "b", "children": []}]}"#));
+        assert!(accepts(
+            &g,
+            r#"{"name": "a", "children": [{"name": "b", "children": []}]}"#
+        ));
     }
 
     /// Schemas that would make the matcher recurse forever (or the compiler explode) are
@@ -1061,7 +1064,10 @@ mod tests {
         // A chain of 40 single alternatives, each a definition of its own.
         let mut defs = serde_json::Map::new();
         for i in 0..40 {
-            defs.insert(format!("d{i}"), json!({"anyOf": [{"$ref": format!("#/$defs/d{}", i + 1)}]}));
+            defs.insert(
+                format!("d{i}"),
+                json!({"anyOf": [{"$ref": format!("#/$defs/d{}", i + 1)}]}),
+            );
         }
         defs.insert("d40".into(), json!({"type": "null"}));
         assert!(refused(json!({"$defs": defs, "$ref": "#/$defs/d0"})).contains("deep"));
@@ -1099,8 +1105,9 @@ mod tests {
         assert!(Grammar::from_schema(&json!({"type": "tuple"}), 32).is_err());
         assert!(Grammar::from_schema(&json!({"$ref": "http://x"}), 32).is_err());
         assert!(Grammar::from_schema(
-            &json!({"type": "object", "properties": {"a": {}}, "required": ["b"]})
-        , 32)
+            &json!({"type": "object", "properties": {"a": {}}, "required": ["b"]}),
+            32
+        )
         .is_err());
         assert!(Grammar::from_schema(&json!(false), 32).is_err());
     }

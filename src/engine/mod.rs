@@ -166,7 +166,7 @@ impl Drop for AliveGuard {
 }
 
 /// The message of a caught panic (`panic!` payloads are a `&str` or a `String`).
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -188,8 +188,7 @@ impl Engine {
     /// [`Registry::base_models_ready`] says when serving can begin.
     pub fn start(settings: &Settings) -> Result<Self> {
         let device = crate::settings::parse_device(&settings.server.device)?.open()?;
-        std::fs::create_dir_all(&settings.data_dir)
-            .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        crate::durable::create_dir_all(&settings.data_dir)?;
         let registry = Arc::new(Registry::new(Some(settings.data_dir.join("models.json"))));
         let metrics = Arc::new(Metrics::default());
         metrics

@@ -129,6 +129,8 @@ pub(crate) struct Worker {
     stopped: bool,
     /// The server is stopping: every request is refused.
     shutting_down: bool,
+    /// The CPU thread pool can no longer run work: the thread ends, so `/health` reports it.
+    broken: bool,
 }
 
 impl Worker {
@@ -160,11 +162,15 @@ impl Worker {
             mask: Vec::new(),
             stopped: false,
             shutting_down: false,
+            broken: false,
         }
     }
 
     pub fn run(mut self) {
         loop {
+            if self.broken {
+                return;
+            }
             if self.scheduler.is_idle() {
                 if self.stopped {
                     return;
@@ -558,19 +564,24 @@ impl Worker {
     /// event for streams), and later ones are refused.
     fn shut_down(&mut self) {
         self.shutting_down = true;
+        self.stop_serving(shutting_down);
+        tracing::info!("engine stopped serving: the server is shutting down");
+    }
+
+    /// Ends every request the engine holds with `reason`.
+    fn stop_serving(&mut self, reason: fn() -> EngineError) {
         let mut queued: Vec<Job> = self.waiting.drain().map(|(_, q)| q.job).collect();
         for jobs in self.awaiting_weights.values_mut() {
             queued.append(jobs);
         }
         for job in queued {
             self.scheduler.remove_waiting(job.id);
-            self.fail_queued(job, shutting_down());
+            self.fail_queued(job, reason());
         }
         for a in self.running.drain(..) {
-            let _ = a.job.events.send(Event::Error(shutting_down()));
+            let _ = a.job.events.send(Event::Error(reason()));
             self.scheduler.release_all(a.job.id);
         }
-        tracing::info!("engine stopped serving: the server is shutting down");
     }
 
     /// One batched forward per model over every running sequence, then one token each.
@@ -585,7 +596,17 @@ impl Worker {
         for model in models {
             match catch_unwind(AssertUnwindSafe(|| self.step_model(&model))) {
                 Ok(n) => produced += n,
-                Err(panic) => self.abandon_batch(&model, &panic_message(panic.as_ref())),
+                Err(panic) => {
+                    self.abandon_batch(&model, &panic_message(panic.as_ref()));
+                    if !crate::model::parallel::pool_is_usable() {
+                        // A panic inside one of candle's own parallel ops poisoned its thread
+                        // pool: no CPU op can run again in this process.
+                        tracing::error!("the CPU thread pool is unusable after that panic: the engine stops (/health answers 503); restart the server");
+                        self.stop_serving(engine_broken);
+                        self.broken = true;
+                        return;
+                    }
+                }
             }
         }
         self.metrics.observe_step(produced, Instant::now());
@@ -755,6 +776,12 @@ fn sequences(r: &GenerateRequest, model: &Model) -> Vec<ActiveSeq> {
         }
     }
     seqs
+}
+
+fn engine_broken() -> EngineError {
+    EngineError::Unavailable(
+        "The inference engine failed and has stopped; the server needs a restart.".into(),
+    )
 }
 
 fn shutting_down() -> EngineError {

@@ -234,6 +234,17 @@ impl FineTuning {
     /// Applies `change` to the freshly read job record, stores it and returns it. Callers that
     /// must not overwrite a terminal status (a cancel that raced them) check `is_terminal` inside
     /// `change`.
+    /// The server is exiting before the running job's trainer reached the end of its step (one
+    /// step outlasted the stop's grace): that start ended in a shutdown, not a crash, so it does
+    /// not count against the job's `fine_tuning.max_job_attempts`.
+    pub fn forgive_interrupted_attempts(&self) -> Result<()> {
+        let running = self.store.list_jobs(None, crate::store::ALL)?.data;
+        for job in running.iter().filter(|j| j.status == "running") {
+            self.update(&job.id, |j| j.attempts = j.attempts.saturating_sub(1))?;
+        }
+        Ok(())
+    }
+
     pub fn update(&self, id: &str, change: impl FnOnce(&mut JobRecord)) -> Result<JobRecord> {
         let _guard = self.updates.lock().unwrap_or_else(|e| e.into_inner());
         let mut job = self

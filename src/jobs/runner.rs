@@ -23,6 +23,7 @@ use crate::store::{CheckpointRecord, FileRecord, JobError, JobRecord};
 use crate::train::backward::Strategy;
 use crate::train::data::{fit_length, tokenize, Example, Overflow, TokenizedExample};
 use crate::train::exact::{self, FixedPoint};
+use crate::train::memory_fit::{BatchRule, MemoryFit};
 use crate::train::optimizer::AdamWConfig;
 use crate::train::trainer::{self, Observer, StepMetrics, TrainConfig};
 use anyhow::{anyhow, bail, Context, Result};
@@ -233,11 +234,18 @@ fn train_job(
     }
 
     // Hyperparameters: "auto" resolved and written back to the job.
+    // "auto" stays within the bounds a request may ask for.
     let hp = &job.hyperparameters;
-    let epochs = resolve(&hp["n_epochs"], auto_epochs(train_set.len()) as f64) as usize;
+    let bounds = &service.settings.fine_tuning;
+    let epochs = resolve(
+        &hp["n_epochs"],
+        auto_epochs(train_set.len()).min(bounds.max_n_epochs) as f64,
+    ) as usize;
     let batch_size = resolve(
         &hp["batch_size"],
-        (train_set.len() as f64 * 0.002).ceil().clamp(1.0, 256.0),
+        (train_set.len() as f64 * 0.002)
+            .ceil()
+            .clamp(1.0, bounds.max_batch_size as f64),
     ) as usize;
     let multiplier = resolve(&hp["learning_rate_multiplier"], 1.0);
     let lora_rank = job.rewind.lora_rank.unwrap_or(0);
@@ -283,6 +291,12 @@ fn train_job(
         exact,
         epochs,
         batch_size,
+        // An asked-for batch must fit; "auto" becomes the largest that does (up to its rule).
+        batch_rule: Some(if hp["batch_size"].is_number() {
+            BatchRule::Required
+        } else {
+            BatchRule::AtMost
+        }),
         optimizer: AdamWConfig {
             lr,
             ..Default::default()
@@ -523,6 +537,24 @@ impl Observer for JobObserver<'_> {
             );
         }
         self.last = Some(m.clone());
+    }
+
+    fn on_memory_fit(&mut self, fit: &MemoryFit) {
+        let data = json!({
+            "batch_size": fit.batch, "max_batch_size": fit.max_batch, "sequence_tokens": fit.seq,
+            "bytes_per_sample": fit.bytes_per_sample, "available_bytes": fit.available_bytes,
+        });
+        let message = format!("Memory: {}; batch size {}", fit.describe(), fit.batch);
+        self.record(
+            self.service
+                .event(&self.job.id, "info", &message, Some(data)),
+        );
+        // A lowered "auto" batch is the job's batch from now on (a resume keeps it).
+        let batch = fit.batch;
+        let updated = self.service.update(&self.job.id, |j| {
+            j.hyperparameters["batch_size"] = json!(batch);
+        });
+        self.record(updated.map(drop));
     }
 
     fn on_validation(&mut self, epoch: usize, step: usize, loss: f64) {

@@ -15,6 +15,25 @@ pub fn live_bytes(device: &Device) -> Result<usize> {
     }
 }
 
+/// Bytes free for new allocations on `device`: the kernel's `MemAvailable` on the CPU (Linux),
+/// the driver's free memory on CUDA; None where it cannot be known.
+pub fn available_bytes(device: &Device) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            d.cuda_stream().context().bind_to_thread()?;
+            let (free, _total) = candle_core::cuda::cudarc::driver::result::mem_get_info()?;
+            Ok(Some(free as u64))
+        }
+        _ => Ok(std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+        })),
+    }
+}
+
 /// Restarts peak tracking on `device` from what is in use now.
 pub fn reset_peak(device: &Device) -> Result<()> {
     device.synchronize()?;

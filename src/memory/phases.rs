@@ -96,8 +96,14 @@ mod tests {
     /// A phase whose fixed cost is large but constant loses to one that grows with the batch.
     #[test]
     fn the_fastest_growing_phase_sets_the_per_sample_cost() {
-        let small = PhasePeaks(vec![("forward", 100 + 2 * 50), ("walk down", 1000 + 2 * 10)]);
-        let large = PhasePeaks(vec![("forward", 100 + 8 * 50), ("walk down", 1000 + 8 * 10)]);
+        let small = PhasePeaks(vec![
+            ("forward", 100 + 2 * 50),
+            ("walk down", 1000 + 2 * 10),
+        ]);
+        let large = PhasePeaks(vec![
+            ("forward", 100 + 8 * 50),
+            ("walk down", 1000 + 8 * 10),
+        ]);
         let got = per_sample((2, &small), (8, &large));
         assert_eq!(got.phase, "forward");
         assert_eq!((got.bytes_per_sample, got.fixed_bytes), (50.0, 100.0));

@@ -87,7 +87,8 @@ impl CausalAttention {
     /// The tiled kernel's shapes when it runs this call: f32 scores of f32 operands.
     fn geometry(&self, q: &Tensor, k: &Tensor) -> Option<Geometry> {
         let (b, kvh, _, dh) = q.dims4().ok()?;
-        let tiled = q.device().is_cpu() && self.score_dtype == DType::F32 && q.dtype() == DType::F32;
+        let tiled =
+            q.device().is_cpu() && self.score_dtype == DType::F32 && q.dtype() == DType::F32;
         tiled.then(|| Geometry {
             heads: b * kvh,
             rep: self.rep,
@@ -204,7 +205,12 @@ impl CausalAttention {
         saved: Option<(&Tensor, &Tensor)>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         if let Some(geometry) = self.geometry(q, k) {
-            let (q, k, v, g) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, g.contiguous()?);
+            let (q, k, v, g) = (
+                &q.contiguous()?,
+                &k.contiguous()?,
+                &v.contiguous()?,
+                g.contiguous()?,
+            );
             let recomputed;
             let (lse, delta) = match saved {
                 Some(stats) => stats,

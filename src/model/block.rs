@@ -176,7 +176,15 @@ impl Attention {
 }
 
 /// Rows per tile of the MLP branch (its intermediate is ~2.75x wider than the model).
-pub const MLP_ROWS: usize = 512;
+const MLP_ROWS: usize = 512;
+
+/// The MLP branch's row tiles of `rows` rows, (first row, rows): the forward and the training
+/// backward walk the same ones, which keeps them bit-identical.
+pub fn mlp_tiles(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(MLP_ROWS)
+        .map(move |r0| (r0, MLP_ROWS.min(rows - r0)))
+}
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -240,11 +248,9 @@ impl Block {
     /// exist at once. The training backward walks the same tiles, so its recomputation is
     /// bit-identical to this.
     pub fn mlp_branch(&self, q: &Tensor, ctx: &BlockCtx<'_>) -> Result<Tensor> {
-        let rows = q.dim(0)?;
-        let tiles = (0..rows)
-            .step_by(MLP_ROWS)
-            .map(|r0| {
-                let x = self.mlp_input(&q.narrow(0, r0, MLP_ROWS.min(rows - r0))?, ctx)?;
+        let tiles = mlp_tiles(q.dim(0)?)
+            .map(|(r0, len)| {
+                let x = self.mlp_input(&q.narrow(0, r0, len)?, ctx)?;
                 self.mlp.forward(&x)?.to_dtype(ctx.residual_dtype)
             })
             .collect::<Result<Vec<_>>>()?;

@@ -77,7 +77,9 @@ impl Geometry {
 
     /// Keys of the tile starting at key `j0` (of `kl`) that query `i` of `tile` sees.
     fn visible(&self, tile: &QueryTile, i: usize, j0: usize, kl: usize) -> usize {
-        (self.start + tile.t0 + i + 1).min(j0 + kl).saturating_sub(j0)
+        (self.start + tile.t0 + i + 1)
+            .min(j0 + kl)
+            .saturating_sub(j0)
     }
 
     fn check(&self, q: usize, k: usize, v: usize) -> Result<()> {
@@ -172,7 +174,15 @@ fn forward_slices(q: &[f32], k: &[f32], v: &[f32], g: Geometry) -> (Vec<f32>, Ve
             )
         };
         let keys = tile.head * g.keys * dh..(tile.head + 1) * g.keys * dh;
-        forward_tile(&q[tile.row * dh..], &k[keys.clone()], &v[keys], &tile, &g, out, lse);
+        forward_tile(
+            &q[tile.row * dh..],
+            &k[keys.clone()],
+            &v[keys],
+            &tile,
+            &g,
+            out,
+            lse,
+        );
     });
     (out, lse)
 }
@@ -486,11 +496,13 @@ mod tests {
                 scale: 0.3,
             };
             let (out, lse) = forward(&q, &k, &v, geometry).unwrap().unwrap();
-            let want = reference
-                .forward(&wide(&q), &wide(&k), &wide(&v))
-                .unwrap();
+            let want = reference.forward(&wide(&q), &wide(&k), &wide(&v)).unwrap();
             let case = format!("{b}x{kvh}x{rep}, seq {seq} from {start}, dh {dh}");
-            assert!(diff(&out, &want) < 2e-5, "{case}: output {}", diff(&out, &want));
+            assert!(
+                diff(&out, &want) < 2e-5,
+                "{case}: output {}",
+                diff(&out, &want)
+            );
             assert_eq!(lse.dims(), [b * kvh, rep * seq]);
             let delta = delta(&out, &g, dh).unwrap().unwrap();
             let delta = delta.reshape((b * kvh, rep * seq)).unwrap();
@@ -501,7 +513,13 @@ mod tests {
                 .backward(&wide(&q), &wide(&k), &wide(&v), &wide(&g), None)
                 .unwrap();
             for (name, got, want) in [("q", dq, wq), ("k", dk, wk), ("v", dv, wv)] {
-                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
                 let err = diff(&got, &want) / scale.max(1.0);
                 assert!(err < 1e-4, "{case}: grad {name} {err}");
             }

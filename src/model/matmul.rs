@@ -18,8 +18,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     // candle's GEMM reads a batch of matrices only when one stride steps through it; others
     // (heads split out of a wider row) are copied into rows first.
-    a.matmul(b)
-        .or_else(|_| a.contiguous()?.matmul(&b.contiguous()?))
+    match a.matmul(b) {
+        Err(_) if !(a.is_contiguous() && b.is_contiguous()) => {
+            a.contiguous()?.matmul(&b.contiguous()?)
+        }
+        result => result,
+    }
 }
 
 #[cfg(rewind_openblas)]

@@ -198,7 +198,8 @@ pub(crate) fn on_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> O
 
 /// `f` over the data of contiguous f32 CPU tensors of any shapes, or None for any other kind.
 pub(crate) fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<Result<R>> {
-    let suitable = |t: &&Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+    let suitable =
+        |t: &&Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
     if !ts.iter().all(suitable) {
         return None;
     }

@@ -2,6 +2,10 @@
 //! kernels and candle's share one set of threads, where a second pool's threads would spin on
 //! the same cores waiting for work.
 
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
 /// A raw pointer that may cross threads, for tasks that each write their own disjoint part.
 pub struct SharedMut<T>(pub *mut T);
 // By hand: derived impls would ask T itself to be Copy.
@@ -33,11 +37,29 @@ pub fn threads() -> usize {
 
 /// Calls `task(i)` once for each `i` in `0..n`, spread over the pool.
 ///
-/// Tasks must not panic (the panic would reach the caller, but poison the pool's lock for
-/// every later candle CPU op) and must not start parallel work of their own: the calling
-/// thread runs a share of the tasks while holding that lock.
+/// A task that panics does not take the pool down: candle's pool re-raises a worker's panic
+/// while it holds its lock, which poisons the lock for every later CPU op, so each task's panic
+/// is caught on its thread and the first one re-raised here, after the pool is released. Tasks
+/// must not start parallel work of their own: the calling thread runs a share of the tasks
+/// while holding that lock.
 pub fn for_each(n: usize, task: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(&task));
+    let panicked: Mutex<Option<Box<dyn Any + Send>>> = Mutex::new(None);
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| range.for_each(&task))) {
+            let mut first = panicked.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert(panic);
+        }
+    });
+    if let Some(panic) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        resume_unwind(panic);
+    }
+}
+
+/// Whether candle's CPU pool still runs work. A panic inside one of candle's own parallel ops
+/// (not rewind's, see [`for_each`]) poisons its lock, after which every CPU op fails: a server
+/// that sees this must stop saying it is healthy.
+pub fn pool_is_usable() -> bool {
+    catch_unwind(|| candle_core::utils::barrier_pool().execute_chunked(1, |_| {})).is_ok()
 }
 
 /// Calls `f(r, row)` on each `row_len`-long row of `data` in parallel; the results, in row
@@ -141,5 +163,24 @@ mod tests {
         });
         assert!(a.iter().enumerate().all(|(i, &x)| x == (i / 100) as u32));
         assert!(b.iter().all(|&x| x == 1));
+    }
+
+    /// A panicking task reaches the caller, and the pool (whose lock a panic re-raised inside
+    /// it would poison) still runs the next op.
+    #[test]
+    fn a_panicking_task_leaves_the_pool_usable() {
+        let caught = catch_unwind(|| {
+            for_each(64, |i| {
+                if i == 17 {
+                    panic!("task 17");
+                }
+            })
+        });
+        let message = caught.unwrap_err();
+        assert_eq!(message.downcast_ref::<&str>(), Some(&"task 17"));
+        assert!(pool_is_usable());
+        let mut data = vec![0u32; 100];
+        map_chunks(&mut data, 10, |_, c| c.iter_mut().for_each(|x| *x = 1));
+        assert!(data.iter().all(|&x| x == 1));
     }
 }

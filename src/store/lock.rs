@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The lock file's name under the data directory.
@@ -23,7 +24,8 @@ const SAME_PROCESS_WAIT: Duration = Duration::from_secs(15);
 /// The held lock; dropping it (or the process ending) releases the data directory.
 #[derive(Debug)]
 pub struct DataDirLock {
-    _file: File,
+    /// Open while held (closing it releases the flock).
+    file: Option<File>,
     path: PathBuf,
 }
 
@@ -31,8 +33,7 @@ impl DataDirLock {
     /// Takes the data directory `data_dir` (created if needed) for this process, or fails at once,
     /// naming the directory and the pid holding it, when another process has it.
     pub fn acquire(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating {}", data_dir.display()))?;
+        crate::durable::create_dir_all(data_dir)?;
         let path = data_dir.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -51,7 +52,7 @@ impl DataDirLock {
                 }
             }
             let holder = holder_pid(&mut file);
-            if holder == Some(std::process::id()) && started.elapsed() < SAME_PROCESS_WAIT {
+            if held_here(&path) && started.elapsed() < SAME_PROCESS_WAIT {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
@@ -69,19 +70,50 @@ impl DataDirLock {
                 lock = path.display(),
             );
         }
-        // Ours now: record who holds it.
+        // Ours now: record who holds it (the pid, for the message another process gives; and in
+        // this process, the path: two containers sharing a volume can both be pid 1).
+        held_paths().push(canonical(&path));
         file.set_len(0)
             .and_then(|()| file.seek(SeekFrom::Start(0)))
             .and_then(|_| writeln!(file, "{}", std::process::id()))
             .and_then(|()| file.sync_data())
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(Self { _file: file, path })
+        Ok(Self {
+            file: Some(file),
+            path,
+        })
     }
 
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+impl Drop for DataDirLock {
+    fn drop(&mut self) {
+        // Released first, so a server of this process waiting for it never finds it held by
+        // nobody it knows.
+        drop(self.file.take());
+        let path = canonical(&self.path);
+        held_paths().retain(|p| *p != path);
+    }
+}
+
+/// Lock files this process holds.
+static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn held_paths() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Whether a server of this very process holds the lock file (it is still stopping).
+fn held_here(path: &Path) -> bool {
+    held_paths().contains(&canonical(path))
 }
 
 /// The pid recorded in the lock file (None while the holder has not written it yet).

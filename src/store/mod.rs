@@ -169,7 +169,7 @@ impl Store {
     /// Opens (creating if needed) the store under `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self> {
         let blobs = data_dir.join("files");
-        std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
+        crate::durable::create_dir_all(&blobs)?;
         let path = data_dir.join("rewind.db");
         let db = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // WAL: a reader (an HTTP handler) never waits for the runner's writes. `synchronous =
@@ -460,8 +460,8 @@ mod tests {
         std::fs::create_dir(crate::durable::temp_dir_path(&checkpoint).unwrap()).unwrap();
         // Unfinished blob and registry writes.
         std::fs::create_dir_all(data.join("files")).unwrap();
-        std::fs::write(data.join("files").join(".file-1.7-0.tmp"), "par").unwrap();
-        std::fs::write(data.join(".models.json.7-1.tmp"), "[").unwrap();
+        std::fs::write(data.join("files").join(".file-1.7-0.rewind-tmp"), "par").unwrap();
+        std::fs::write(data.join(".models.json.7-1.rewind-tmp"), "[").unwrap();
 
         let lock = open_data_dir(data).unwrap();
         let listing = |d: &Path| -> Vec<String> {

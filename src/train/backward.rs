@@ -15,8 +15,8 @@
 //!     g_{j-1}  = A g_{j+1}
 //! and for hamiltonian each half-step is undone in reverse order with its own VJP.
 
-use crate::model::block::Layout;
 use crate::memory::phases;
+use crate::model::block::Layout;
 use crate::model::decoder::States;
 use crate::train::block_vjp::{self, Sink};
 use crate::train::exact::{self, ExactRule, FixedPoint};
@@ -358,13 +358,8 @@ fn reversible_layer(
             let h = t.frozen.reversible.h;
             let (batch, seq) = block_vjp::uniform(layout)?;
             let q = below.view(&s.other, dtype)?;
-            let (m, d_q) = block_vjp::mlp_value_and_vjp(
-                block,
-                &q,
-                &g.last.affine(h, 0.0)?,
-                &ctx,
-                &mut sink,
-            )?;
+            let (m, d_q) =
+                block_vjp::mlp_value_and_vjp(block, &q, &g.last.affine(h, 0.0)?, &ctx, &mut sink)?;
             let p_prev = match below {
                 Below::Float => (&s.last - m.affine(h, 0.0)?)?,
                 Below::Kept(_) => kept()?.last.clone(),

@@ -11,7 +11,7 @@
 //! Checked against autograd through the same block by the gradient tests (store vs reversible).
 
 use crate::model::attention::CausalAttention;
-use crate::model::block::{BlockCtx, Layout, MLP_ROWS};
+use crate::model::block::{mlp_tiles, BlockCtx, Layout};
 use crate::model::linear::{Linear, Weight};
 use crate::model::matmul::matmul;
 use crate::model::{block::Block, ops};
@@ -174,7 +174,10 @@ pub fn attention_backward(
     let dx = linear_backward(
         &attn.q_proj,
         &tape.x,
-        &rows(ops::rope_transpose(&dq.reshape((b, h, t, dh))?, &cos, &sin)?, h)?,
+        &rows(
+            ops::rope_transpose(&dq.reshape((b, h, t, dh))?, &cos, &sin)?,
+            h,
+        )?,
         sink,
     )?;
     drop(dq);
@@ -217,13 +220,17 @@ pub fn mlp_value_and_vjp(
     ctx: &BlockCtx<'_>,
     sink: &mut Sink<'_>,
 ) -> Result<(Tensor, Tensor)> {
-    let rows = q.dim(0)?;
     let (mut values, mut cotangents) = (Vec::new(), Vec::new());
-    for r0 in (0..rows).step_by(MLP_ROWS) {
-        let len = MLP_ROWS.min(rows - r0);
+    for (r0, len) in mlp_tiles(q.dim(0)?) {
         let (m, tape) = mlp_forward(block, &q.narrow(0, r0, len)?, ctx)?;
         values.push(m);
-        cotangents.push(mlp_backward(block, tape, &dy.narrow(0, r0, len)?, ctx, sink)?);
+        cotangents.push(mlp_backward(
+            block,
+            tape,
+            &dy.narrow(0, r0, len)?,
+            ctx,
+            sink,
+        )?);
     }
     if values.len() == 1 {
         return Ok((values.remove(0), cotangents.remove(0)));
@@ -428,6 +435,9 @@ mod tests {
     /// LoRA-style training: frozen projections get no gradient, adapters and norms do.
     #[test]
     fn matches_autograd_with_frozen_projections() {
-        check(|name| name.contains("lora") || name.contains("norm"), (2, 5));
+        check(
+            |name| name.contains("lora") || name.contains("norm"),
+            (2, 5),
+        );
     }
 }

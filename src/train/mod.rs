@@ -9,6 +9,7 @@ pub mod data;
 pub mod exact;
 pub mod grads;
 pub mod loss;
+pub mod memory_fit;
 pub mod optimizer;
 pub mod trainable;
 pub mod trainer;

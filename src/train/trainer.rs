@@ -9,6 +9,7 @@ use crate::train::checkpoint::{self, LoopState};
 use crate::train::data::{length_batches, pad_batch, TokenizedExample};
 use crate::train::grads::Grads;
 use crate::train::loss::{head_loss_sum, Objective, Targets};
+use crate::train::memory_fit::{self, BatchRule, MemoryFit};
 use crate::train::optimizer::{AdamW, AdamWConfig, Schedule};
 use crate::train::trainable::Trainable;
 use anyhow::{bail, Result};
@@ -37,6 +38,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Fixed-point residual streams (bit-exact reversible rebuild).
     pub exact: Option<crate::train::exact::FixedPoint>,
+    /// Measure the memory a batch needs before the first step, and refuse a `batch_size` that
+    /// cannot fit or lower it to what fits (`memory_fit`); None trains as asked.
+    #[serde(default)]
+    pub batch_rule: Option<BatchRule>,
 }
 
 impl Default for TrainConfig {
@@ -53,6 +58,7 @@ impl Default for TrainConfig {
             checkpoint_dir: None,
             checkpoint_every: 50,
             exact: None,
+            batch_rule: None,
         }
     }
 }
@@ -80,6 +86,8 @@ pub trait Observer {
     /// with a checkpoint (the job runner publishes epoch-end models) is finished even if a crash
     /// interrupted it: observers must take a repeated step as a no-op.
     fn on_checkpoint(&mut self, _step: usize, _dir: &std::path::Path, _model: &Model) {}
+    /// The memory plan, when the run measured one (`TrainConfig::batch_rule`).
+    fn on_memory_fit(&mut self, _fit: &MemoryFit) {}
     fn cancelled(&self) -> bool {
         false
     }
@@ -205,6 +213,32 @@ pub fn train(
     }
     let device = t.frozen.device.clone();
     let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+    let fitted;
+    let config = match config.batch_rule {
+        None => config,
+        Some(rule) => {
+            let longest = lengths.iter().copied().max().unwrap_or(1);
+            let fit = memory_fit::fit_batch(
+                &t,
+                config.strategy,
+                config.exact,
+                longest,
+                config.batch_size,
+                rule,
+            )?;
+            match fit {
+                Some(fit) => {
+                    observer.on_memory_fit(&fit);
+                    fitted = TrainConfig {
+                        batch_size: fit.batch,
+                        ..config.clone()
+                    };
+                    &fitted
+                }
+                None => config,
+            }
+        }
+    };
     let batches_per_epoch = train.len().div_ceil(config.batch_size.max(1));
     let steps_per_epoch = batches_per_epoch.div_ceil(config.grad_accum.max(1));
     let total_steps = steps_per_epoch * config.epochs;
