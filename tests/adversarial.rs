@@ -53,6 +53,7 @@ const MAX_EPOCHS: usize = 5;
 const MAX_BATCH: usize = 16;
 const MAX_LR: f64 = 10.0;
 const MAX_RANK: usize = 8;
+const BODY_IDLE_SECS: u64 = 1;
 
 /// Requests sent by the suite (the health poller's are counted apart).
 static SENT: AtomicUsize = AtomicUsize::new(0);
@@ -703,6 +704,7 @@ fn start() -> Server {
         format: WeightFormat::F32,
     }];
     s.limits.max_body_bytes = MAX_BODY;
+    s.limits.body_timeout_secs = BODY_IDLE_SECS;
     s.limits.max_tokens = MAX_TOKENS;
     s.limits.max_n = MAX_N;
     s.limits.max_messages = MAX_MESSAGES;
@@ -773,6 +775,181 @@ struct Ids {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Generated variants.
+
+/// xorshift64*: a fixed sequence, so a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+/// A random schema, up to `depth` levels, with `$ref`s into the definitions `a`, `b`, `c`
+/// (which may refer to themselves or each other, productively or not).
+fn random_schema(rng: &mut Rng, depth: usize) -> Value {
+    let leaf = ["string", "number", "integer", "boolean", "null"];
+    match if depth == 0 { rng.below(3) } else { rng.below(9) } {
+        0 => json!({"type": leaf[rng.below(leaf.len())]}),
+        1 => json!({"$ref": format!("#/$defs/{}", ["a", "b", "c"][rng.below(3)])}),
+        2 => json!({"enum": (0..1 + rng.below(4)).map(|i| json!(i)).collect::<Vec<_>>()}),
+        3 | 4 => {
+            let props: serde_json::Map<String, Value> = (0..rng.below(4))
+                .map(|i| (format!("p{i}"), random_schema(rng, depth - 1)))
+                .collect();
+            let required: Vec<&String> = props.keys().filter(|_| rng.below(2) == 0).collect();
+            json!({"type": "object", "properties": props, "required": required})
+        }
+        5 | 6 => json!({"type": "array", "items": random_schema(rng, depth - 1), "maxItems": rng.below(4)}),
+        7 => json!({"anyOf": (0..1 + rng.below(3)).map(|_| random_schema(rng, depth - 1)).collect::<Vec<_>>()}),
+        _ => json!({"type": [leaf[rng.below(5)], "object"], "properties": {"x": random_schema(rng, depth - 1)}}),
+    }
+}
+
+/// 300 random schemas (recursive, mutually recursive, unproductive loops, wide unions) and 300
+/// random multipart uploads (odd boundaries, names, part headers and bytes): every answer keeps
+/// the invariants; a schema is served or refused naming `response_format`; an upload is stored
+/// (and then listed at the end) or refused.
+fn generated(addr: SocketAddr, files: &Mutex<BTreeSet<String>>) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let chat = chat_body();
+    for i in 0..300 {
+        let mut schema = random_schema(&mut rng, 4);
+        if let Value::Object(map) = &mut schema {
+            let defs: serde_json::Map<String, Value> = ["a", "b", "c"]
+                .iter()
+                .map(|d| (d.to_string(), random_schema(&mut rng, 3)))
+                .collect();
+            map.insert("$defs".into(), Value::Object(defs));
+        }
+        let body = with(&chat, "response_format", json_schema(schema));
+        run(
+            addr,
+            &case(
+                format!("generated schema {i}"),
+                Req::post("/v1/chat/completions").json(&body),
+                Want::OkOrParam("response_format".into()),
+            ),
+        );
+    }
+    let alphabet = b"aZ09'()+_,-./:=? ";
+    for i in 0..300 {
+        let boundary: String = (0..1 + rng.below(80))
+            .map(|_| alphabet[rng.below(alphabet.len())] as char)
+            .collect();
+        let purposes = ["assistants", "fine-tune", "batch", "user_data", "nope", ""];
+        let name: String = (0..rng.below(12)).map(|_| ['x', '"', ';', '\\', '\u{e9}', '.'][rng.below(6)]).collect();
+        let content: Vec<u8> = (0..rng.below(64)).map(|_| rng.below(256) as u8).collect();
+        let purpose = purposes[rng.below(purposes.len())];
+        let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![
+            ("purpose", None, purpose.as_bytes()),
+            ("file", Some(name.as_str()), content.as_slice()),
+        ];
+        if rng.below(3) == 0 {
+            parts.swap(0, 1);
+        }
+        if rng.below(4) == 0 {
+            parts.push(("extra", Some("e"), b"--"));
+        }
+        let declared = if rng.below(5) == 0 { "XyZ".to_string() } else { boundary.clone() };
+        let req = Req::post("/v1/files").body(
+            multipart(&boundary, &parts),
+            &format!("multipart/form-data; boundary=\"{declared}\""),
+        );
+        let what = format!("generated upload {i}");
+        let r = hit(addr, &what, &req);
+        check_want(&what, &req, &r, &Want::OneOf(&[200, 400, 413]), false);
+        if let Some(id) = r.json()["id"].as_str().filter(|_| r.status == 200) {
+            files.lock().unwrap().insert(id.to_string());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow bodies.
+
+/// Sends a chat request's head declaring `declared` body bytes, then `sent` (in `pieces` spread
+/// over `spread`), then waits for the answer.
+fn slow_post(
+    addr: SocketAddr,
+    declared: usize,
+    sent: &[u8],
+    pieces: usize,
+    spread: Duration,
+) -> Result<Resp, String> {
+    use std::io::{Read, Write};
+    SENT.fetch_add(1, Ordering::Relaxed);
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    let chunk = sent.len().div_ceil(pieces.max(1)).max(1);
+    for (i, piece) in sent.chunks(chunk).enumerate() {
+        if i > 0 {
+            std::thread::sleep(spread / pieces as u32);
+        }
+        // The server may already have answered and closed: what it said is read below.
+        if stream.write_all(piece).is_err() {
+            break;
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    parse_response(&buf, false)
+}
+
+/// Bodies that stall get 408 in the envelope, 48 at once, while the health poller keeps getting
+/// answers; a body that trickles in without ever stalling for the idle bound is read and
+/// answered on its merits.
+fn slow_bodies(addr: SocketAddr) {
+    let body = json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+        .into_bytes();
+    let req = Req::post("/v1/chat/completions").json(&json!({"stalled": true}));
+    let stalled: Vec<_> = (0..48)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                // Half the body, then silence.
+                let result = slow_post(addr, body.len(), &body[..body.len() / 2], 1, Duration::ZERO);
+                (result, started.elapsed())
+            })
+        })
+        .collect();
+    for handle in stalled {
+        let (result, took) = handle.join().unwrap();
+        match result {
+            Ok(r) => {
+                check_invariants("a stalled body", &req, &r);
+                if r.status != 408 || took > Duration::from_secs(BODY_IDLE_SECS + 5) {
+                    fail(format!(
+                        "a stalled body got {} after {took:?}: {}",
+                        r.status,
+                        r.excerpt()
+                    ));
+                }
+            }
+            Err(e) => fail(format!("a stalled body got no answer: {e}")),
+        }
+    }
+    // Eight pieces over 4 s: never idle for the bound, so not a timeout.
+    match slow_post(addr, body.len(), &body, 8, Duration::from_secs(4)) {
+        Ok(r) if r.status == 404 => {}
+        Ok(r) => fail(format!("a trickled body got {}: {}", r.status, r.excerpt())),
+        Err(e) => fail(format!("a trickled body got no answer: {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The suite.
 
 /// The suite's phases, in order: (name, how long it took, how many requests it sent).
@@ -815,6 +992,10 @@ fn hostile_clients_get_clean_answers_and_the_server_survives() {
     pool.extend(phases.run("response_format schemas", || schemas(addr)));
     pool.extend(phases.run("uploads", || uploads(addr, &created_files)));
     pool.extend(phases.run("query strings", || queries(addr, &ids)));
+    phases.run("generated schemas and uploads", || {
+        generated(addr, &created_files)
+    });
+    phases.run("slow bodies", || slow_bodies(addr));
     phases.run("64 concurrent clients", || {
         concurrent(addr, &pool, &created_files)
     });
