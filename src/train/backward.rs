@@ -185,7 +185,7 @@ pub fn loss_and_grads(
         };
         let block = &t.frozen.layers[0];
         let ctx = t.frozen.ctx();
-        let (_, d_e) = block_vjp::f_and_vjp(block, &e, &g_seed.last, &layout(), &ctx, &mut sink)?;
+        let (_, d_e) = block_vjp::f_and_vjp(block, &e, g_seed.last.clone(), &layout(), &ctx, &mut sink)?;
         (g_e + d_e)?
     } else {
         g_e
@@ -318,7 +318,7 @@ fn reversible_layer(
             // s = (p_j, p_{j+1}), g = (g_j, g_{j+1}).
             let p = below.view(&s.other, dtype)?;
             let df = g.last.affine(coef.c, 0.0)?;
-            let (f, d_p) = block_vjp::f_and_vjp(block, &p, &df, layout, &ctx, &mut sink)?;
+            let (f, d_p) = block_vjp::f_and_vjp(block, &p, df, layout, &ctx, &mut sink)?;
             let prev = match below {
                 Below::Float => coef.inverse(&s.other, &s.last, &f)?,
                 Below::Kept(_) => kept()?.other.clone(),

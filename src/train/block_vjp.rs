@@ -70,9 +70,9 @@ fn linear_backward(lin: &Linear, x: &Tensor, dy: &Tensor, sink: &mut Sink<'_>) -
 
 /// What the attention branch's backward needs from its forward.
 pub struct AttentionTape {
+    /// The branch's input; N1 p, which the projections' backward reads, is recomputed from it
+    /// (bit for bit) rather than kept through the kernel's backward.
     p: Tensor,
-    /// N1 p in the compute dtype.
-    x: Tensor,
     /// Rotated heads as the kernel saw them.
     q: Tensor,
     k: Tensor,
@@ -95,11 +95,10 @@ pub fn attention_forward(
     ctx: &BlockCtx<'_>,
 ) -> Result<(Tensor, AttentionTape)> {
     let attn = &block.self_attn;
-    let x = block.attention_input(p, ctx)?;
-    // Scoped so the projections' row layout and the kernel's output layout are freed as soon
-    // as their copies exist.
+    // Scoped so N1 p, the projections' row layout and the kernel's output layout are freed as
+    // soon as what follows from them exists.
     let (q, k, v) = {
-        let (q, k, v) = attn.project(&x)?;
+        let (q, k, v) = attn.project(&block.attention_input(p, ctx)?)?;
         attn.split_heads(&q, &k, &v, batch, seq, 0, ctx)?
     };
     let kernel = attn.kernel(&q, seq, 0, ctx);
@@ -110,7 +109,6 @@ pub fn attention_forward(
     let y = attn.o_proj.forward(&merged)?.to_dtype(ctx.residual_dtype)?;
     let tape = AttentionTape {
         p: p.clone(),
-        x,
         q,
         k,
         v,
@@ -161,7 +159,7 @@ pub fn attention_backward(
     let (dq, dk, dv) = tape
         .kernel
         .backward(&tape.q, &tape.k, &tape.v, &d_out, saved)?;
-    // What the rest needs is x and the three cotangents: every other full-width tensor goes
+    // What the rest needs is N1 p and the three cotangents: every other full-width tensor goes
     // before the projections' backward allocates its own (a block's working set is what
     // bounds the batch).
     drop((d_out, tape.q, tape.k, tape.v));
@@ -171,9 +169,10 @@ pub fn attention_backward(
             .transpose(1, 2)?
             .reshape((b * t, n * dh))?)
     };
+    let x = block.attention_input(&tape.p, ctx)?;
     let dx = linear_backward(
         &attn.q_proj,
-        &tape.x,
+        &x,
         &rows(
             ops::rope_transpose(&dq.reshape((b, h, t, dh))?, &cos, &sin)?,
             h,
@@ -184,13 +183,13 @@ pub fn attention_backward(
     let dx = (dx
         + linear_backward(
             &attn.k_proj,
-            &tape.x,
+            &x,
             &rows(ops::rope_transpose(&dk, &cos, &sin)?, kvh)?,
             sink,
         )?)?;
     drop(dk);
-    let dx = (dx + linear_backward(&attn.v_proj, &tape.x, &rows(dv, kvh)?, sink)?)?;
-    drop(tape.x);
+    let dx = (dx + linear_backward(&attn.v_proj, &x, &rows(dv, kvh)?, sink)?)?;
+    drop(x);
     norm_backward(
         &block.input_layernorm,
         block.rms_norm_eps,
@@ -299,7 +298,7 @@ fn norm_backward(
 pub fn f_and_vjp(
     block: &Block,
     p: &Tensor,
-    df: &Tensor,
+    df: Tensor,
     layout: &Layout<'_>,
     ctx: &BlockCtx<'_>,
     sink: &mut Sink<'_>,
@@ -307,8 +306,9 @@ pub fn f_and_vjp(
     let (batch, seq) = uniform(layout)?;
     let (a, attn_tape) = attention_forward(block, p, batch, seq, ctx)?;
     // f = a + m(p + a): the cotangent reaching p + a is the MLP's, and a receives df plus it.
-    let (m, d_q) = mlp_value_and_vjp(block, &(p + &a)?, df, ctx, sink)?;
+    let (m, d_q) = mlp_value_and_vjp(block, &(p + &a)?, &df, ctx, sink)?;
     let f = (a + m)?;
+    // Taken by value: df is not needed past here.
     let d_a = (df + &d_q)?;
     let d_p = (d_q + attention_backward(block, attn_tape, &d_a, ctx, sink)?)?;
     Ok((f, d_p))
@@ -380,7 +380,7 @@ mod tests {
             grads: &mut grads,
         };
         let ctx = t.frozen.ctx();
-        let (f, dp) = f_and_vjp(&t.frozen.layers[0], &p, &df, &layout, &ctx, &mut sink).unwrap();
+        let (f, dp) = f_and_vjp(&t.frozen.layers[0], &p, df.clone(), &layout, &ctx, &mut sink).unwrap();
 
         let p_var = Var::from_tensor(&p).unwrap();
         let reference = t.graph.layers[0]
