@@ -368,10 +368,10 @@ fn envelope(body: &[u8]) -> Result<(), String> {
         .get("error")
         .and_then(Value::as_object)
         .ok_or("no `error` object")?;
-    if !e
+    if e
         .get("message")
         .and_then(Value::as_str)
-        .is_some_and(|m| !m.is_empty())
+        .is_none_or(str::is_empty)
     {
         return Err("`error.message` is not a non-empty string".into());
     }
