@@ -368,8 +368,7 @@ fn envelope(body: &[u8]) -> Result<(), String> {
         .get("error")
         .and_then(Value::as_object)
         .ok_or("no `error` object")?;
-    if e
-        .get("message")
+    if e.get("message")
         .and_then(Value::as_str)
         .is_none_or(str::is_empty)
     {
@@ -793,7 +792,11 @@ impl Rng {
 /// (which may refer to themselves or each other, productively or not).
 fn random_schema(rng: &mut Rng, depth: usize) -> Value {
     let leaf = ["string", "number", "integer", "boolean", "null"];
-    match if depth == 0 { rng.below(3) } else { rng.below(9) } {
+    match if depth == 0 {
+        rng.below(3)
+    } else {
+        rng.below(9)
+    } {
         0 => json!({"type": leaf[rng.below(leaf.len())]}),
         1 => json!({"$ref": format!("#/$defs/{}", ["a", "b", "c"][rng.below(3)])}),
         2 => json!({"enum": (0..1 + rng.below(4)).map(|i| json!(i)).collect::<Vec<_>>()}),
@@ -804,9 +807,15 @@ fn random_schema(rng: &mut Rng, depth: usize) -> Value {
             let required: Vec<&String> = props.keys().filter(|_| rng.below(2) == 0).collect();
             json!({"type": "object", "properties": props, "required": required})
         }
-        5 | 6 => json!({"type": "array", "items": random_schema(rng, depth - 1), "maxItems": rng.below(4)}),
-        7 => json!({"anyOf": (0..1 + rng.below(3)).map(|_| random_schema(rng, depth - 1)).collect::<Vec<_>>()}),
-        _ => json!({"type": [leaf[rng.below(5)], "object"], "properties": {"x": random_schema(rng, depth - 1)}}),
+        5 | 6 => {
+            json!({"type": "array", "items": random_schema(rng, depth - 1), "maxItems": rng.below(4)})
+        }
+        7 => {
+            json!({"anyOf": (0..1 + rng.below(3)).map(|_| random_schema(rng, depth - 1)).collect::<Vec<_>>()})
+        }
+        _ => {
+            json!({"type": [leaf[rng.below(5)], "object"], "properties": {"x": random_schema(rng, depth - 1)}})
+        }
     }
 }
 
@@ -842,7 +851,9 @@ fn generated(addr: SocketAddr, files: &Mutex<BTreeSet<String>>) {
             .map(|_| alphabet[rng.below(alphabet.len())] as char)
             .collect();
         let purposes = ["assistants", "fine-tune", "batch", "user_data", "nope", ""];
-        let name: String = (0..rng.below(12)).map(|_| ['x', '"', ';', '\\', '\u{e9}', '.'][rng.below(6)]).collect();
+        let name: String = (0..rng.below(12))
+            .map(|_| ['x', '"', ';', '\\', '\u{e9}', '.'][rng.below(6)])
+            .collect();
         let content: Vec<u8> = (0..rng.below(64)).map(|_| rng.below(256) as u8).collect();
         let purpose = purposes[rng.below(purposes.len())];
         let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![
@@ -855,7 +866,11 @@ fn generated(addr: SocketAddr, files: &Mutex<BTreeSet<String>>) {
         if rng.below(4) == 0 {
             parts.push(("extra", Some("e"), b"--"));
         }
-        let declared = if rng.below(5) == 0 { "XyZ".to_string() } else { boundary.clone() };
+        let declared = if rng.below(5) == 0 {
+            "XyZ".to_string()
+        } else {
+            boundary.clone()
+        };
         let req = Req::post("/v1/files").body(
             multipart(&boundary, &parts),
             &format!("multipart/form-data; boundary=\"{declared}\""),
@@ -890,7 +905,9 @@ fn slow_post(
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
     );
-    stream.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| e.to_string())?;
     let chunk = sent.len().div_ceil(pieces.max(1)).max(1);
     for (i, piece) in sent.chunks(chunk).enumerate() {
         if i > 0 {
@@ -920,7 +937,8 @@ fn slow_bodies(addr: SocketAddr) {
             std::thread::spawn(move || {
                 let started = Instant::now();
                 // Half the body, then silence.
-                let result = slow_post(addr, body.len(), &body[..body.len() / 2], 1, Duration::ZERO);
+                let result =
+                    slow_post(addr, body.len(), &body[..body.len() / 2], 1, Duration::ZERO);
                 (result, started.elapsed())
             })
         })

@@ -120,9 +120,16 @@ fn batches_are_fitted_to_the_free_memory() {
     rewind::memory::mark_installed();
     let t = trainable(2);
     let huge = 1 << 40;
-    let refused = fit_batch(&t, Strategy::Reversible, None, SEQ, huge, BatchRule::Required)
-        .unwrap_err()
-        .to_string();
+    let refused = fit_batch(
+        &t,
+        Strategy::Reversible,
+        None,
+        SEQ,
+        huge,
+        BatchRule::Required,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         refused.contains("does not fit") && refused.contains("at most"),
         "{refused}"
@@ -130,7 +137,10 @@ fn batches_are_fitted_to_the_free_memory() {
     let fit = fit_batch(&t, Strategy::Reversible, None, SEQ, huge, BatchRule::AtMost)
         .unwrap()
         .expect("memory is measurable here");
-    assert!(fit.batch > 0 && fit.batch == fit.max_batch && fit.batch < huge, "{fit:?}");
+    assert!(
+        fit.batch > 0 && fit.batch == fit.max_batch && fit.batch < huge,
+        "{fit:?}"
+    );
     // The probe's two small batches see costs that stop growing at larger ones (an MLP tile
     // that is not yet full), so it may overestimate a sample, never underestimate it much.
     let measured = per_sample(Strategy::Reversible, 2).bytes_per_sample;
@@ -139,8 +149,15 @@ fn batches_are_fitted_to_the_free_memory() {
         "probe {} vs {measured}",
         fit.bytes_per_sample
     );
-    let again = fit_batch(&t, Strategy::Reversible, None, SEQ, fit.batch / 2, BatchRule::Required)
-        .unwrap()
-        .unwrap();
+    let again = fit_batch(
+        &t,
+        Strategy::Reversible,
+        None,
+        SEQ,
+        fit.batch / 2,
+        BatchRule::Required,
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(again.batch, fit.batch / 2);
 }

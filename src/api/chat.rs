@@ -7,7 +7,7 @@ use crate::api::stream::{
 };
 use crate::api::tools;
 use crate::api::validation::{self, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
-use crate::api::{off_worker, read_body, AppState};
+use crate::api::{read_body, AppState};
 use crate::engine::grammar::Grammar;
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
@@ -31,7 +31,7 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<Value>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
-    /// Read from the same body by [`validation::parse_generation_body`].
+    /// Read from the same body by [`stream::prepare`].
     #[serde(skip)]
     pub sampling: SamplingFields,
 }
@@ -154,12 +154,18 @@ pub fn response_format(
     }
 }
 
-impl ChatCompletionRequest {
-    pub fn validate(
-        self,
-        model: Arc<ServedModel>,
-        state: &AppState,
-    ) -> Result<ChatRequest, ApiError> {
+impl stream::GenerationBody for ChatCompletionRequest {
+    type Validated = ChatRequest;
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn set_sampling(&mut self, sampling: SamplingFields) {
+        self.sampling = sampling;
+    }
+
+    fn validate(self, model: Arc<ServedModel>, state: &AppState) -> Result<ChatRequest, ApiError> {
         let limits = &state.settings.limits;
         let sampling = self.sampling.validate(model.vocab_size, limits)?;
         validation::at_most("messages", self.messages.len(), limits.max_messages)?;
@@ -260,16 +266,7 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, &req, payload).await?;
-    let shared = state.clone();
-    let (model, chat) = off_worker(move || {
-        let (mut request, sampling): (ChatCompletionRequest, _) =
-            validation::parse_generation_body(&body)?;
-        request.sampling = sampling;
-        let model = stream::served_model(&shared.engine, &request.model)?;
-        let validated = request.validate(model.clone(), &shared)?;
-        Ok((model, validated))
-    })
-    .await?;
+    let (model, chat) = stream::prepare::<ChatCompletionRequest>(&state, body).await?;
     let choices = chat.generate.choices();
     let events = stream::submit(&state.engine, chat.generate)?;
     let envelope = Envelope {

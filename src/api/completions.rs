@@ -4,7 +4,7 @@
 use crate::api::error::ApiError;
 use crate::api::stream::{self, finish_reason, reported_logprob, usage, ChunkFormat, Envelope};
 use crate::api::validation::{self, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
-use crate::api::{off_worker, read_body, AppState};
+use crate::api::{read_body, AppState};
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
 use crate::model::generate::{GenerationParams, StepOutput, TokenLogprob};
@@ -36,7 +36,7 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     pub best_of: Option<i64>,
     pub suffix: Option<String>,
-    /// Read from the same body by [`validation::parse_generation_body`].
+    /// Read from the same body by [`stream::prepare`].
     #[serde(skip)]
     pub sampling: SamplingFields,
 }
@@ -51,8 +51,18 @@ pub struct CompletionJob {
     pub prompt_tokens: usize,
 }
 
-impl CompletionRequest {
-    pub fn validate(
+impl stream::GenerationBody for CompletionRequest {
+    type Validated = CompletionJob;
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn set_sampling(&mut self, sampling: SamplingFields) {
+        self.sampling = sampling;
+    }
+
+    fn validate(
         self,
         model: Arc<ServedModel>,
         state: &AppState,
@@ -200,16 +210,7 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, &req, payload).await?;
-    let shared = state.clone();
-    let (model, job) = off_worker(move || {
-        let (mut request, sampling): (CompletionRequest, _) =
-            validation::parse_generation_body(&body)?;
-        request.sampling = sampling;
-        let model = stream::served_model(&shared.engine, &request.model)?;
-        let validated = request.validate(model.clone(), &shared)?;
-        Ok((model, validated))
-    })
-    .await?;
+    let (model, job) = stream::prepare::<CompletionRequest>(&state, body).await?;
     let n = job.generate.n;
     let choices = job.generate.choices();
     let events = stream::submit(&state.engine, job.generate)?;

@@ -6,11 +6,14 @@
 //! starting with `:`), and after a failure a `data: {"error": ...}` event, then the end.
 
 use crate::api::error::ApiError;
+use crate::api::validation::{self, SamplingFields};
+use crate::api::{off_worker, AppState};
 use crate::engine::registry::{Lookup, ServedModel};
 use crate::engine::{Engine, Event, EventStream, GenerateRequest};
 use crate::model::generate::{FinishReason, StepOutput, TokenLogprob};
-use actix_web::web::Bytes;
+use actix_web::web::{self, Bytes};
 use actix_web::HttpResponse;
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,6 +22,36 @@ use std::time::Duration;
 /// How long a stream may stay silent before a keep-alive comment goes out; writing also lets
 /// the server notice a client that has gone.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// The wire type of a generation request (chat, legacy completions): its own fields, the
+/// sampling fields they share, and its validation against the model it names.
+pub trait GenerationBody: DeserializeOwned + Send + 'static {
+    type Validated: Send + 'static;
+    fn model(&self) -> &str;
+    fn set_sampling(&mut self, sampling: SamplingFields);
+    fn validate(
+        self,
+        model: Arc<ServedModel>,
+        state: &AppState,
+    ) -> Result<Self::Validated, ApiError>;
+}
+
+/// A generation body parsed and validated off the HTTP workers (a prompt of megabytes is
+/// rendered and tokenised there), with the model it names.
+pub async fn prepare<B: GenerationBody>(
+    state: &web::Data<AppState>,
+    body: Bytes,
+) -> Result<(Arc<ServedModel>, B::Validated), ApiError> {
+    let state = state.clone();
+    off_worker(move || {
+        let (mut request, sampling): (B, _) = validation::parse_generation_body(&body)?;
+        request.set_sampling(sampling);
+        let model = served_model(&state.engine, request.model())?;
+        let validated = request.validate(model.clone(), &state)?;
+        Ok((model, validated))
+    })
+    .await
+}
 
 /// The loaded model named by a request, or the error the client should see.
 pub fn served_model(engine: &Engine, id: &str) -> Result<Arc<ServedModel>, ApiError> {

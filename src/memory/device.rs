@@ -25,12 +25,14 @@ pub fn available_bytes(device: &Device) -> Result<Option<u64>> {
             let (free, _total) = candle_core::cuda::cudarc::driver::result::mem_get_info()?;
             Ok(Some(free as u64))
         }
-        _ => Ok(std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-                .map(|kb| kb * 1024)
-        })),
+        _ => Ok(std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("MemAvailable:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                    .map(|kb| kb * 1024)
+            })),
     }
 }
 

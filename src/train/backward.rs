@@ -185,7 +185,8 @@ pub fn loss_and_grads(
         };
         let block = &t.frozen.layers[0];
         let ctx = t.frozen.ctx();
-        let (_, d_e) = block_vjp::f_and_vjp(block, &e, g_seed.last.clone(), &layout(), &ctx, &mut sink)?;
+        let (_, d_e) =
+            block_vjp::f_and_vjp(block, &e, g_seed.last.clone(), &layout(), &ctx, &mut sink)?;
         (g_e + d_e)?
     } else {
         g_e

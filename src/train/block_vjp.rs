@@ -380,7 +380,15 @@ mod tests {
             grads: &mut grads,
         };
         let ctx = t.frozen.ctx();
-        let (f, dp) = f_and_vjp(&t.frozen.layers[0], &p, df.clone(), &layout, &ctx, &mut sink).unwrap();
+        let (f, dp) = f_and_vjp(
+            &t.frozen.layers[0],
+            &p,
+            df.clone(),
+            &layout,
+            &ctx,
+            &mut sink,
+        )
+        .unwrap();
 
         let p_var = Var::from_tensor(&p).unwrap();
         let reference = t.graph.layers[0]
