@@ -234,19 +234,8 @@ fn exact_mode_is_bit_identical_across_tiles() {
         "vocab_size": vocab, "max_position_embeddings": seq, "tie_word_embeddings": true
     }))
     .unwrap();
-    let ids: Vec<u32> = (0..size * (seq + 1))
-        .map(|i| (i * 31 % vocab) as u32)
-        .collect();
     let device = Device::Cpu;
-    let all = Tensor::from_vec(ids, (size, seq + 1), &device).unwrap();
-    let batch = Batch {
-        inputs: all.narrow(1, 0, seq).unwrap().contiguous().unwrap(),
-        targets: Targets {
-            ids: all.narrow(1, 1, seq).unwrap().flatten_all().unwrap(),
-            weights: Tensor::ones(size * seq, DType::F32, &device).unwrap(),
-        },
-        objective: Objective::NextToken,
-    };
+    let batch = rewind::train::memory_fit::synthetic_batch(size, seq, vocab, &device).unwrap();
     for spec in ["midpoint(h=0.5)", "hamiltonian"] {
         let source = RandomSource {
             seed: 11,

@@ -2,14 +2,14 @@
 //! strategy exists for. Checkpoint keeps every layer's input, so its per-sample memory grows
 //! with depth; reversible keeps the top pair only, so its per-sample memory does not.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use rewind::memory::phases::{self, PerSample};
 use rewind::memory::CountingAlloc;
 use rewind::model::config::ModelConfig;
 use rewind::model::loader::{build_model, random::RandomSource, WeightFormat};
 use rewind::model::reversible::ReversibleConfig;
-use rewind::train::backward::{loss_and_grads, Batch, Strategy};
-use rewind::train::loss::{Objective, Targets};
+use rewind::train::backward::{loss_and_grads, Strategy};
+use rewind::train::memory_fit::synthetic_batch;
 use rewind::train::trainable::Trainable;
 
 #[global_allocator]
@@ -34,21 +34,6 @@ fn trainable(layers: usize) -> Trainable {
     Trainable::new(model, |_| true).unwrap()
 }
 
-fn batch(size: usize) -> Batch<'static> {
-    let ids: Vec<u32> = (0..size * (SEQ + 1))
-        .map(|i| (i * 7919 % VOCAB) as u32)
-        .collect();
-    let all = Tensor::from_vec(ids, (size, SEQ + 1), &Device::Cpu).unwrap();
-    Batch {
-        inputs: all.narrow(1, 0, SEQ).unwrap().contiguous().unwrap(),
-        targets: Targets {
-            ids: all.narrow(1, 1, SEQ).unwrap().flatten_all().unwrap(),
-            weights: Tensor::ones(size * SEQ, DType::F32, &Device::Cpu).unwrap(),
-        },
-        objective: Objective::NextToken,
-    }
-}
-
 /// The counted heap is the process's: one measurement at a time.
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -58,7 +43,7 @@ fn per_sample(strategy: Strategy, layers: usize) -> PerSample {
     let t = trainable(layers);
     let mut peaks = Vec::new();
     for size in [8, 24] {
-        let b = batch(size);
+        let b = synthetic_batch(size, SEQ, VOCAB, &Device::Cpu).unwrap();
         loss_and_grads(&t, &b, strategy, 1.0, None).unwrap();
         let device = Device::Cpu;
         let (_, p) =
