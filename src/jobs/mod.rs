@@ -238,8 +238,12 @@ impl FineTuning {
     /// step outlasted the stop's grace): that start ended in a shutdown, not a crash, so it does
     /// not count against the job's `fine_tuning.max_job_attempts`.
     pub fn forgive_interrupted_attempts(&self) -> Result<()> {
-        let running = self.store.list_jobs(None, crate::store::ALL)?.data;
-        for job in running.iter().filter(|j| j.status == "running") {
+        for job in self
+            .store
+            .unfinished_jobs()?
+            .iter()
+            .filter(|j| j.status == "running")
+        {
             self.update(&job.id, |j| j.attempts = j.attempts.saturating_sub(1))?;
         }
         Ok(())
