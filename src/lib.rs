@@ -6,6 +6,8 @@
 //! so training needs no per-layer activations.
 //!
 //! Module map (lower layers never import higher ones):
+//! - [`kernels`]: CPU inference kernels (packed weights, 8-bit dot products per instruction
+//!   set, a persistent thread team), knowing nothing of models.
 //! - [`model`]: pure math and loading: configs, blocks, reversible schemes, GGUF/safetensors
 //!   loaders, tokenizer, chat template, KV cache, sampling, generation.
 //! - [`settings`]: the server's typed configuration (`config.toml`, `REWIND_*`, flags).
@@ -25,6 +27,7 @@ pub mod convert;
 pub mod durable;
 pub mod engine;
 pub mod jobs;
+pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod provision;

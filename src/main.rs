@@ -43,6 +43,8 @@ fn main() {
     rewind::memory::retain_freed_heap();
     cli::init_tracing();
     rewind::memory::mark_installed();
+    // The CPU kernels' probe forks: run it before any thread, lock or socket exists.
+    rewind::kernels::isa::Isa::best();
     let result = match Cli::parse().command {
         Command::Pull(args) => cli::pull::run(args),
         Command::Generate(args) => cli::generate::run_generate(args),

@@ -263,8 +263,8 @@ fn corrupt_and_mismatched_files_are_reported() {
     );
 }
 
-/// Quantized weights (GGUF blocks kept; Q4_1 re-blocked to Q8_0 for a SIMD kernel) stay close to
-/// the dequantized f32 model: same argmax where the reference margin is clear, small logit error.
+/// Quantized weights (GGUF blocks kept, activations quantised to 8 bits per block of 32 as
+/// llama.cpp does) stay close to the dequantized f32 model: same argmax where the reference margin is clear, small logit error.
 #[test]
 fn quantized_weights_track_f32() {
     let reference = fixture("smollm2_reference.json");
@@ -300,4 +300,68 @@ fn quantized_weights_track_f32() {
         assert!(err < 0.1, "{err}");
         assert_eq!(argmax(a.last().unwrap()), argmax(b.last().unwrap()));
     }
+}
+
+/// The CPU decode path on the real weights: prefill then greedy decode steps give the tensor
+/// path's logits (f32 weights, to float rounding) and, on the GGUF's own Q4_1/Q8_0 blocks,
+/// stay as close to the f32 model as the tensor path's quantized products do.
+#[test]
+fn packed_decode_matches_the_tensor_path_on_real_weights() {
+    use rewind::model::decoder::{Model, SeqInput};
+    use rewind::model::kv_cache::KvCache;
+    let reference = fixture("smollm2_reference.json");
+    let prompt = ids_of(&reference["prompts"][0]["ids"]);
+    let load = |format| {
+        let options = LoadOptions {
+            format,
+            ..Default::default()
+        };
+        loader::load(&common::base_model(), &options).unwrap().model
+    };
+    // Logits of the prompt and of four single-token steps.
+    let run = |model: &Model, packed: bool, forced: &[u32]| -> Vec<Vec<f32>> {
+        let mut cache = KvCache::new(&model.config);
+        let mut out = Vec::new();
+        let mut next = prompt.clone();
+        for step in 0..5 {
+            let mut input = [SeqInput {
+                tokens: &next,
+                cache: &mut cache,
+            }];
+            let logits = if packed {
+                model.forward_step(&mut input)
+            } else {
+                model.forward_step_tensors(&mut input)
+            };
+            out.push(logits.unwrap().to_vec2::<f32>().unwrap().remove(0));
+            next = vec![forced.get(step).copied().unwrap_or(0)];
+        }
+        out
+    };
+    let error = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        relative(
+            a.iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .map(|(&x, &y)| (x as f64, y as f64)),
+        )
+    };
+    let mut f32_model = load(WeightFormat::F32);
+    // Any tokens serve for parity; these continue the prompt plausibly.
+    let forced = ids_of(&reference["prompts"][1]["ids"]);
+    let exact = run(&f32_model, false, &forced);
+    assert!(f32_model.pack_for_decoding().unwrap());
+    let packed_f32 = run(&f32_model, true, &forced);
+    let err = error(&packed_f32, &exact);
+    assert!(err < 1e-4, "packed f32 vs tensors: {err:.2e}");
+
+    let mut q_model = load(WeightFormat::Quantized);
+    let tensors = error(&run(&q_model, false, &forced), &exact);
+    assert!(q_model.pack_for_decoding().unwrap());
+    let packed = error(&run(&q_model, true, &forced), &exact);
+    println!("quantized vs f32: tensor path {tensors:.2e}, packed path {packed:.2e}");
+    assert!(
+        packed < 1.5 * tensors + 1e-3 && packed < 0.1,
+        "{packed:.2e} vs {tensors:.2e}"
+    );
 }

@@ -300,7 +300,7 @@ fn bench_generate(args: &GenerateBenchArgs) -> Result<()> {
         let before = memory::live_bytes();
         let mut margs = args.model.clone();
         margs.format = format;
-        let loaded = margs.load()?;
+        let loaded = margs.load_for_inference()?;
         let weights_bytes = memory::live_bytes().saturating_sub(before);
         let model = &loaded.model;
         let prompt: Vec<u32> = (0..args.prompt_tokens)

@@ -80,7 +80,7 @@ fn reply(
 }
 
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
-    let loaded = args.model.load()?;
+    let loaded = args.model.load_for_inference()?;
     reply(
         &loaded,
         &[ChatMessage::new("user", &args.prompt)],
@@ -90,7 +90,7 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
 }
 
 pub fn run_chat(args: ChatArgs) -> Result<()> {
-    let loaded = args.model.load()?;
+    let loaded = args.model.load_for_inference()?;
     let mut messages: Vec<ChatMessage> = args
         .system
         .iter()

@@ -64,4 +64,12 @@ impl ModelArgs {
         tracing::info!(model = %path.display(), scheme = %loaded.model.reversible.label(), secs = started.elapsed().as_secs_f32(), "model loaded");
         Ok(loaded)
     }
+
+    /// Loads the model for generation: on the CPU with f32 or quantized weights, repacked for
+    /// the CPU decode path.
+    pub fn load_for_inference(&self) -> Result<LoadedModel> {
+        let mut loaded = self.load()?;
+        loaded.model.pack_for_decoding()?;
+        Ok(loaded)
+    }
 }

@@ -128,7 +128,7 @@ fn load(task: &LoadTask, device: &Device) -> Result<Loaded> {
         .as_deref()
         .map(ReversibleConfig::parse)
         .transpose()?;
-    let loaded = loader::load(
+    let mut loaded = loader::load(
         &path,
         &LoadOptions {
             format: spec.format,
@@ -136,10 +136,12 @@ fn load(task: &LoadTask, device: &Device) -> Result<Loaded> {
             reversible,
         },
     )?;
+    let packed = loaded.model.pack_for_decoding()?;
     tracing::info!(
         model = %spec.id,
         path = %path.display(),
         scheme = %loaded.model.reversible.label(),
+        packed_cpu_kernels = packed,
         "model weights read"
     );
     Ok(Loaded::Weights(loaded))

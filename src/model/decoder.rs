@@ -2,14 +2,17 @@
 //! LM head. The stack walk here is the plain forward (inference, scoring, invertibility checks);
 //! the trainer drives the same blocks and step rules with its own backward strategies.
 
+use crate::kernels::team::Team;
 use crate::model::block::{Block, BlockCtx, Layout, RaggedSeq};
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::{Embedding, Linear, Weight};
 use crate::model::ops;
+use crate::model::packed_decoder::PackedDecoder;
 use crate::model::reversible::{self, ReversibleConfig, SchemeKind};
 use crate::model::rope::RopeTables;
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
 
 /// The two states a scheme carries between layers: (p_{j-1}, p_j), or (q, p) for hamiltonian.
 /// Euler carries only `last`.
@@ -33,6 +36,9 @@ pub struct Model {
     /// Residual streams: f32, or f64 for reference computations.
     pub residual_dtype: DType,
     pub device: Device,
+    /// The CPU decode path's copy of the weights, when [`Model::pack_for_decoding`] made one;
+    /// every method that hands out or changes weights drops it.
+    pub packed: Option<Arc<PackedDecoder>>,
 }
 
 /// One sequence's new tokens for a batched inference step, with its cache.
@@ -181,6 +187,21 @@ impl Model {
     /// appends each sequence's tokens to its cache and returns the logits after each
     /// sequence's last token, (S, vocab).
     pub fn forward_step(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        match &self.packed {
+            Some(packed) => packed.forward_step(seqs, &self.reversible, Team::global()),
+            None => self.forward_step_tensors(seqs),
+        }
+    }
+
+    /// Repacks the weights for the CPU decode path, which [`Model::forward_step`] then uses;
+    /// returns whether this model can run on it (CPU, f32 compute, adapters merged).
+    pub fn pack_for_decoding(&mut self) -> Result<bool> {
+        self.packed = PackedDecoder::build(self)?.map(Arc::new);
+        Ok(self.packed.is_some())
+    }
+
+    /// [`Model::forward_step`] through the tensor ops (any device and dtype).
+    pub fn forward_step_tensors(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut last_rows = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
@@ -232,6 +253,7 @@ impl Model {
 
     /// Converts every weight to `dtype` for computing entirely in it (f64 reference checks).
     pub fn to_precision(&mut self, dtype: DType) -> Result<()> {
+        self.packed = None;
         self.densify()?;
         for (_, t) in self.parameters_mut() {
             *t = t.to_dtype(dtype)?;
@@ -251,6 +273,7 @@ impl Model {
 
     /// Dequantises every quantized weight to f32.
     pub fn densify(&mut self) -> Result<()> {
+        self.packed = None;
         if let Weight::Quantized(_) = self.embed_tokens.weight {
             self.embed_tokens.weight =
                 Weight::Dense(self.embed_tokens.weight.to_dense(DType::F32)?);
@@ -274,6 +297,7 @@ impl Model {
         seed: u64,
     ) -> Result<usize> {
         let mut n = 0;
+        self.packed = None;
         for (i, (name, lin)) in self.projections_mut().into_iter().enumerate() {
             if targets.iter().any(|t| name.contains(t.as_str())) {
                 lin.add_lora(rank, alpha, seed.wrapping_add(i as u64))?;
@@ -285,6 +309,7 @@ impl Model {
 
     /// Folds every LoRA adapter into its weight.
     pub fn merge_lora(&mut self) -> Result<()> {
+        self.packed = None;
         for (_, lin) in self.projections_mut() {
             lin.merge_lora()?;
         }
@@ -293,6 +318,7 @@ impl Model {
 
     /// Named dense parameters with HF names, for training and saving.
     pub fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        self.packed = None;
         let mut out: Vec<(String, &mut Tensor)> = Vec::new();
         if let Weight::Dense(w) = &mut self.embed_tokens.weight {
             out.push(("model.embed_tokens.weight".into(), w));

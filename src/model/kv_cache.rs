@@ -61,22 +61,50 @@ impl LayerKv {
     }
 }
 
-/// The cache of one sequence across all layers.
+/// The packed decode path's cache of one sequence: per layer, one row of kv_dim keys (and
+/// values) per position, in host memory.
+#[derive(Debug, Clone, Default)]
+pub struct HostKv {
+    pub keys: Vec<Vec<f32>>,
+    pub values: Vec<Vec<f32>>,
+    /// Positions committed by completed steps (a failed step's rows are dropped by the next).
+    pub len: usize,
+}
+
+impl HostKv {
+    pub fn ensure_layers(&mut self, layers: usize) {
+        self.keys.resize_with(layers, Vec::new);
+        self.values.resize_with(layers, Vec::new);
+    }
+
+    fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|v| v.capacity() * 4)
+            .sum()
+    }
+}
+
+/// The cache of one sequence across all layers: tensors for the generic path, host rows for
+/// the packed CPU path; a sequence uses one of them.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
+    pub host: HostKv,
 }
 
 impl KvCache {
     pub fn new(config: &ModelConfig) -> Self {
         Self {
             layers: vec![LayerKv::default(); config.num_hidden_layers],
+            host: HostKv::default(),
         }
     }
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len)
+        self.layers.first().map_or(0, |l| l.len).max(self.host.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -85,7 +113,7 @@ impl KvCache {
 
     /// Bytes held by the buffers (capacity, not just the used part).
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(LayerKv::bytes).sum()
+        self.layers.iter().map(LayerKv::bytes).sum::<usize>() + self.host.bytes()
     }
 
     /// Bytes one cached token costs, for admission control under a memory budget.
@@ -97,5 +125,6 @@ impl KvCache {
         for layer in &mut self.layers {
             *layer = LayerKv::default();
         }
+        self.host = HostKv::default();
     }
 }

@@ -14,6 +14,7 @@ pub mod linear;
 pub mod loader;
 pub mod matmul;
 pub mod ops;
+pub mod packed_decoder;
 pub mod parallel;
 pub mod reversible;
 pub mod rope;

@@ -52,7 +52,10 @@ impl DataDirLock {
                 }
             }
             let holder = holder_pid(&mut file);
-            if held_here(&path) && started.elapsed() < SAME_PROCESS_WAIT {
+            // Held by this process, or just released by it while a short-lived child forked
+            // from it (the CPU kernels' start-up probe) still shares the descriptor: wait.
+            let ours = held_here(&path) || holder == Some(std::process::id());
+            if ours && started.elapsed() < SAME_PROCESS_WAIT {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }

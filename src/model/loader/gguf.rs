@@ -214,16 +214,8 @@ impl WeightSource for GgufSource {
             && q.shape().rank() == 2
             && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if keep_quantized {
-            // candle's CPU kernels for Q4_1/Q5_0/Q5_1 are scalar (3x slower than f32 here);
-            // Q8_0 has a SIMD kernel and holds these 4/5-bit values almost exactly.
-            if device.is_cpu()
-                && matches!(
-                    q.dtype(),
-                    GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-                )
-            {
-                q = QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?;
-            }
+            // Kept in the file's own blocks: the CPU decode path repacks Q4_1 and Q8_0 as they
+            // are (and requantises other types to 8 bits itself).
             if device.is_cpu() {
                 return Ok(Weight::Quantized(Arc::new(q)));
             }

@@ -186,6 +186,7 @@ pub fn build_model(
         )?,
         compute_dtype: format.dense_dtype(),
         residual_dtype: DType::F32,
+        packed: None,
         device: device.clone(),
     })
 }
