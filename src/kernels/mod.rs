@@ -14,6 +14,7 @@ mod portable;
 pub mod quantize;
 pub mod team;
 pub mod vector;
+pub mod vector_math;
 
 #[cfg(test)]
 mod tests;

@@ -3,27 +3,10 @@
 //! `target_feature` wrapper [`Isa::best`] selects.
 
 use super::isa::Isa;
+use super::vector_math::{exp, max_of};
 
 /// Independent partial sums, so the loop vectorises without reassociating floats.
 const LANES: usize = 16;
-
-#[inline(always)]
-fn dot_body(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
 
 #[inline(always)]
 fn axpy_body(y: &mut [f32], a: f32, x: &[f32]) {
@@ -43,6 +26,7 @@ macro_rules! multiversion {
     ($(#[$doc:meta])* $name:ident, $body:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
         $(#[$doc])*
         #[inline]
+        #[allow(clippy::too_many_arguments)]
         pub fn $name(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
@@ -63,17 +47,56 @@ macro_rules! multiversion {
     };
 }
 
+/// One query's causal attention over the first `rows` cached positions: out = softmax(q . k_j
+/// * scale) weighted sum of v_j. `keys` holds the head's keys transposed, q.len() rows of
+/// `capacity` positions; position j's value is `values[j * stride + offset..][..q.len()]`.
+/// `scores` is scratch.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_body(
+    q: &[f32],
+    keys: &[f32],
+    capacity: usize,
+    values: &[f32],
+    rows: usize,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let dim = q.len();
+    scores.clear();
+    scores.resize(rows, 0.0);
+    for (d, &qd) in q.iter().enumerate() {
+        axpy_body(scores, qd * scale, &keys[d * capacity..][..rows]);
+    }
+    let max = max_of(scores);
+    let mut lanes = [0.0f32; LANES];
+    for chunk in scores.chunks_mut(LANES) {
+        for (lane, s) in lanes.iter_mut().zip(chunk) {
+            *s = exp(*s - max);
+            *lane += *s;
+        }
+    }
+    let total: f32 = lanes.iter().sum();
+    out.fill(0.0);
+    for (j, &w) in scores.iter().enumerate() {
+        axpy_body(out, w, &values[j * stride + offset..][..dim]);
+    }
+    scale_body(out, 1.0 / total);
+}
+
 multiversion!(
-    /// sum_i a_i b_i
-    dot, dot_body, (a: &[f32], b: &[f32]) -> f32
+    /// See `attend_body`.
+    attend, attend_body, (
+        q: &[f32], keys: &[f32], capacity: usize, values: &[f32], rows: usize, stride: usize,
+        offset: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]
+    )
 );
 multiversion!(
     /// y += a x
     axpy, axpy_body, (y: &mut [f32], a: f32, x: &[f32])
-);
-multiversion!(
-    /// y *= a
-    scale, scale_body, (y: &mut [f32], a: f32)
 );
 
 /// RMSNorm of one row: out = x / sqrt(mean(x^2) + eps) * weight, the mean taken in f64 as
@@ -86,12 +109,17 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
     }
 }
 
-/// SwiGLU: out_i = silu(gate_i) up_i.
-pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+#[inline(always)]
+fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
+        *o = g / (1.0 + exp(-g)) * u;
     }
 }
+
+multiversion!(
+    /// SwiGLU: out_i = silu(gate_i) up_i.
+    swiglu, swiglu_body, (gate: &[f32], up: &[f32], out: &mut [f32])
+);
 
 /// Rotates one head in place by the rotate-half RoPE convention.
 pub fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {

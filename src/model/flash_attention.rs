@@ -19,7 +19,7 @@
 
 use crate::model::ops::with_cpu_f32;
 use crate::model::parallel::{self, SharedMut};
-use crate::model::vector_math::{exp, max_of, sum_f64, wide};
+use crate::kernels::vector_math::{exp, max_of, sum_f64, wide};
 use candle_core::{Result, Tensor};
 
 /// Query rows per task: a tile's scores (QUERY_TILE x KEY_TILE f32) and its operands stay in

@@ -61,28 +61,65 @@ impl LayerKv {
     }
 }
 
-/// The packed decode path's cache of one sequence: per layer, one row of kv_dim keys (and
-/// values) per position, in host memory.
+/// The packed decode path's cache of one sequence, in host memory.
 #[derive(Debug, Clone, Default)]
 pub struct HostKv {
-    pub keys: Vec<Vec<f32>>,
-    pub values: Vec<Vec<f32>>,
-    /// Positions committed by completed steps (a failed step's rows are dropped by the next).
+    pub layers: Vec<HostLayerKv>,
+    /// Positions committed by completed steps (a failed step's rows are overwritten by the
+    /// next).
     pub len: usize,
+}
+
+/// One layer's keys and values for the packed path. Keys are stored transposed per head,
+/// (kv_heads, head_dim, capacity), so one query's scores over consecutive positions are
+/// head_dim contiguous multiply-adds with no horizontal sums; values are rows,
+/// (positions, kv_heads * head_dim), summed with the scores as weights.
+#[derive(Debug, Clone, Default)]
+pub struct HostLayerKv {
+    pub keys: Vec<f32>,
+    pub values: Vec<f32>,
+    pub capacity: usize,
 }
 
 impl HostKv {
     pub fn ensure_layers(&mut self, layers: usize) {
-        self.keys.resize_with(layers, Vec::new);
-        self.values.resize_with(layers, Vec::new);
+        self.layers.resize_with(layers, HostLayerKv::default);
     }
 
     fn bytes(&self) -> usize {
-        self.keys
+        self.layers
             .iter()
-            .chain(&self.values)
-            .map(|v| v.capacity() * 4)
+            .map(|l| 4 * (l.keys.capacity() + l.values.capacity()))
             .sum()
+    }
+}
+
+impl HostLayerKv {
+    /// Writes position `at`'s key and value rows (kv_heads * head_dim each), dropping any
+    /// rows past it, and grows the buffers by doubling.
+    pub fn write(&mut self, at: usize, key: &[f32], value: &[f32], head_dim: usize) {
+        let width = key.len();
+        let heads = width / head_dim;
+        if at >= self.capacity {
+            let capacity = (at + 1).next_power_of_two().max(64);
+            let mut keys = vec![0.0; heads * head_dim * capacity];
+            for row in 0..heads * head_dim {
+                keys[row * capacity..][..at]
+                    .copy_from_slice(&self.keys[row * self.capacity..][..at]);
+            }
+            self.keys = keys;
+            self.capacity = capacity;
+        }
+        for (row, &k) in key.iter().enumerate() {
+            self.keys[row * self.capacity + at] = k;
+        }
+        self.values.truncate(at * width);
+        self.values.extend_from_slice(value);
+    }
+
+    /// Head `head`'s transposed keys: head_dim rows of `capacity` positions.
+    pub fn head_keys(&self, head: usize, head_dim: usize) -> &[f32] {
+        &self.keys[head * head_dim * self.capacity..][..head_dim * self.capacity]
     }
 }
 

@@ -21,4 +21,3 @@ pub mod rope;
 pub mod sampling;
 pub mod stop;
 pub mod tokenizer;
-pub mod vector_math;

@@ -8,7 +8,7 @@
 
 use crate::model::custom_vjp;
 use crate::model::parallel::{self, ELEMENTS_PER_TASK};
-use crate::model::vector_math::{exp, wide};
+use crate::kernels::vector_math::{exp, wide};
 use candle_core::{DType, Result, Storage, Tensor, D};
 
 /// RMSNorm over the last dimension (f64 inputs, the reference computations, are normalised by

@@ -14,6 +14,7 @@ use crate::kernels::team::{SharedOut, Team};
 use crate::kernels::vector;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{Model, SeqInput};
+use crate::model::kv_cache::HostLayerKv;
 use crate::model::linear::{Linear, Weight};
 use crate::model::reversible::{Readout, ReversibleConfig, SchemeKind, TwoStep};
 use candle_core::quantized::GgmlDType;
@@ -325,10 +326,7 @@ impl PackedDecoder {
         // RoPE on q and k, then k and v appended to each sequence's cache.
         let half = hd / 2;
         for (seq, span) in seqs.iter_mut().zip(spans) {
-            let cache = &mut seq.cache.host;
-            let (keys, values) = (&mut cache.keys[j], &mut cache.values[j]);
-            keys.truncate(span.start * kv_dim);
-            values.truncate(span.start * kv_dim);
+            let cache = &mut seq.cache.host.layers[j];
             for t in 0..span.len {
                 let pos = span.start + t;
                 let (cos, sin) = (
@@ -339,8 +337,8 @@ impl PackedDecoder {
                 for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
                     vector::rope(head, cos, sin);
                 }
-                keys.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
-                values.extend_from_slice(&row[q_dim + kv_dim..]);
+                let (key, value) = row[q_dim..].split_at(kv_dim);
+                cache.write(pos, key, value, hd);
             }
         }
 
@@ -351,46 +349,37 @@ impl PackedDecoder {
         let out = SharedOut::new(&mut s.attention);
         let scores = SharedScores(s.scores.as_mut_ptr());
         let (qkv, isa) = (&s.qkv, self.isa);
-        let caches: Vec<(&[f32], &[f32])> = seqs
-            .iter()
-            .map(|q| {
-                (
-                    q.cache.host.keys[j].as_slice(),
-                    q.cache.host.values[j].as_slice(),
-                )
-            })
-            .collect();
+        let caches: Vec<&HostLayerKv> = seqs.iter().map(|q| &q.cache.host.layers[j]).collect();
         team.run(&|member, members| {
             // SAFETY: member m alone uses scores[m]; each task writes its own rows and head.
             let scores = unsafe { scores.member(member) };
             for task in (member..tasks).step_by(members) {
                 let (i, head) = (task / heads, task % heads);
-                let (span, (keys, values)) = (spans[i], caches[i]);
+                let (span, cache) = (spans[i], caches[i]);
                 let kv_head = head / group;
+                let keys = cache.head_keys(kv_head, hd);
                 for t in 0..span.len {
                     let n = span.first_row + t;
                     let q = &qkv[n * width + head * hd..][..hd];
-                    let visible = span.start + t + 1;
-                    scores.resize(visible, 0.0);
-                    let mut max = f32::NEG_INFINITY;
-                    for (key, score) in scores.iter_mut().enumerate() {
-                        let k = &keys[key * kv_dim + kv_head * hd..][..hd];
-                        *score = vector::dot(isa, q, k) * scale;
-                        max = max.max(*score);
-                    }
-                    let mut total = 0.0;
-                    for score in scores.iter_mut() {
-                        *score = (*score - max).exp();
-                        total += *score;
-                    }
+                    // SAFETY: this task alone writes row n's slice for `head`.
                     let o = unsafe {
                         std::slice::from_raw_parts_mut(out.ptr().add(n * q_dim + head * hd), hd)
                     };
-                    o.fill(0.0);
-                    for (key, &w) in scores.iter().enumerate() {
-                        vector::axpy(isa, o, w, &values[key * kv_dim + kv_head * hd..][..hd]);
-                    }
-                    vector::scale(isa, o, 1.0 / total);
+                    let visible = span.start + t + 1;
+                    let offset = kv_head * hd;
+                    vector::attend(
+                        isa,
+                        q,
+                        keys,
+                        cache.capacity,
+                        &cache.values,
+                        visible,
+                        kv_dim,
+                        offset,
+                        scale,
+                        scores,
+                        o,
+                    );
                 }
             }
         });
@@ -425,7 +414,7 @@ impl PackedDecoder {
             .chunks_exact(2 * ffn)
             .zip(s.activated.chunks_exact_mut(ffn))
         {
-            vector::swiglu(&gu[..ffn], &gu[ffn..], out);
+            vector::swiglu(self.isa, &gu[..ffn], &gu[ffn..], out);
         }
         self.linear(
             &layer.down,

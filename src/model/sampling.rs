@@ -12,7 +12,7 @@
 //!    which is what OpenAI's `logprobs` describe, and it does not change with `temperature`;
 //! 3. temperature, then top-k, top-p (relative to the top-k mass) and min-p, then one draw.
 
-use crate::model::vector_math::{exp, max_of, sum_f64};
+use crate::kernels::vector_math::{exp, max_of, sum_f64};
 use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

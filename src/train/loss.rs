@@ -4,7 +4,7 @@
 
 use crate::model::decoder::Model;
 use crate::model::matmul::matmul;
-use crate::model::vector_math::{exp, max_of, sum_f64, wide};
+use crate::kernels::vector_math::{exp, max_of, sum_f64, wide};
 use crate::model::{ops, parallel};
 use crate::train::grads::{grad_or_zeros, Grads};
 use candle_core::{DType, Result, Tensor, Var, D};

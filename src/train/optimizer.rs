@@ -3,7 +3,7 @@
 
 use crate::model::ops::on_cpu_f32;
 use crate::model::parallel::{self, ELEMENTS_PER_TASK};
-use crate::model::vector_math::wide;
+use crate::kernels::vector_math::wide;
 use crate::train::grads::Grads;
 use anyhow::Result;
 use candle_core::{DType, Tensor, Var};
