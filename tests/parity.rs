@@ -331,7 +331,7 @@ fn packed_decode_matches_the_tensor_path_on_real_weights() {
             let logits = if packed {
                 model.forward_step(&mut input)
             } else {
-                model.forward_step_tensors(&mut input)
+                model.forward_step_tensors(&mut input, rewind::model::decoder::LogitRows::Last)
             };
             out.push(logits.unwrap().to_vec2::<f32>().unwrap().remove(0));
             next = vec![forced.get(step).copied().unwrap_or(0)];

@@ -4,7 +4,7 @@ use crate::cli::progress::StepProgress;
 use crate::cli::ModelArgs;
 use crate::convert::eval::{self, EvalReport};
 use crate::convert::{self, teacher_answers, ConvertConfig, TrainedWeights};
-use crate::model::loader::LoadedModel;
+use crate::model::loader::{LoadedModel, WeightFormat};
 use crate::train::data::{self, TokenizedExample};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,10 @@ pub struct EvalArgs {
     /// the model evaluated is the converted default model.
     #[arg(long)]
     pub reference: Option<String>,
+    /// Weight format of the reference (default: the evaluated model's `--format`), e.g.
+    /// `--format quantized --reference-format f32` measures what quantisation costs.
+    #[arg(long, value_enum)]
+    pub reference_format: Option<WeightFormat>,
     /// Held-out chat JSONL (default: rewind's held-out chitchat slice).
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -105,7 +109,8 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         ),
         ..args.model.clone()
     };
-    let model = model_args.load()?;
+    // Measured on the path that serves it (the CPU decode kernels where they apply).
+    let model = model_args.load_for_inference()?;
     let reference = ModelArgs {
         model: Some(
             args.reference
@@ -113,6 +118,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
                 .unwrap_or_else(|| crate::provision::BASE_MODEL.into()),
         ),
         scheme: None,
+        format: args.reference_format.unwrap_or(args.model.format),
         ..args.model.clone()
     }
     .load()?;

@@ -4,8 +4,9 @@
 
 use crate::model::block::Layout;
 use crate::model::chat_template::ChatMessage;
-use crate::model::decoder::{Model, States};
+use crate::model::decoder::{LogitRows, Model, SeqInput, States};
 use crate::model::generate::{run_to_completion, GenerationParams, Sequence};
+use crate::model::kv_cache::KvCache;
 use crate::model::loader::LoadedModel;
 use crate::model::sampling::SamplingParams;
 use crate::train::data::TokenizedExample;
@@ -68,16 +69,28 @@ pub fn distribution_stats(
         let t = ex.ids.len() - 1;
         let inputs = Tensor::new(&ex.ids[..t], &model.device)?.unsqueeze(0)?;
         let targets = Tensor::new(&ex.ids[1..], &model.device)?;
-        let (h, h_ref) = (
-            hidden_states(model, &inputs)?,
-            hidden_states(reference, &inputs)?,
-        );
+        // A packed model is measured on the path that serves it: the CPU decode kernels,
+        // prefilling the example chunk by chunk into one cache.
+        let h = match model.packed {
+            Some(_) => None,
+            None => Some(hidden_states(model, &inputs)?),
+        };
+        let h_ref = hidden_states(reference, &inputs)?;
+        let mut cache = KvCache::new(&model.config);
         // Chunks keep the (T, vocab) logits small.
         for start in (0..t).step_by(256) {
             let len = 256.min(t - start);
-            let logits = model
-                .logits(&h.narrow(0, start, len)?)?
-                .to_dtype(DType::F32)?;
+            let logits = match &h {
+                Some(h) => model.logits(&h.narrow(0, start, len)?)?,
+                None => model.forward_step_rows(
+                    &mut [SeqInput {
+                        tokens: &ex.ids[start..start + len],
+                        cache: &mut cache,
+                    }],
+                    LogitRows::Every,
+                )?,
+            }
+            .to_dtype(DType::F32)?;
             let logits_ref = reference
                 .logits(&h_ref.narrow(0, start, len)?)?
                 .to_dtype(DType::F32)?;

@@ -168,36 +168,52 @@ impl PackedMatrix {
         m
     }
 
-    /// Repacks GGUF Q4_1 blocks (f16 scale d, f16 minimum m, 16 bytes of nibbles: value e in
-    /// the low nibble of byte e, value e+16 in its high nibble), keeping them at 4 bits.
+    /// Repacks GGUF Q4_1 blocks, keeping them at 4 bits.
     pub fn from_q4_1(raw: &[u8], rows: usize, cols: usize) -> Self {
-        const SIZE: usize = 4 + BLOCK / 2;
-        check_blocks(cols);
-        assert_eq!(raw.len(), rows * cols / BLOCK * SIZE);
+        let m = Self::from_four_bit(&[FourBit::Q4_1(raw)], cols);
+        assert_eq!(m.rows, rows);
+        m
+    }
+
+    /// Stacks the rows of 4-bit GGUF matrices of `cols` inputs, each block as a 4-bit block
+    /// with an f16 scale and minimum (w = d q + m).
+    pub fn from_four_bit(parts: &[FourBit<'_>], cols: usize) -> Self {
+        let rows = parts.iter().map(|p| p.rows(cols)).sum();
         let mut m = Self::empty(Format::Q4, rows, cols);
-        let blocks = m.blocks();
-        for (i, block) in raw.chunks_exact(SIZE).enumerate() {
-            let (r, b) = (i / blocks, i % blocks);
-            let (g, lane) = (r / GROUP, r % GROUP);
-            let at = (g * blocks + b) * GROUP + lane;
-            m.scales[at] = u16::from_le_bytes([block[0], block[1]]);
-            m.minima[at] = u16::from_le_bytes([block[2], block[3]]);
-            let nibble = |e: usize| {
-                if e < 16 {
-                    block[4 + e] & 0x0f
-                } else {
-                    block[4 + e - 16] >> 4
-                }
-            };
-            let base = (g * blocks + b) * GROUP * BLOCK / 2;
-            for j in 0..4 {
-                for v in 0..4 {
-                    m.bytes[base + j * 64 + lane * 4 + v] =
-                        nibble(4 * j + v) | (nibble(4 * j + 16 + v) << 4);
+        let mut first = 0;
+        for part in parts {
+            let (size, values) = part.block_shape();
+            assert!(
+                cols % values == 0,
+                "{cols} inputs is not a multiple of {values}"
+            );
+            let raw = part.bytes();
+            let per_row = cols / values;
+            let mut unpacked = vec![(f16::ZERO, f16::ZERO, [0u8; BLOCK]); values / BLOCK];
+            for (i, block) in raw.chunks_exact(size).enumerate() {
+                let (r, b) = (first + i / per_row, (i % per_row) * values / BLOCK);
+                part.unpack(block, &mut unpacked);
+                for (j, (d, min, q)) in unpacked.iter().enumerate() {
+                    m.set_q4_block(r, b + j, *d, *min, q);
                 }
             }
+            first += part.rows(cols);
         }
         m
+    }
+
+    fn set_q4_block(&mut self, r: usize, b: usize, d: f16, min: f16, q: &[u8; BLOCK]) {
+        let blocks = self.blocks();
+        let (g, lane) = (r / GROUP, r % GROUP);
+        let at = (g * blocks + b) * GROUP + lane;
+        self.scales[at] = d.to_bits();
+        self.minima[at] = min.to_bits();
+        let base = (g * blocks + b) * GROUP * BLOCK / 2;
+        for j in 0..4 {
+            for v in 0..4 {
+                self.bytes[base + j * 64 + lane * 4 + v] = q[4 * j + v] | (q[4 * j + 16 + v] << 4);
+            }
+        }
     }
 
     fn set_q8_block(&mut self, r: usize, b: usize, scale_bits: u16, q: &[i8; BLOCK]) {
@@ -318,6 +334,90 @@ impl Tile {
         let at = (self.column + c) * self.ld + first;
         std::ptr::copy_nonoverlapping(sums.as_ptr(), self.out.ptr().add(at), n);
     }
+}
+
+/// A 4-bit GGUF matrix's raw blocks.
+#[derive(Clone, Copy)]
+pub enum FourBit<'a> {
+    /// f16 d, 16 nibble bytes; w = d (q - 8).
+    Q4_0(&'a [u8]),
+    /// f16 d, f16 m, 16 nibble bytes; w = d q + m.
+    Q4_1(&'a [u8]),
+    /// 256-value super-blocks: f16 d and dmin, twelve bytes of 6-bit sub-block scales and
+    /// minima, 128 bytes of nibbles in 64-value chunks (low nibbles first); w = d sc q - dmin m.
+    Q4K(&'a [u8]),
+}
+
+impl FourBit<'_> {
+    /// (bytes, values) of one block.
+    fn block_shape(&self) -> (usize, usize) {
+        match self {
+            FourBit::Q4_0(_) => (2 + BLOCK / 2, BLOCK),
+            FourBit::Q4_1(_) => (4 + BLOCK / 2, BLOCK),
+            FourBit::Q4K(_) => (4 + 12 + 128, 256),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            FourBit::Q4_0(b) | FourBit::Q4_1(b) | FourBit::Q4K(b) => b,
+        }
+    }
+
+    fn rows(&self, cols: usize) -> usize {
+        let (size, values) = self.block_shape();
+        self.bytes().len() / size * values / cols
+    }
+
+    /// One block as (scale, minimum, nibbles) per 32 values.
+    fn unpack(&self, block: &[u8], out: &mut [(f16, f16, [u8; BLOCK])]) {
+        let half = |i: usize| f16::from_le_bytes([block[i], block[i + 1]]);
+        match self {
+            FourBit::Q4_0(_) => {
+                let d = half(0);
+                out[0] = (
+                    d,
+                    f16::from_f32(-8.0 * d.to_f32()),
+                    split_nibbles(&block[2..]),
+                );
+            }
+            FourBit::Q4_1(_) => out[0] = (half(0), half(2), split_nibbles(&block[4..])),
+            FourBit::Q4K(_) => {
+                let (d, dmin) = (half(0).to_f32(), half(2).to_f32());
+                let (scales, nibbles) = (&block[4..16], &block[16..]);
+                for (sub, out) in out.iter_mut().enumerate() {
+                    let (sc, m) = if sub < 4 {
+                        (scales[sub] & 63, scales[sub + 4] & 63)
+                    } else {
+                        (
+                            (scales[sub + 4] & 0x0f) | ((scales[sub - 4] >> 6) << 4),
+                            (scales[sub + 4] >> 4) | ((scales[sub] >> 6) << 4),
+                        )
+                    };
+                    let chunk = &nibbles[32 * (sub / 2)..][..32];
+                    let shift = 4 * (sub % 2);
+                    let q = std::array::from_fn(|e| (chunk[e] >> shift) & 0x0f);
+                    *out = (
+                        f16::from_f32(d * sc as f32),
+                        f16::from_f32(-dmin * m as f32),
+                        q,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The 32 values of a Q4_0/Q4_1 block's 16 nibble bytes: value e in byte e's low nibble,
+/// value e + 16 in its high nibble.
+fn split_nibbles(bytes: &[u8]) -> [u8; BLOCK] {
+    std::array::from_fn(|e| {
+        if e < 16 {
+            bytes[e] & 0x0f
+        } else {
+            bytes[e - 16] >> 4
+        }
+    })
 }
 
 /// A fixed product of every format, for the start-up probe of each instruction set.

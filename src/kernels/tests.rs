@@ -147,3 +147,46 @@ fn the_best_instruction_set_passes_its_probe() {
         );
     }
 }
+
+/// Every GGUF block type the packer reads gives back the values candle's own dequantisation
+/// of the same blocks gives (to the f16 rounding of Q4_K's combined scales).
+#[test]
+fn gguf_blocks_repack_to_the_values_candle_dequantises() {
+    use super::packed_matrix::FourBit;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let (rows, cols) = (20, 512);
+    let w = random(&mut rng, rows * cols, 1.0);
+    let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+    for kind in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q8_0,
+    ] {
+        let q = QTensor::quantize(&t, kind).unwrap();
+        let raw = q.data().unwrap();
+        let want = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let m = match kind {
+            GgmlDType::Q4_0 => PackedMatrix::from_four_bit(&[FourBit::Q4_0(&raw)], cols),
+            GgmlDType::Q4_1 => PackedMatrix::from_four_bit(&[FourBit::Q4_1(&raw)], cols),
+            GgmlDType::Q4K => PackedMatrix::from_four_bit(&[FourBit::Q4K(&raw)], cols),
+            _ => PackedMatrix::from_q8_0(&raw, rows, cols),
+        };
+        assert_eq!((m.rows, m.cols), (rows, cols));
+        for (r, row) in want.iter().enumerate() {
+            for (k, &v) in row.iter().enumerate() {
+                let got = m.get(r, k);
+                assert!(
+                    (got - v).abs() <= 2e-3 * (1.0 + v.abs()),
+                    "{kind:?} ({r}, {k}): {got} vs {v}"
+                );
+            }
+        }
+    }
+}

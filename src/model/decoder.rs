@@ -41,6 +41,15 @@ pub struct Model {
     pub packed: Option<Arc<PackedDecoder>>,
 }
 
+/// Which positions of a step get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// Each sequence's last new token: what sampling needs.
+    Last,
+    /// Every new token, in input order (scoring and evaluation).
+    Every,
+}
+
 /// One sequence's new tokens for a batched inference step, with its cache.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
@@ -187,9 +196,14 @@ impl Model {
     /// appends each sequence's tokens to its cache and returns the logits after each
     /// sequence's last token, (S, vocab).
     pub fn forward_step(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        self.forward_step_rows(seqs, LogitRows::Last)
+    }
+
+    /// [`Model::forward_step`] with logits at the chosen rows.
+    pub fn forward_step_rows(&self, seqs: &mut [SeqInput<'_>], rows: LogitRows) -> Result<Tensor> {
         match &self.packed {
-            Some(packed) => packed.forward_step(seqs, &self.reversible, Team::global()),
-            None => self.forward_step_tensors(seqs),
+            Some(packed) => packed.forward_step(seqs, &self.reversible, rows, Team::global()),
+            None => self.forward_step_tensors(seqs, rows),
         }
     }
 
@@ -201,7 +215,11 @@ impl Model {
     }
 
     /// [`Model::forward_step`] through the tensor ops (any device and dtype).
-    pub fn forward_step_tensors(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
+    pub fn forward_step_tensors(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        rows: LogitRows,
+    ) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut last_rows = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
@@ -228,8 +246,14 @@ impl Model {
             let mut layout = ragged(seqs, j);
             s = self.step(j, &s, &mut layout)?;
         }
-        let last = Tensor::from_vec(last_rows, seqs.len(), &self.device)?;
-        self.logits(&self.read_out(&s)?.index_select(&last, 0)?)
+        let out = self.read_out(&s)?;
+        match rows {
+            LogitRows::Every => self.logits(&out),
+            LogitRows::Last => {
+                let last = Tensor::from_vec(last_rows, seqs.len(), &self.device)?;
+                self.logits(&out.index_select(&last, 0)?)
+            }
+        }
     }
 
     /// Number of parameters.

@@ -8,12 +8,12 @@
 //! Built from a model whose weights it copies; the model keeps serving training and scoring.
 
 use crate::kernels::isa::Isa;
-use crate::kernels::packed_matrix::{Input, PackedMatrix};
+use crate::kernels::packed_matrix::{FourBit, Input, PackedMatrix};
 use crate::kernels::quantize::{QuantizedRows, BLOCK};
 use crate::kernels::team::{SharedOut, Team};
 use crate::kernels::vector;
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{Model, SeqInput};
+use crate::model::decoder::{LogitRows, Model, SeqInput};
 use crate::model::kv_cache::HostLayerKv;
 use crate::model::linear::{Linear, Weight};
 use crate::model::reversible::{Readout, ReversibleConfig, SchemeKind, TwoStep};
@@ -179,6 +179,7 @@ impl PackedDecoder {
         &self,
         seqs: &mut [SeqInput<'_>],
         scheme: &ReversibleConfig,
+        rows_out: LogitRows,
         team: &Team,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -255,18 +256,24 @@ impl PackedDecoder {
         } else {
             scheme.readout
         };
-        let mut finals = vec![0.0f32; spans.len() * d];
-        for (i, span) in spans.iter().enumerate() {
-            let n = span.first_row + span.len - 1;
+        let out_rows: Vec<usize> = match rows_out {
+            LogitRows::Last => spans.iter().map(|s| s.first_row + s.len - 1).collect(),
+            LogitRows::Every => (0..rows).collect(),
+        };
+        let mut finals = vec![0.0f32; out_rows.len() * d];
+        let mut row = vec![0.0f32; d];
+        for (i, &n) in out_rows.iter().enumerate() {
             let (o, l) = (
                 &scratch.other[n * d..(n + 1) * d],
                 &scratch.last[n * d..(n + 1) * d],
             );
-            let row: Vec<f32> = match readout {
-                Readout::Last => l.to_vec(),
-                Readout::Other => o.to_vec(),
-                Readout::Mean => o.iter().zip(l).map(|(a, b)| (a + b) * 0.5).collect(),
-            };
+            for ((r, a), b) in row.iter_mut().zip(o).zip(l) {
+                *r = match readout {
+                    Readout::Last => *b,
+                    Readout::Other => *a,
+                    Readout::Mean => (a + b) * 0.5,
+                };
+            }
             vector::rms_norm(
                 &row,
                 &self.norm,
@@ -274,13 +281,13 @@ impl PackedDecoder {
                 &mut finals[i * d..(i + 1) * d],
             );
         }
-        let mut logits = vec![0.0f32; spans.len() * c.vocab_size];
+        let mut logits = vec![0.0f32; out_rows.len() * c.vocab_size];
         let quantized = &mut scratch.quantized;
         let input = input_for(&self.head, &finals, d, quantized);
         self.head
             .product(team, self.isa, input, &mut logits, c.vocab_size);
         drop(guard);
-        Tensor::from_vec(logits, (spans.len(), c.vocab_size), &Device::Cpu)
+        Tensor::from_vec(logits, (out_rows.len(), c.vocab_size), &Device::Cpu)
     }
 
     /// f_j(p) = a + MLP(N2 (p + a)), a = Attn_j(N1 p), for p = `scratch.last`, into
@@ -556,30 +563,34 @@ fn pack_linear(parts: &[&Linear]) -> Result<PackedLinear> {
     })
 }
 
-/// Stacks the rows of `parts` into one packed matrix: Q4_1 and Q8_0 blocks are repacked as they
-/// are, dense f32 kept, anything else (K-quants, mixed types, f16/bf16) requantised to 8 bits.
+/// Stacks the rows of `parts` into one packed matrix: 4-bit GGUF blocks (Q4_0, Q4_1, Q4_K) are
+/// repacked at 4 bits, Q8_0 blocks as they are, dense f32 kept, anything else (other K-quants,
+/// mixed types, f16/bf16) requantised to 8 bits.
 fn pack(parts: &[&Weight]) -> Result<PackedMatrix> {
     let cols = parts[0].shape()[1];
     let rows: usize = parts.iter().map(|w| w.shape()[0]).sum();
-    let quantized_as = |kind: GgmlDType| {
-        parts
-            .iter()
-            .all(|w| matches!(w, Weight::Quantized(q) if q.dtype() == kind))
-    };
-    let raw = || -> Result<Vec<u8>> {
-        let mut raw = Vec::new();
-        for w in parts {
-            if let Weight::Quantized(q) = w {
-                raw.extend_from_slice(&q.data()?);
-            }
-        }
-        Ok(raw)
-    };
-    if quantized_as(GgmlDType::Q4_1) {
-        return Ok(PackedMatrix::from_q4_1(&raw()?, rows, cols));
+    let raws = parts
+        .iter()
+        .map(|w| match w {
+            Weight::Quantized(q) => Ok(Some((q.dtype(), q.data()?.into_owned()))),
+            Weight::Dense(_) => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let four_bit: Option<Vec<FourBit<'_>>> = raws
+        .iter()
+        .map(|raw| match raw {
+            Some((GgmlDType::Q4_0, b)) => Some(FourBit::Q4_0(b)),
+            Some((GgmlDType::Q4_1, b)) => Some(FourBit::Q4_1(b)),
+            Some((GgmlDType::Q4K, b)) => Some(FourBit::Q4K(b)),
+            _ => None,
+        })
+        .collect();
+    if let Some(four_bit) = four_bit {
+        return Ok(PackedMatrix::from_four_bit(&four_bit, cols));
     }
-    if quantized_as(GgmlDType::Q8_0) {
-        return Ok(PackedMatrix::from_q8_0(&raw()?, rows, cols));
+    if raws.iter().all(|r| matches!(r, Some((GgmlDType::Q8_0, _)))) {
+        let raw: Vec<u8> = raws.into_iter().flatten().flat_map(|(_, b)| b).collect();
+        return Ok(PackedMatrix::from_q8_0(&raw, rows, cols));
     }
     let mut dense = Vec::with_capacity(rows * cols);
     for w in parts {
@@ -668,8 +679,10 @@ mod tests {
                     .map(|(cache, tokens)| SeqInput { tokens, cache })
                     .collect();
                 let logits = match packed {
-                    Some((p, team)) => p.forward_step(&mut inputs, &model.reversible, team),
-                    None => model.forward_step_tensors(&mut inputs),
+                    Some((p, team)) => {
+                        p.forward_step(&mut inputs, &model.reversible, LogitRows::Last, team)
+                    }
+                    None => model.forward_step_tensors(&mut inputs, LogitRows::Last),
                 };
                 logits.unwrap().to_vec2::<f32>().unwrap()
             })
@@ -753,12 +766,51 @@ mod tests {
                         cache: &mut cache,
                     }],
                     &model.reversible,
+                    LogitRows::Last,
                     &Team::single(),
                 )
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap();
             assert_eq!(logits[0], batched[step][1], "step {step}");
+        }
+    }
+
+    #[test]
+    fn every_position_gets_the_tensor_paths_logits() {
+        let model = tiny(
+            WeightFormat::F32,
+            ReversibleConfig::parse("midpoint").unwrap(),
+            false,
+        );
+        let packed = PackedDecoder::build(&model).unwrap().unwrap();
+        let every = |packed: Option<&PackedDecoder>| {
+            let (mut a, mut b) = (KvCache::new(&model.config), KvCache::new(&model.config));
+            let mut inputs = [
+                SeqInput {
+                    tokens: &[3, 1, 4, 1, 5],
+                    cache: &mut a,
+                },
+                SeqInput {
+                    tokens: &[9, 2],
+                    cache: &mut b,
+                },
+            ];
+            let logits = match packed {
+                Some(p) => p.forward_step(
+                    &mut inputs,
+                    &model.reversible,
+                    LogitRows::Every,
+                    &Team::single(),
+                ),
+                None => model.forward_step_tensors(&mut inputs, LogitRows::Every),
+            };
+            logits.unwrap().to_vec2::<f32>().unwrap()
+        };
+        let (got, want) = (every(Some(&packed)), every(None));
+        assert_eq!(got.len(), 7);
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() < 2e-4, "{g} vs {w}");
         }
     }
 
