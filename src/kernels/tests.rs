@@ -190,3 +190,88 @@ fn gguf_blocks_repack_to_the_values_candle_dequantises() {
         }
     }
 }
+
+/// The decode step's vector kernels against f64 definitions, on every instruction set, with
+/// lengths that leave ragged tails after the 16-lane loops.
+#[test]
+fn vector_kernels_match_f64_definitions() {
+    use super::vector;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for isa in Isa::usable() {
+        for &(dim, rows, capacity) in &[(64, 1, 64), (64, 37, 64), (48, 130, 256), (17, 5, 9)] {
+            let (stride, offset) = (3 * dim, dim);
+            let q = random(&mut rng, dim, 1.0);
+            let keys = random(&mut rng, dim * capacity, 1.0);
+            let values = random(&mut rng, capacity * stride, 1.0);
+            let scale = 1.0 / (dim as f32).sqrt();
+            let scores: Vec<f64> = (0..rows)
+                .map(|j| {
+                    (0..dim)
+                        .map(|d| q[d] as f64 * keys[d * capacity + j] as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let mut out = vec![f32::NAN; dim];
+            let mut scratch = Vec::new();
+            vector::attend(
+                isa,
+                &q,
+                &keys,
+                capacity,
+                &values,
+                rows,
+                stride,
+                offset,
+                scale,
+                &mut scratch,
+                &mut out,
+            );
+            for (i, &o) in out.iter().enumerate() {
+                let want: f64 = (0..rows)
+                    .map(|j| weights[j] * values[j * stride + offset + i] as f64)
+                    .sum::<f64>()
+                    / total;
+                assert!(
+                    (o as f64 - want).abs() < 1e-5,
+                    "{isa:?} attend dim {dim} rows {rows}: {o} vs {want}"
+                );
+            }
+        }
+        let (gate, up) = (random(&mut rng, 77, 6.0), random(&mut rng, 77, 2.0));
+        let mut out = vec![0.0; 77];
+        vector::swiglu(isa, &gate, &up, &mut out);
+        for ((&o, &g), &u) in out.iter().zip(&gate).zip(&up) {
+            let want = g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64;
+            assert!(
+                (o as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "{isa:?} swiglu {o} vs {want}"
+            );
+        }
+        let (mut y, x) = (random(&mut rng, 45, 1.0), random(&mut rng, 45, 1.0));
+        let before = y.clone();
+        vector::axpy(isa, &mut y, 0.75, &x);
+        for ((&y, &b), &x) in y.iter().zip(&before).zip(&x) {
+            assert_eq!(y, b + 0.75 * x);
+        }
+    }
+    let (x, w) = (random(&mut rng, 70, 3.0), random(&mut rng, 70, 1.0));
+    let mut out = vec![0.0; 70];
+    vector::rms_norm(&x, &w, 1e-5, &mut out);
+    let rms = (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / 70.0 + 1e-5).sqrt();
+    for ((&o, &x), &w) in out.iter().zip(&x).zip(&w) {
+        assert!((o as f64 - x as f64 / rms * w as f64).abs() < 1e-5);
+    }
+    let mut head = random(&mut rng, 8, 1.0);
+    let original = head.clone();
+    let (cos, sin) = ([0.5f32, 1.0, 0.0, -0.6], [0.8660254f32, 0.0, 1.0, 0.8]);
+    vector::rope(&mut head, &cos, &sin);
+    for i in 0..4 {
+        let (a, b) = (original[i] as f64, original[i + 4] as f64);
+        assert!((head[i] as f64 - (a * cos[i] as f64 - b * sin[i] as f64)).abs() < 1e-6);
+        assert!((head[i + 4] as f64 - (b * cos[i] as f64 + a * sin[i] as f64)).abs() < 1e-6);
+    }
+}
