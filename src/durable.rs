@@ -4,7 +4,7 @@
 //! name, never a mix, and the leftovers it can leave are recognisable by name so that
 //! [`recover`] can clean them up at the next start.
 //!
-//! - Files ([`write_file`], [`replace_file`]): written to a temporary sibling
+//! - Files ([`write_file`], [`replace_file`], [`PendingFile`]): written to a temporary sibling
 //!   (`.{name}.{pid}-{n}.rewind-tmp`), fsynced, renamed over the target, then the directory is fsynced
 //!   so the rename itself survives power loss (rename(2) is atomic, but only durable once the
 //!   directory entry is on disk).
@@ -58,18 +58,62 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Like [`write_file`], for writers that take a path (e.g. safetensors): `write` creates the
 /// temporary file it is given; it is then fsynced and renamed over `path`.
 pub fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = parent_of(path);
-    create_dir_all(parent)?;
-    let tmp = parent.join(temp_file_name(path)?);
-    let written = write(&tmp).and_then(|()| {
-        sync_file(&tmp)?;
-        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
-    });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let pending = PendingFile::new(path)?;
+    write(pending.path())?;
+    pending.publish()
+}
+
+/// A file on its way to `target`, written under a temporary sibling name (see the module docs)
+/// for as long as its writer needs (an upload streamed from the network): [`PendingFile::publish`]
+/// fsyncs it and renames it over `target`; dropped unpublished, the temporary is removed (and a
+/// crash leaves a name that [`recover`] removes).
+#[derive(Debug)]
+pub struct PendingFile {
+    tmp: PathBuf,
+    target: PathBuf,
+    published: bool,
+}
+
+impl PendingFile {
+    /// Creates `target`'s directory if needed and picks the temporary name; the writer creates
+    /// the file at [`PendingFile::path`].
+    pub fn new(target: &Path) -> Result<Self> {
+        let parent = parent_of(target);
+        create_dir_all(parent)?;
+        Ok(Self {
+            tmp: parent.join(temp_file_name(target)?),
+            target: target.to_path_buf(),
+            published: false,
+        })
     }
-    written?;
-    sync_dir(parent)
+
+    /// Where the content is written until it is published.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The name the content gets once published.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// fsyncs the temporary, renames it over the target and fsyncs the directory: once this
+    /// returns, the target holds the new content and survives power loss.
+    pub fn publish(mut self) -> Result<()> {
+        sync_file(&self.tmp)?;
+        std::fs::rename(&self.tmp, &self.target)
+            .with_context(|| format!("replacing {}", self.target.display()))?;
+        self.published = true;
+        sync_dir(parent_of(&self.target))
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Publishes a directory at `target`: `fill` writes its contents into the (empty) directory it
@@ -350,6 +394,28 @@ mod tests {
         assert!(failed.is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert_eq!(names(&dir.path().join("sub")), ["models.json"]);
+    }
+
+    #[test]
+    fn a_pending_file_is_published_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("files").join("file-up");
+        // Written in pieces, then dropped unpublished (a failed upload): nothing is left.
+        let pending = PendingFile::new(&path).unwrap();
+        let mut out = File::create_new(pending.path()).unwrap();
+        std::io::Write::write_all(&mut out, b"half").unwrap();
+        drop(pending);
+        assert!(names(&dir.path().join("files")).is_empty());
+        // Published: the target holds the content, and no temporary remains.
+        let pending = PendingFile::new(&path).unwrap();
+        assert_eq!(pending.target(), path);
+        let mut out = File::create_new(pending.path()).unwrap();
+        std::io::Write::write_all(&mut out, b"one ").unwrap();
+        std::io::Write::write_all(&mut out, b"two").unwrap();
+        drop(out);
+        pending.publish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one two");
+        assert_eq!(names(&dir.path().join("files")), ["file-up"]);
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FineTuningSettings {
-    /// Uploads larger than this get 413 (the upload is held in memory while it is validated).
+    /// Uploads larger than this get 413 (an upload is streamed to disk as it arrives, so this
+    /// bounds disk use, not memory).
     pub max_file_bytes: usize,
     /// Training examples longer than this many tokens are truncated (a warning event says how
     /// many were).
@@ -91,8 +92,9 @@ pub struct Limits {
     /// Memory for the KV caches of running sequences, in MiB. A request is admitted only when
     /// the worst case of its caches fits.
     pub kv_cache_mb: usize,
-    /// Prompt tokens prefilled in one step; bounds the stall new requests cause running streams
-    /// (a single longer prompt is still admitted alone).
+    /// Prompt tokens prefilled in one step; bounds the stall new requests cause running streams:
+    /// new requests are admitted while their prompts fit, and a longer prompt is fed over
+    /// several steps while the others keep decoding.
     pub max_prefill_tokens: usize,
     /// Request bodies larger than this get 413.
     pub max_body_bytes: usize,
@@ -179,7 +181,7 @@ impl Default for Limits {
             max_queue: 256,
             max_batch: 32,
             kv_cache_mb: 4096,
-            max_prefill_tokens: 4096,
+            max_prefill_tokens: 512,
             max_body_bytes: 4 << 20,
             body_timeout_secs: 60,
             max_tokens: 8192,

@@ -896,6 +896,27 @@ fn slow_post(
     pieces: usize,
     spread: Duration,
 ) -> Result<Resp, String> {
+    slow_post_to(
+        addr,
+        "/v1/chat/completions",
+        "application/json",
+        declared,
+        sent,
+        pieces,
+        spread,
+    )
+}
+
+/// [`slow_post`] to `path`, with `content_type`.
+fn slow_post_to(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    declared: usize,
+    sent: &[u8],
+    pieces: usize,
+    spread: Duration,
+) -> Result<Resp, String> {
     use std::io::{Read, Write};
     SENT.fetch_add(1, Ordering::Relaxed);
     let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
@@ -903,7 +924,7 @@ fn slow_post(
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\nContent-Type: {content_type}\r\nContent-Length: {declared}\r\n\r\n"
     );
     stream
         .write_all(head.as_bytes())
@@ -958,6 +979,36 @@ fn slow_bodies(addr: SocketAddr) {
             }
             Err(e) => fail(format!("a stalled body got no answer: {e}")),
         }
+    }
+    // An upload that stalls inside its file part: 408 too, and nothing of it is kept (the
+    // aftermath lists every file).
+    let boundary = "stalledUploadBoundary";
+    let upload = multipart(
+        boundary,
+        &[
+            ("purpose", None, b"batch"),
+            ("file", Some("stalled.bin"), &[b'x'; 100_000]),
+        ],
+    );
+    let started = Instant::now();
+    match slow_post_to(
+        addr,
+        "/v1/files",
+        &format!("multipart/form-data; boundary={boundary}"),
+        upload.len(),
+        &upload[..upload.len() / 2],
+        1,
+        Duration::ZERO,
+    ) {
+        Ok(r) if r.status == 408 && started.elapsed() < Duration::from_secs(BODY_IDLE_SECS + 5) => {
+        }
+        Ok(r) => fail(format!(
+            "a stalled upload got {} after {:?}: {}",
+            r.status,
+            started.elapsed(),
+            r.excerpt()
+        )),
+        Err(e) => fail(format!("a stalled upload got no answer: {e}")),
     }
     // Eight pieces over 4 s: never idle for the bound, so not a timeout.
     match slow_post(addr, body.len(), &body, 8, Duration::from_secs(4)) {
@@ -1020,6 +1071,15 @@ fn hostile_clients_get_clean_answers_and_the_server_survives() {
     phases.run("aftermath", || {
         aftermath(addr, &ids, &created_files, &created_jobs)
     });
+    // The refused, broken and stalled uploads left no temporary file behind.
+    let leftovers: Vec<String> = std::fs::read_dir(server._data.path().join("files"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    if !leftovers.is_empty() {
+        fail(format!("uploads left temporaries: {leftovers:?}"));
+    }
 
     stop.store(true, Ordering::Relaxed);
     let (polls, slowest) = poller.join().unwrap();
@@ -3177,9 +3237,16 @@ fn uploads(addr: SocketAddr, files: &Mutex<BTreeSet<String>>) -> Vec<Case> {
             ),
             Want::Status(400),
         ),
+        // No part at all (RFC 2046 wants one): without the closing line break it is cut short,
+        // with it an empty form, which misses its `purpose`.
         case(
             "multipart boundary only",
             post(b"--XyZ--".to_vec(), &ct),
+            Want::Code(400, "invalid_multipart"),
+        ),
+        case(
+            "multipart closing boundary only",
+            post(b"--XyZ--\r\n".to_vec(), &ct),
             Want::Param(400, "purpose".into()),
         ),
         case(
@@ -3436,7 +3503,13 @@ fn uploads(addr: SocketAddr, files: &Mutex<BTreeSet<String>>) -> Vec<Case> {
     ] {
         let req = upload(purpose, name, content);
         let r = hit(addr, what, &req);
-        check_want(what, &req, &r, &Want::OkOrParam("file".into()), false);
+        // A NUL is no header byte (RFC 9110 §5.5): the part's headers are malformed.
+        let want = if name.contains('\0') {
+            Want::Code(400, "invalid_multipart")
+        } else {
+            Want::OkOrParam("file".into())
+        };
+        check_want(what, &req, &r, &want, false);
         if let Some(id) = r.json()["id"].as_str() {
             files.lock().unwrap().insert(id.to_string());
             let get = Req::get(&format!("/v1/files/{id}/content"));

@@ -434,6 +434,92 @@ fn health_and_metrics() {
     assert!(metric(app, "rewind_generated_tokens_total") >= 2.0);
 }
 
+/// `/metrics` parses as the Prometheus text format by default and as OpenMetrics for a scraper
+/// that asks for it, with the latency histograms and their buckets; a chat completion of several
+/// tokens feeds the time-to-first-token and inter-token latency histograms.
+#[test]
+fn metrics_parse_with_latency_histograms() {
+    let app = tiny();
+    let r = chat(
+        app,
+        json!({"model": TINY, "messages": user("Batch me"), "max_tokens": 8, "temperature": 0}),
+    );
+    assert!(
+        r["usage"]["completion_tokens"].as_u64().unwrap() >= 2,
+        "{r}"
+    );
+    const HISTOGRAMS: [&str; 4] = [
+        "rewind_time_to_first_token_seconds",
+        "rewind_inter_token_latency_seconds",
+        "rewind_queue_wait_seconds",
+        "rewind_decode_step_duration_seconds",
+    ];
+    for (accept, content_type) in [
+        (None, "text/plain; version=0.0.4"),
+        (
+            Some("application/openmetrics-text;version=1.0.0;q=0.6,text/plain;version=0.0.4;q=0.3"),
+            "application/openmetrics-text; version=1.0.0",
+        ),
+    ] {
+        let mut req = client().get(app.url("/metrics"));
+        if let Some(accept) = accept {
+            req = req.header("Accept", accept);
+        }
+        let res = req.send().unwrap();
+        assert_eq!(res.status(), 200);
+        let got = res.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(got.starts_with(content_type), "{got}");
+        let text = res.text().unwrap();
+        if accept.is_some() {
+            assert_eq!(text.lines().last(), Some("# EOF"), "{text}");
+        }
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let value = |name: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name)
+                .map(|s| s.value.clone())
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        };
+        for name in HISTOGRAMS {
+            let prometheus_parse::Value::Histogram(buckets) = value(name) else {
+                panic!("{name} is not a histogram in\n{text}");
+            };
+            assert!(buckets.len() > 1, "{name}: {buckets:?}");
+            assert!(
+                buckets.iter().any(|b| b.less_than == f64::INFINITY),
+                "{name} has no +Inf bucket"
+            );
+            let count = match value(&format!("{name}_count")) {
+                prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+                other => panic!("{name}_count: {other:?}"),
+            };
+            let inf = buckets
+                .iter()
+                .find(|b| b.less_than == f64::INFINITY)
+                .unwrap();
+            assert_eq!(inf.count, count, "{name}");
+            assert!(count > 0.0, "{name} observed nothing:\n{text}");
+        }
+        if accept.is_none() {
+            // The classic format types counters under their `_total` name.
+            assert!(scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "rewind_requests_total"
+                    && s.labels.get("endpoint") == Some("/v1/chat/completions")
+                    && s.labels.get("status") == Some("200")
+                    && matches!(s.value, prometheus_parse::Value::Counter(n) if n >= 1.0)));
+            assert!(matches!(
+                value("rewind_generation_tokens_per_second"),
+                prometheus_parse::Value::Gauge(_)
+            ));
+        }
+    }
+}
+
 #[test]
 fn chat_completion_shape() {
     let app = tiny();
@@ -827,10 +913,15 @@ fn cors_only_for_configured_origins() {
         )
         .send()
         .unwrap();
-    assert_eq!(res.status(), 204);
+    // actix-cors answers an allowed preflight with 200 and no body.
+    assert_eq!(res.status(), 200);
     assert_eq!(
         res.headers()["access-control-allow-origin"],
         "https://app.example"
+    );
+    assert_eq!(
+        res.headers()["access-control-allow-headers"],
+        "authorization, content-type"
     );
     let res = client()
         .get(app.url("/v1/models"))
@@ -1233,4 +1324,33 @@ fn requests_that_could_never_run_are_rejected_before_queueing() {
         json!({"model": TINY, "messages": user("x"), "n": 2, "max_tokens": 500}),
     );
     assert_eq!(r["choices"].as_array().unwrap().len(), 2);
+}
+
+/// A prompt longer than `limits.max_prefill_tokens` is fed over several steps while another
+/// stream keeps decoding, and answers exactly as it does when prefilled in one step.
+#[test]
+fn long_prompts_are_prefilled_in_chunks_without_changing_the_answer() {
+    let chunked = spawn_app(
+        &[(TINY, tiny_model().to_str().unwrap(), WeightFormat::F32)],
+        |s| s.limits.max_prefill_tokens = 8,
+    );
+    let long = "a fairly long prompt that needs several prefill chunks ".repeat(4);
+    let body = json!({"model": TINY, "messages": user(&long), "max_tokens": 24, "temperature": 0});
+    let text = |app: &App| {
+        chat(app, body.clone())["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let steps_before = metric(&chunked, "rewind_decode_steps_total");
+    let answer = text(&chunked);
+    let steps = metric(&chunked, "rewind_decode_steps_total") - steps_before;
+    assert_eq!(answer, text(tiny()), "chunked prefill changed the answer");
+    let (status, usage) = post(&chunked, "/v1/chat/completions", &body);
+    assert_eq!(status, 200);
+    let prompt_tokens = usage["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert!(
+        steps >= (prompt_tokens / 8.0).ceil(),
+        "{prompt_tokens} prompt tokens fed in {steps} steps of at most 8"
+    );
 }

@@ -1,7 +1,7 @@
 //! The server as a process under faults: `rewind serve` is started as a child on a tiny model,
 //! stopped by SIGTERM or killed by SIGKILL while a fine-tuning job trains, and started again
 //! on the same data directory (only once the previous process has exited: it holds the data
-//! directory's lock).
+//! directory's lock); and its memory watched while it receives a 1 GiB upload.
 
 mod common;
 
@@ -190,4 +190,147 @@ fn a_job_whose_file_vanished_fails_on_resume_and_the_server_stays_up() {
         client().get(server.url("/health")).send().unwrap().status(),
         200
     );
+}
+
+/// Bytes of a test upload made on the fly: at offset `i`, byte `i % 8` of a hash of `i / 8`.
+/// Reads as a stream of `len` bytes, never held whole.
+struct Pattern {
+    at: u64,
+    len: u64,
+}
+
+impl Pattern {
+    fn byte(i: u64) -> u8 {
+        ((i / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (8 * (i % 8))) as u8
+    }
+}
+
+impl std::io::Read for Pattern {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min((self.len - self.at) as usize);
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = Self::byte(self.at + i as u64);
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// A field of `/proc/<pid>/status`, in bytes (`VmRSS`, `VmHWM`).
+#[cfg(target_os = "linux")]
+fn proc_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kib << 10
+}
+
+/// A 1 GiB upload (made on the fly by the client, sent with its length) is streamed to disk as
+/// it arrives: the server's resident memory grows by less than 50 MB while it receives, stores
+/// and answers it, and the stored file is the upload, byte for byte, with no temporary left.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_one_gigabyte_upload_is_streamed_to_disk_in_little_memory() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    const SIZE: u64 = 1 << 30;
+    const MAX_GROWTH: u64 = 50_000_000;
+    let data = tempfile::tempdir().unwrap();
+    let server = start(data.path(), "[fine_tuning]\nmax_file_bytes = 2147483648\n");
+    let pid = server.pid();
+    // The peak from here on: VmHWM reset to the current size (Linux's clear_refs 5), and VmRSS
+    // sampled meanwhile in case the reset is not allowed.
+    let reset = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
+    let baseline = proc_bytes(pid, "VmRSS");
+    let (stop, sampled) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let sampler = {
+        let (stop, sampled) = (stop.clone(), sampled.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                sampled.fetch_max(proc_bytes(pid, "VmRSS"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::blocking::multipart::Part::reader_with_length(
+                Pattern { at: 0, len: SIZE },
+                SIZE,
+            )
+            .file_name("big.bin"),
+        );
+    let res = client()
+        .post(server.url("/v1/files"))
+        .multipart(form)
+        .send()
+        .unwrap();
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let status = res.status();
+    let file: Value = res.json().unwrap();
+    assert_eq!(status, 200, "{file}");
+    assert_eq!(file["bytes"], SIZE, "{file}");
+    let mut peak = sampled.load(Ordering::Relaxed);
+    if reset {
+        peak = peak.max(proc_bytes(pid, "VmHWM"));
+    }
+    let growth = peak.saturating_sub(baseline);
+    eprintln!(
+        "1 GiB upload in {took:.1?}: server RSS {} MB before, peak {} MB, growth {:.1} MB (peak {})",
+        baseline / 1_000_000,
+        peak / 1_000_000,
+        growth as f64 / 1e6,
+        if reset { "VmHWM and sampled VmRSS" } else { "sampled VmRSS" },
+    );
+    assert!(
+        growth < MAX_GROWTH,
+        "the server grew by {growth} bytes receiving a 1 GiB upload"
+    );
+
+    // Stored whole under its id, and nothing else in the files area.
+    let files = data.path().join("files");
+    let id = file["id"].as_str().unwrap();
+    let names: Vec<String> = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, [id]);
+    let mut stored =
+        BufReader::with_capacity(1 << 20, std::fs::File::open(files.join(id)).unwrap());
+    let mut at = 0u64;
+    loop {
+        let chunk = stored.fill_buf().unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        if let Some(i) = chunk
+            .iter()
+            .enumerate()
+            .position(|(i, &b)| b != Pattern::byte(at + i as u64))
+        {
+            panic!("the stored file differs at byte {}", at + i as u64);
+        }
+        let n = chunk.len();
+        at += n as u64;
+        stored.consume(n);
+    }
+    assert_eq!(at, SIZE);
 }

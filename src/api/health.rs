@@ -2,6 +2,8 @@
 
 use crate::api::error::ApiError;
 use crate::api::AppState;
+use crate::engine::metrics::Exposition;
+use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
@@ -47,9 +49,24 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// Prometheus text format.
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// OpenMetrics text when the scraper's `Accept` prefers it (as Prometheus's does), the
+/// Prometheus text format (0.0.4) otherwise.
+pub async fn metrics(
+    state: web::Data<AppState>,
+    accept: Option<web::Header<header::Accept>>,
+) -> HttpResponse {
+    let format = accept
+        .and_then(|accept| {
+            accept.ranked().iter().find_map(|mime| {
+                match (mime.type_().as_str(), mime.subtype().as_str()) {
+                    ("application", "openmetrics-text") => Some(Exposition::OpenMetrics),
+                    ("text", "plain" | "*") | ("*", "*") => Some(Exposition::Prometheus),
+                    _ => None,
+                }
+            })
+        })
+        .unwrap_or(Exposition::Prometheus);
     HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.engine.metrics().render())
+        .content_type(format.content_type())
+        .body(state.engine.metrics().render(format))
 }

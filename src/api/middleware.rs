@@ -3,12 +3,12 @@
 
 use crate::api::error::ApiError;
 use crate::api::AppState;
+use actix_cors::Cors;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{self, HeaderValue};
-use actix_web::http::Method;
-use actix_web::middleware::Next;
-use actix_web::{web, Error, HttpResponse, ResponseError};
+use actix_web::http::header;
+use actix_web::middleware::{Condition, Next};
+use actix_web::{web, Error, ResponseError};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
@@ -64,70 +64,30 @@ pub async fn catch_panics(
     }
 }
 
-/// CORS, off unless origins are configured. Preflight requests are answered here; other
-/// responses get `Access-Control-Allow-Origin` when the origin is allowed.
-pub async fn cors(
-    req: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<BoxBody>, Error> {
-    let allowed = req.app_data::<web::Data<AppState>>().and_then(|state| {
-        let origin = req
-            .headers()
-            .get(header::ORIGIN)?
-            .to_str()
-            .ok()?
-            .to_string();
-        let origins = &state.settings.server.cors_origins;
-        if origins.iter().any(|o| o == "*") {
-            Some(HeaderValue::from_static("*"))
-        } else if origins
+/// CORS (`actix-cors`), off unless `server.cors_origins` names origins; `*` allows any origin.
+/// Preflight requests from an allowed origin are answered here; other responses get
+/// `Access-Control-Allow-Origin` when the origin is allowed, and go out without it when it is
+/// not (the browser then refuses them).
+pub fn cors(origins: &[String]) -> Condition<Cors> {
+    let cors = Cors::default()
+        .allowed_methods(["GET", "POST", "DELETE", "OPTIONS"])
+        .allow_any_header()
+        .max_age(86_400);
+    let cors = if origins.iter().any(|o| o == "*") {
+        cors.allow_any_origin().send_wildcard()
+    } else {
+        // Origins compare without a trailing slash, as configured ones are often written.
+        let allowed: Vec<String> = origins
             .iter()
-            .any(|o| o.trim_end_matches('/') == origin.trim_end_matches('/'))
-        {
-            HeaderValue::from_str(&origin).ok()
-        } else {
-            None
-        }
-    });
-    let Some(allow_origin) = allowed else {
-        return next
-            .call(req)
-            .await
-            .map(ServiceResponse::map_into_boxed_body);
+            .map(|o| o.trim_end_matches('/').to_string())
+            .collect();
+        cors.allowed_origin_fn(move |origin, _| {
+            origin
+                .to_str()
+                .is_ok_and(|origin| allowed.iter().any(|o| o == origin.trim_end_matches('/')))
+        })
     };
-    if req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        let request_headers = req
-            .headers()
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .cloned();
-        let mut preflight = HttpResponse::NoContent();
-        preflight
-            .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin))
-            .insert_header((
-                header::ACCESS_CONTROL_ALLOW_METHODS,
-                "GET, POST, DELETE, OPTIONS",
-            ))
-            .insert_header((header::ACCESS_CONTROL_MAX_AGE, "86400"))
-            .insert_header((header::VARY, "Origin"));
-        match request_headers {
-            Some(h) => preflight.insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, h)),
-            None => preflight.insert_header((
-                header::ACCESS_CONTROL_ALLOW_HEADERS,
-                "authorization, content-type",
-            )),
-        };
-        return Ok(req.into_response(preflight.finish()));
-    }
-    let mut res = next.call(req).await?.map_into_boxed_body();
-    res.headers_mut()
-        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
-    res.headers_mut()
-        .insert(header::VARY, HeaderValue::from_static("Origin"));
-    Ok(res)
+    Condition::new(!origins.is_empty(), cors)
 }
 
 /// Bearer API keys, when keys are configured. This middleware wraps the one scope that holds

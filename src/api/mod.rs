@@ -376,11 +376,12 @@ pub fn start(settings: Settings) -> Result<RunningServer> {
         .spawn(move || {
             actix_web::rt::System::new().block_on(async move {
                 let server = HttpServer::new(move || {
+                    let cors = middleware::cors(&state.settings.server.cors_origins);
                     App::new()
                         .app_data(state.clone())
                         .app_data(extractors::path_config())
                         .wrap(from_fn(middleware::catch_panics))
-                        .wrap(from_fn(middleware::cors))
+                        .wrap(cors)
                         .wrap(from_fn(middleware::track))
                         .configure(routes(public_metrics))
                 })

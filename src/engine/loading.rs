@@ -27,8 +27,8 @@ pub(crate) struct LoadTask {
 
 /// What came off the disk.
 pub(crate) enum Loaded {
-    Card(ModelCard),
-    Weights(LoadedModel),
+    Card(Box<ModelCard>),
+    Weights(Box<LoadedModel>),
 }
 
 /// The answer to a [`LoadTask`].
@@ -121,7 +121,7 @@ fn load(task: &LoadTask, device: &Device) -> Result<Loaded> {
     let spec = &task.spec;
     let path = crate::provision::resolve(Some(&spec.source))?;
     if !task.weights {
-        return Ok(Loaded::Card(loader::describe(&path)?));
+        return Ok(Loaded::Card(Box::new(loader::describe(&path)?)));
     }
     let reversible = spec
         .scheme
@@ -144,5 +144,5 @@ fn load(task: &LoadTask, device: &Device) -> Result<Loaded> {
         packed_cpu_kernels = packed,
         "model weights read"
     );
-    Ok(Loaded::Weights(loaded))
+    Ok(Loaded::Weights(Box::new(loaded)))
 }

@@ -13,7 +13,7 @@
 //!   keeps decoding;
 //! - [`registry`]: the served models, shared with the HTTP layer;
 //! - [`grammar`] and [`token_mask`]: JSON constrained decoding;
-//! - [`metrics`]: counters and gauges for `/metrics`.
+//! - [`metrics`]: counters, gauges and latency histograms for `/metrics`.
 
 #[cfg(test)]
 pub(crate) mod fault_tests;
@@ -193,7 +193,7 @@ impl Engine {
         let metrics = Arc::new(Metrics::default());
         metrics
             .kv_cache_budget_bytes
-            .store(settings.kv_cache_bytes(), Ordering::Relaxed);
+            .set(settings.kv_cache_bytes() as i64);
         let limits = EngineLimits {
             max_queue: settings.limits.max_queue,
             scheduler: SchedulerLimits {

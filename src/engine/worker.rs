@@ -61,6 +61,8 @@ struct ActiveSeq {
     choice: usize,
     seq: Sequence,
     grammar: Option<Matcher>,
+    /// When this sequence's previous token was emitted (for the inter-token latency).
+    last_token: Option<Instant>,
 }
 
 /// A request in the scheduler's queue, with the weights it will run on (holding them keeps
@@ -324,7 +326,7 @@ impl Worker {
         };
         let spec = flight.spec;
         if let Ok(Loaded::Weights(_)) = &done.outcome {
-            self.metrics.model_loads.fetch_add(1, Ordering::Relaxed);
+            self.metrics.model_loads.inc();
             tracing::info!(model = %spec.id, secs = done.secs, "model weights loaded");
         }
         match flight.purpose {
@@ -390,7 +392,7 @@ impl Worker {
                 },
                 Some(loaded.model),
             ),
-            Loaded::Card(card) => (card, None),
+            Loaded::Card(card) => (*card, None),
         };
         let served = ServedModel::new(
             spec.id.clone(),
@@ -435,9 +437,7 @@ impl Worker {
     }
 
     fn publish_loaded(&self) {
-        self.metrics
-            .loaded_models
-            .store(self.models.len(), Ordering::Relaxed);
+        self.metrics.loaded_models.set(self.models.len() as i64);
     }
 
     /// Drops the weights of the least recently used fine-tuned models no request holds while
@@ -511,15 +511,13 @@ impl Worker {
             dropped += before - jobs.len();
         }
         self.queued.fetch_sub(dropped, Ordering::AcqRel);
-        self.metrics
-            .cancelled_requests
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+        self.metrics.cancelled_requests.inc_by(dropped as u64);
         let scheduler = &mut self.scheduler;
         let metrics = &self.metrics;
         self.running.retain(|a| {
             if a.job.events.is_closed() {
                 scheduler.release_all(a.job.id);
-                metrics.cancelled_requests.fetch_add(1, Ordering::Relaxed);
+                metrics.cancelled_requests.inc();
                 tracing::debug!(request = a.job.id, "client went away: request cancelled");
                 false
             } else {
@@ -534,6 +532,8 @@ impl Worker {
                 continue;
             };
             self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.metrics
+                .observe_queue_wait(job.arrived.elapsed().as_secs_f64());
             let seqs = match catch_unwind(AssertUnwindSafe(|| sequences(&job.request, &model))) {
                 Ok(seqs) => seqs,
                 Err(panic) => {
@@ -550,7 +550,7 @@ impl Worker {
             let prompt_tokens: usize = r.prompts.iter().map(Vec::len).sum();
             self.metrics
                 .prompt_tokens
-                .fetch_add((prompt_tokens * r.n) as u64, Ordering::Relaxed);
+                .inc_by((prompt_tokens * r.n) as u64);
             self.running.push(Active {
                 job,
                 model,
@@ -586,6 +586,7 @@ impl Worker {
 
     /// One batched forward per model over every running sequence, then one token each.
     fn step(&mut self) {
+        let started = Instant::now();
         let mut models: Vec<Arc<Model>> = Vec::new();
         for a in &self.running {
             if !models.iter().any(|m| Arc::ptr_eq(m, &a.model)) {
@@ -609,7 +610,7 @@ impl Worker {
                 }
             }
         }
-        self.metrics.observe_step(produced, Instant::now());
+        self.metrics.observe_step(produced, started, Instant::now());
         self.running.retain(|a| !a.seqs.is_empty());
     }
 
@@ -632,12 +633,13 @@ impl Worker {
     }
 
     fn step_model(&mut self, model: &Arc<Model>) -> u64 {
+        let prefill_chunk = self.scheduler.limits().max_prefill_tokens;
         let logits = {
             let mut inputs: Vec<SeqInput<'_>> = self
                 .running
                 .iter_mut()
                 .filter(|a| Arc::ptr_eq(&a.model, model))
-                .flat_map(|a| a.seqs.iter_mut().map(|s| s.seq.input()))
+                .flat_map(|a| a.seqs.iter_mut().map(|s| s.seq.input(prefill_chunk)))
                 .collect();
             model
                 .forward_step(&mut inputs)
@@ -678,7 +680,8 @@ impl Worker {
                 // Every sequence takes its row, even when the request is being abandoned, so the
                 // rows of the requests after it stay aligned.
                 let Some(mut row) = rows.next() else { break };
-                if failed.is_some() || gone {
+                // A prompt fed in chunks samples only after its last chunk.
+                if !s.seq.step_done() || failed.is_some() || gone {
                     continue;
                 }
                 if let Some(matcher) = &s.grammar {
@@ -703,10 +706,15 @@ impl Worker {
                         matcher.feed(served.token_table().bytes(output.token));
                     }
                 }
+                let now = Instant::now();
                 if !a.first_token_sent {
                     a.first_token_sent = true;
                     self.metrics
-                        .observe_ttft(a.job.arrived.elapsed().as_secs_f64());
+                        .observe_ttft(now.duration_since(a.job.arrived).as_secs_f64());
+                }
+                if let Some(previous) = s.last_token.replace(now) {
+                    self.metrics
+                        .observe_inter_token(now.duration_since(previous).as_secs_f64());
                 }
                 let done = output.finish.is_some();
                 if a.job
@@ -744,19 +752,18 @@ impl Worker {
 
     fn publish_gauges(&self) {
         let m = &self.metrics;
-        m.running_seqs
-            .store(self.scheduler.running_seqs(), Ordering::Relaxed);
+        m.running_seqs.set(self.scheduler.running_seqs() as i64);
         m.waiting_requests
-            .store(self.queued.load(Ordering::Relaxed), Ordering::Relaxed);
+            .set(self.queued.load(Ordering::Relaxed) as i64);
         m.kv_cache_reserved_bytes
-            .store(self.scheduler.reserved_bytes(), Ordering::Relaxed);
+            .set(self.scheduler.reserved_bytes() as i64);
         let used: usize = self
             .running
             .iter()
             .flat_map(|a| a.seqs.iter())
             .map(|s| s.seq.cache.bytes())
             .sum();
-        m.kv_cache_bytes.store(used, Ordering::Relaxed);
+        m.kv_cache_bytes.set(used as i64);
     }
 }
 
@@ -772,6 +779,7 @@ fn sequences(r: &GenerateRequest, model: &Model) -> Vec<ActiveSeq> {
                 choice,
                 seq: Sequence::new(model, prompt.clone(), params),
                 grammar: r.grammar.clone().map(Matcher::new),
+                last_token: None,
             });
         }
     }

@@ -385,11 +385,14 @@ fn train_job(
 
     // Result files, built from the recorded metrics events (a resumed job's included).
     let events = service.store.events_since(id, 0)?;
+    let mut results = vec![("step_metrics.csv", report::metrics_csv(&events))];
+    // A plot that cannot be drawn costs the job its plot, not its success.
+    match report::loss_svg(&events) {
+        Ok(svg) => results.push(("loss.svg", svg)),
+        Err(e) => tracing::warn!(job = id, "the loss plot could not be drawn: {e:#}"),
+    }
     let mut result_files = Vec::new();
-    for (name, content) in [
-        ("step_metrics.csv", report::metrics_csv(&events)),
-        ("loss.svg", report::loss_svg(&events)),
-    ] {
+    for (name, content) in results {
         let record = FileRecord {
             id: crate::store::new_id("file-"),
             bytes: content.len() as u64,

@@ -184,7 +184,7 @@ impl PackedMatrix {
         for part in parts {
             let (size, values) = part.block_shape();
             assert!(
-                cols % values == 0,
+                cols.is_multiple_of(values),
                 "{cols} inputs is not a multiple of {values}"
             );
             let raw = part.bytes();
@@ -307,7 +307,7 @@ impl PackedMatrix {
 
 fn check_blocks(cols: usize) {
     assert!(
-        cols % BLOCK == 0,
+        cols.is_multiple_of(BLOCK),
         "{cols} inputs is not a multiple of {BLOCK}"
     );
 }
@@ -453,7 +453,7 @@ pub fn self_test(isa: Isa) -> Vec<f32> {
 pub fn q4_1_blocks(w: &[f32], cols: usize) -> Vec<u8> {
     let mut raw = Vec::with_capacity(w.len() / BLOCK * 20);
     for block in w.chunks_exact(BLOCK) {
-        debug_assert!(cols % BLOCK == 0);
+        debug_assert!(cols.is_multiple_of(BLOCK));
         let min = block.iter().copied().fold(f32::INFINITY, f32::min);
         let max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let d = f16::from_f32((max - min) / 15.0);

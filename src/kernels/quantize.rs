@@ -22,7 +22,7 @@ impl QuantizedRows {
     /// Quantises `x` (rows x cols, cols a multiple of BLOCK) into `self`, reusing its buffers.
     pub fn quantize_from(&mut self, x: &[f32], cols: usize) {
         assert!(
-            cols % BLOCK == 0,
+            cols.is_multiple_of(BLOCK),
             "{cols} columns is not a multiple of {BLOCK}"
         );
         let rows = x.len() / cols;

@@ -47,8 +47,8 @@ macro_rules! multiversion {
     };
 }
 
-/// One query's causal attention over the first `rows` cached positions: out = softmax(q . k_j
-/// * scale) weighted sum of v_j. `keys` holds the head's keys transposed, q.len() rows of
+/// One query's causal attention over the first `rows` cached positions: out = the
+/// softmax(scale q . k_j) weighted sum of the v_j. `keys` holds the head's keys transposed, q.len() rows of
 /// `capacity` positions; position j's value is `values[j * stride + offset..][..q.len()]`.
 /// `scores` is scratch.
 #[inline(always)]

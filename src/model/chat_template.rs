@@ -9,6 +9,8 @@
 use crate::model::tokenizer::TextTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
 use minijinja::value::{Kwargs, Serde, Value};
 use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -404,114 +406,14 @@ fn raise_exception(message: String) -> std::result::Result<Value, Error> {
 /// `strftime_now(format)`: the current time, formatted like Python's `strftime`. UTC, since
 /// servers run in UTC and a prompt should not depend on the host's time zone.
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    strftime_utc(&format, secs)
+    strftime_utc(&format, Timestamp::now())
 }
 
-/// Formats a Unix time (UTC) with the common `strftime` directives; unknown ones are kept.
-fn strftime_utc(format: &str, unix: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    let (hour, minute, second) = (secs / 3600, secs / 60 % 60, secs % 60);
-    // 1970-01-01 was a Thursday.
-    let weekday = (days + 4).rem_euclid(7) as usize;
-    let day_of_year = days - days_from_civil(year, 1, 1) + 1;
-    let month_name = MONTHS[(month - 1) as usize];
-    let day_name = DAYS[weekday];
-
-    let mut out = String::with_capacity(format.len() + 16);
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('Y') => out.push_str(&year.to_string()),
-            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
-            Some('m') => out.push_str(&format!("{month:02}")),
-            Some('d') => out.push_str(&format!("{day:02}")),
-            Some('e') => out.push_str(&format!("{day:2}")),
-            Some('B') => out.push_str(month_name),
-            Some('b') | Some('h') => out.push_str(&month_name[..3]),
-            Some('A') => out.push_str(day_name),
-            Some('a') => out.push_str(&day_name[..3]),
-            Some('H') => out.push_str(&format!("{hour:02}")),
-            Some('I') => out.push_str(&format!("{:02}", (hour + 11) % 12 + 1)),
-            Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
-            Some('M') => out.push_str(&format!("{minute:02}")),
-            Some('S') => out.push_str(&format!("{second:02}")),
-            Some('j') => out.push_str(&format!("{day_of_year:03}")),
-            Some('Z') => out.push_str("UTC"),
-            Some('z') => out.push_str("+0000"),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
-        }
-    }
-    out
-}
-
-/// (year, month, day) of a day count since 1970-01-01, proleptic Gregorian calendar: shift to
-/// a March-based year so the leap day is last, then split into 400-year eras.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153; // 0 = March
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// Inverse of [`civil_from_days`].
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = year - i64::from(month <= 2);
-    let era = year.div_euclid(400);
-    let year_of_era = year.rem_euclid(400);
-    let month = i64::from(month);
-    let day_of_year =
-        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+/// Formats a time in UTC with `strftime` directives; unknown ones are kept as written.
+fn strftime_utc(format: &str, time: Timestamp) -> String {
+    time.to_zoned_datetime(TimeZone::UTC)
+        .strftime(format)
+        .to_string()
 }
 
 /// `tojson` as HF defines it: Python's `json.dumps(x, ensure_ascii=False, indent=None,
@@ -922,23 +824,25 @@ mod tests {
 
     #[test]
     fn strftime_matches_known_dates() {
+        let at = |secs: i64| Timestamp::from_second(secs).unwrap();
         // 1700000000 = Tuesday 2023-11-14 22:13:20 UTC.
-        assert_eq!(strftime_utc("%d %b %Y", 1_700_000_000), "14 Nov 2023");
+        assert_eq!(strftime_utc("%d %b %Y", at(1_700_000_000)), "14 Nov 2023");
         assert_eq!(
-            strftime_utc("%A %B %e %H:%M:%S %I%p %j %y %%", 1_700_000_000),
+            strftime_utc("%A %B %e %H:%M:%S %I%p %j %y %%", at(1_700_000_000)),
             "Tuesday November 14 22:13:20 10PM 318 23 %"
         );
-        assert_eq!(strftime_utc("%Y-%m-%d %a", 0), "1970-01-01 Thu");
+        assert_eq!(
+            strftime_utc("%Y-%m-%d %a %Z %z", at(0)),
+            "1970-01-01 Thu UTC +0000"
+        );
         // 2024-02-29 (leap day) = 19782 days after the epoch.
         assert_eq!(
-            strftime_utc("%Y-%m-%d %j", 19_782 * 86_400),
+            strftime_utc("%Y-%m-%d %j", at(19_782 * 86_400)),
             "2024-02-29 060"
         );
-        assert_eq!(strftime_utc("%Y-%m-%d", -86_400), "1969-12-31");
-        for days in [-800_000i64, -1, 0, 59, 19_782, 2_000_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-        }
+        assert_eq!(strftime_utc("%Y-%m-%d", at(-86_400)), "1969-12-31");
+        // An unknown directive is kept, as Python's strftime does.
+        assert_eq!(strftime_utc("%Y %! %", at(0)), "1970 %! %");
         let template = ChatTemplate::new("date", "{{ strftime_now('%Y') }}", "", "").unwrap();
         let year: i32 = template.render(&[], false, None).unwrap().parse().unwrap();
         assert!((2024..2200).contains(&year), "{year}");

@@ -17,9 +17,9 @@
 //! share a key head stacked along the rows, at positions `start..start + seq`; keys and values
 //! (heads, keys, head_dim) at positions `0..keys`.
 
+use crate::kernels::vector_math::{exp, max_of, sum_f64, wide};
 use crate::model::ops::with_cpu_f32;
 use crate::model::parallel::{self, SharedMut};
-use crate::kernels::vector_math::{exp, max_of, sum_f64, wide};
 use candle_core::{Result, Tensor};
 
 /// Query rows per task: a tile's scores (QUERY_TILE x KEY_TILE f32) and its operands stay in

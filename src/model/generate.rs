@@ -74,6 +74,8 @@ pub struct Sequence {
     stops: StopStrings,
     /// Tokens not yet fed to the model: the prompt, then each sampled token.
     pending: Vec<u32>,
+    /// How many of `pending` the current step feeds.
+    feeding: usize,
     max_positions: usize,
     pub finish: Option<FinishReason>,
 }
@@ -85,6 +87,7 @@ impl Sequence {
         sampler.set_prompt(&prompt);
         Self {
             pending: prompt.clone(),
+            feeding: 0,
             prompt,
             generated: Vec::new(),
             cache: KvCache::new(&model.config),
@@ -101,12 +104,24 @@ impl Sequence {
         self.finish.is_some()
     }
 
-    /// The model input for the next step, paired with this sequence's cache.
-    pub fn input(&mut self) -> SeqInput<'_> {
+    /// The model input for the next step, paired with this sequence's cache: the pending
+    /// tokens, at most `max_tokens` of them, so a long prompt is fed over several steps while
+    /// other sequences keep decoding.
+    pub fn input(&mut self, max_tokens: usize) -> SeqInput<'_> {
+        self.feeding = self.pending.len().min(max_tokens.max(1));
         SeqInput {
-            tokens: &self.pending,
+            tokens: &self.pending[..self.feeding],
             cache: &mut self.cache,
         }
+    }
+
+    /// After a step over [`Sequence::input`]: drops what it fed and says whether the step's
+    /// logits are this sequence's next-token distribution (its whole prompt is cached), to be
+    /// passed to [`Sequence::accept`].
+    pub fn step_done(&mut self) -> bool {
+        self.pending.drain(..self.feeding);
+        self.feeding = 0;
+        self.pending.is_empty()
     }
 
     /// Samples the next token from the logits after this sequence's last input token.
@@ -193,14 +208,16 @@ pub fn run_to_completion(
             let mut inputs: Vec<SeqInput<'_>> = seqs
                 .iter_mut()
                 .filter(|s| !s.is_finished())
-                .map(|s| s.input())
+                .map(|s| s.input(usize::MAX))
                 .collect();
             model.forward_step(&mut inputs)?
         };
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         for (row, &i) in rows.iter().zip(&active) {
-            let out = seqs[i].accept(row, tokenizer)?;
-            on_step(i, &out);
+            if seqs[i].step_done() {
+                let out = seqs[i].accept(row, tokenizer)?;
+                on_step(i, &out);
+            }
         }
     }
 }

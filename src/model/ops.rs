@@ -6,9 +6,9 @@
 //! training, the forward and the reversible recomputation, all run the same kernels, so a
 //! recomputed block is bit-identical to its forward.
 
+use crate::kernels::vector_math::{exp, wide};
 use crate::model::custom_vjp;
 use crate::model::parallel::{self, ELEMENTS_PER_TASK};
-use crate::kernels::vector_math::{exp, wide};
 use candle_core::{DType, Result, Storage, Tensor, D};
 
 /// RMSNorm over the last dimension (f64 inputs, the reference computations, are normalised by

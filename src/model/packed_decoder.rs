@@ -87,9 +87,9 @@ impl PackedDecoder {
         let supported = matches!(model.device, Device::Cpu)
             && model.compute_dtype == DType::F32
             && model.residual_dtype == DType::F32
-            && model.config.hidden_size % BLOCK == 0
-            && model.config.intermediate_size % BLOCK == 0
-            && model.config.num_attention_heads * model.config.head_dim() % BLOCK == 0
+            && model.config.hidden_size.is_multiple_of(BLOCK)
+            && model.config.intermediate_size.is_multiple_of(BLOCK)
+            && (model.config.num_attention_heads * model.config.head_dim()).is_multiple_of(BLOCK)
             && model.layers.iter().all(|l| {
                 let a = &l.self_attn;
                 let m = &l.mlp;
@@ -599,7 +599,7 @@ fn pack(parts: &[&Weight]) -> Result<PackedMatrix> {
     let all_dense_f32 = parts
         .iter()
         .all(|w| matches!(w, Weight::Dense(t) if t.dtype() == DType::F32));
-    Ok(if all_dense_f32 || cols % BLOCK != 0 {
+    Ok(if all_dense_f32 || !cols.is_multiple_of(BLOCK) {
         PackedMatrix::from_f32(&dense, rows, cols)
     } else {
         PackedMatrix::quantize_f32(&dense, rows, cols)

@@ -208,6 +208,33 @@ impl Store {
     /// at a missing blob.
     pub fn insert_file(&self, record: &FileRecord, content: &[u8]) -> Result<()> {
         crate::durable::write_file(&self.blob_path(&record.id), content)?;
+        self.insert_file_record(record)
+    }
+
+    /// Where the content of file `id` is written while it arrives (an upload streamed to disk),
+    /// before [`Store::insert_pending_file`] publishes it. Dropped unpublished, it is removed.
+    pub fn pending_file(&self, id: &str) -> Result<crate::durable::PendingFile> {
+        crate::durable::PendingFile::new(&self.blob_path(id))
+    }
+
+    /// [`Store::insert_file`] for content already written to `content` (from
+    /// [`Store::pending_file`] with the record's id): published durably, then the record
+    /// committed.
+    pub fn insert_pending_file(
+        &self,
+        record: &FileRecord,
+        content: crate::durable::PendingFile,
+    ) -> Result<()> {
+        anyhow::ensure!(
+            content.target() == self.blob_path(&record.id),
+            "the content of {} was written for another file",
+            record.id
+        );
+        content.publish()?;
+        self.insert_file_record(record)
+    }
+
+    fn insert_file_record(&self, record: &FileRecord) -> Result<()> {
         self.db().execute(
             "INSERT INTO files (id, body, purpose) VALUES (?1, ?2, ?3)",
             params![record.id, to_json(record)?, record.purpose],
@@ -513,5 +540,30 @@ mod tests {
         assert!(store.delete_file("file-0").unwrap());
         assert!(store.file("file-0").unwrap().is_none() && !store.blob_path("file-0").exists());
         assert!(!store.delete_file("file-0").unwrap());
+    }
+
+    #[test]
+    fn a_pending_file_is_published_with_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let pending = store.pending_file("file-p").unwrap();
+        std::fs::write(pending.path(), b"streamed").unwrap();
+        // Content written for one id is never published under another.
+        assert!(store
+            .insert_pending_file(&file("file-q", "batch"), pending)
+            .is_err());
+        assert!(store.file("file-q").unwrap().is_none());
+        let pending = store.pending_file("file-p").unwrap();
+        std::fs::write(pending.path(), b"streamed").unwrap();
+        store
+            .insert_pending_file(&file("file-p", "batch"), pending)
+            .unwrap();
+        assert_eq!(store.read_file("file-p").unwrap(), b"streamed");
+        assert_eq!(store.file("file-p").unwrap().unwrap().purpose, "batch");
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("files"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["file-p"]);
     }
 }

@@ -1,8 +1,8 @@
 //! Gradient accumulation across the many local backward passes of one step.
 
+use crate::kernels::vector_math::{sum_squares_f64, wide};
 use crate::model::ops::on_cpu_f32;
 use crate::model::parallel::{self, ELEMENTS_PER_TASK};
-use crate::kernels::vector_math::{sum_squares_f64, wide};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 

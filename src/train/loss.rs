@@ -2,9 +2,9 @@
 //! and dropped before the next, so the whole batch's (N, vocab) logits never exist at once
 //! (at small model scale they would dominate activation memory).
 
+use crate::kernels::vector_math::{exp, max_of, sum_f64, wide};
 use crate::model::decoder::Model;
 use crate::model::matmul::matmul;
-use crate::kernels::vector_math::{exp, max_of, sum_f64, wide};
 use crate::model::{ops, parallel};
 use crate::train::grads::{grad_or_zeros, Grads};
 use candle_core::{DType, Result, Tensor, Var, D};

@@ -1,9 +1,9 @@
 //! AdamW (decoupled weight decay, bias-corrected f32 moments), global-norm clipping, and a
 //! linear-warmup + cosine-decay learning-rate schedule.
 
+use crate::kernels::vector_math::wide;
 use crate::model::ops::on_cpu_f32;
 use crate::model::parallel::{self, ELEMENTS_PER_TASK};
-use crate::kernels::vector_math::wide;
 use crate::train::grads::Grads;
 use anyhow::Result;
 use candle_core::{DType, Tensor, Var};

@@ -265,6 +265,11 @@ impl ServeProcess {
         std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default()
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, signal: i32) {
         let pid = self.child.id() as i32;
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
