@@ -9,7 +9,8 @@
 //! - [`kernels`]: CPU inference kernels (packed weights, 8-bit dot products per instruction
 //!   set, a persistent thread team), knowing nothing of models.
 //! - [`model`]: pure math and loading: configs, blocks, reversible schemes, GGUF/safetensors
-//!   loaders, tokenizer, chat template, KV cache, sampling, generation.
+//!   loaders, KV cache, sampling, generation.
+//! - [`text`]: tokenizer, chat templates and stop strings: the text around the network.
 //! - [`settings`]: the server's typed configuration (`config.toml`, `REWIND_*`, flags).
 //! - [`engine`]: the device-owning inference thread: continuous batching under a KV memory
 //!   budget, a pure scheduler, the model registry, JSON-constrained decoding, metrics.
@@ -33,4 +34,5 @@ pub mod model;
 pub mod provision;
 pub mod settings;
 pub mod store;
+pub mod text;
 pub mod train;

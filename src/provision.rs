@@ -50,7 +50,7 @@ pub const CHITCHAT_HELD_OUT: usize = 40;
 /// The chitchat conversations as chat examples (first speaker = user), without the held-out
 /// ones; fetched with pip on first use.
 pub fn chitchat_examples() -> Result<Vec<crate::train::data::Example>> {
-    use crate::model::chat_template::ChatMessage;
+    use crate::text::chat_template::ChatMessage;
     let path = ensure(&CHITCHAT, &models_dir())?;
     let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)
         .with_context(|| format!("{}: not JSON", path.display()))?;

@@ -19,7 +19,7 @@ use rewind::api::{
     files::ListQuery, fine_tuning::PageQuery, legacy_fine_tunes::EventsQuery, tools,
 };
 use rewind::engine::grammar::{Grammar, Matcher};
-use rewind::model::chat_template::ChatTemplate;
+use rewind::text::chat_template::ChatTemplate;
 use rewind::model::reversible::ReversibleConfig;
 use rewind::settings::Limits;
 use rewind::train::data::{parse_jsonl, parse_line};

@@ -3,7 +3,7 @@
 
 mod common;
 
-use rewind::model::chat_template::ChatMessage;
+use rewind::text::chat_template::ChatMessage;
 use rewind::model::config::{Architecture, ModelConfig};
 use rewind::model::decoder::Model;
 use rewind::model::generate::{run_to_completion, GenerationParams, Sequence};

@@ -11,7 +11,7 @@ use crate::api::{read_body, AppState};
 use crate::engine::grammar::Grammar;
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
-use crate::model::chat_template::ChatMessage;
+use crate::text::chat_template::ChatMessage;
 use crate::model::generate::{FinishReason, GenerationParams, StepOutput, TokenLogprob};
 use crate::settings::Limits;
 use actix_web::{web, HttpRequest, HttpResponse};

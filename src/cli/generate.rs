@@ -1,7 +1,7 @@
 //! `rewind generate` and `rewind chat`.
 
 use crate::cli::ModelArgs;
-use crate::model::chat_template::ChatMessage;
+use crate::text::chat_template::ChatMessage;
 use crate::model::generate::{run_to_completion, GenerationParams, Sequence};
 use crate::model::loader::LoadedModel;
 use crate::model::sampling::SamplingParams;

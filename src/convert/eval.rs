@@ -3,7 +3,7 @@
 //! model's inverse, and greedy answers to fixed prompts side by side.
 
 use crate::model::block::Layout;
-use crate::model::chat_template::ChatMessage;
+use crate::text::chat_template::ChatMessage;
 use crate::model::decoder::{LogitRows, Model, SeqInput, States};
 use crate::model::generate::{run_to_completion, GenerationParams, Sequence};
 use crate::model::kv_cache::KvCache;

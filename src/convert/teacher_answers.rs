@@ -4,7 +4,7 @@
 //! The answers are generated once and cached as OpenAI chat JSONL, so a resumed conversion
 //! trains on the same data.
 
-use crate::model::chat_template::ChatMessage;
+use crate::text::chat_template::ChatMessage;
 use crate::model::generate::{run_to_completion, GenerationParams, Sequence};
 use crate::model::loader::LoadedModel;
 use crate::model::sampling::SamplingParams;

@@ -7,9 +7,9 @@
 //! ones are recorded in `<data_dir>/models.json` so they are served again after a restart.
 
 use crate::engine::token_mask::TokenTable;
-use crate::model::chat_template::ChatTemplate;
+use crate::text::chat_template::ChatTemplate;
 use crate::model::loader::WeightFormat;
-use crate::model::tokenizer::TextTokenizer;
+use crate::text::tokenizer::TextTokenizer;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

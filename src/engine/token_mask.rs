@@ -9,7 +9,7 @@
 //!   control characters are checked.
 
 use crate::engine::grammar::Matcher;
-use crate::model::tokenizer::TextTokenizer;
+use crate::text::tokenizer::TextTokenizer;
 
 /// The vocabulary in the shapes the mask needs; built once per model.
 pub struct TokenTable {

@@ -6,8 +6,8 @@
 use crate::model::decoder::{Model, SeqInput};
 use crate::model::kv_cache::KvCache;
 use crate::model::sampling::{Sampler, SamplingParams};
-use crate::model::stop::StopStrings;
-use crate::model::tokenizer::{StreamDecoder, TextTokenizer};
+use crate::text::stop::StopStrings;
+use crate::text::tokenizer::{StreamDecoder, TextTokenizer};
 use anyhow::Result;
 
 /// What to generate and when to stop.

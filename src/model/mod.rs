@@ -1,9 +1,9 @@
-//! The model layer: everything needed to load an LLM, express it in a reversible form and
-//! generate from it. Knows nothing of HTTP, jobs or storage.
+//! The model layer: the network and its math: everything needed to load an LLM, express it in
+//! a reversible form and generate from it. Knows nothing of HTTP, jobs or storage; the text
+//! around it (tokenizer, chat template, stop strings) is in `text`.
 
 pub mod attention;
 pub mod block;
-pub mod chat_template;
 pub mod config;
 pub mod custom_vjp;
 pub mod decoder;
@@ -19,5 +19,3 @@ pub mod parallel;
 pub mod reversible;
 pub mod rope;
 pub mod sampling;
-pub mod stop;
-pub mod tokenizer;

@@ -2,8 +2,8 @@
 //! `{"prompt", "completion"}` pairs), validated line by line, tokenised with the model's own
 //! chat template (the function the server uses), and batched by length.
 
-use crate::model::chat_template::{ChatMessage, ChatTemplate};
-use crate::model::tokenizer::TextTokenizer;
+use crate::text::chat_template::{ChatMessage, ChatTemplate};
+use crate::text::tokenizer::TextTokenizer;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use serde_json::Value;

@@ -6,7 +6,7 @@
 //! [`ChatTemplate::render_with_assistant_spans`] also locates each assistant turn in the
 //! rendering, so training puts its loss on exactly the text inference would have generated.
 
-use crate::model::tokenizer::TextTokenizer;
+use crate::text::tokenizer::TextTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use jiff::tz::TimeZone;
