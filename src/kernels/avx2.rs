@@ -2,28 +2,22 @@
 //! 8-bit products go through `vpmaddubsw` (u8 x s8 pairs to i16) and `vpmaddwd`; Q8 weights
 //! are multiplied as |w| times x with w's sign, so no i16 pair sum can saturate.
 
-use super::packed_matrix::{Format, Input, PackedMatrix, Tile, COLUMN_TILE, GROUP};
+use super::packed_matrix::{PackedMatrix, Tile, TileKernels, GROUP};
 use super::quantize::{QuantizedRows, BLOCK};
 use std::arch::x86_64::*;
 
-/// # Safety
-/// The CPU must run AVX2, FMA and F16C ([`super::isa::Isa::Avx2`]); stores as [`Tile::store`].
-pub unsafe fn product_tile(m: &PackedMatrix, x: Input<'_>, tile: Tile, columns: usize) {
-    debug_assert!(columns <= COLUMN_TILE);
-    match (m.format, x, columns) {
-        (Format::F32, Input::F32 { values, .. }, 1) => f32_tile::<1>(m, values, tile),
-        (Format::F32, Input::F32 { values, .. }, 2) => f32_tile::<2>(m, values, tile),
-        (Format::F32, Input::F32 { values, .. }, 3) => f32_tile::<3>(m, values, tile),
-        (Format::F32, Input::F32 { values, .. }, _) => f32_tile::<4>(m, values, tile),
-        (Format::Q8, Input::Int8(q), 1) => int8_tile::<1, false>(m, q, tile),
-        (Format::Q8, Input::Int8(q), 2) => int8_tile::<2, false>(m, q, tile),
-        (Format::Q8, Input::Int8(q), 3) => int8_tile::<3, false>(m, q, tile),
-        (Format::Q8, Input::Int8(q), _) => int8_tile::<4, false>(m, q, tile),
-        (Format::Q4, Input::Int8(q), 1) => int8_tile::<1, true>(m, q, tile),
-        (Format::Q4, Input::Int8(q), 2) => int8_tile::<2, true>(m, q, tile),
-        (Format::Q4, Input::Int8(q), 3) => int8_tile::<3, true>(m, q, tile),
-        (Format::Q4, Input::Int8(q), _) => int8_tile::<4, true>(m, q, tile),
-        _ => unreachable!("checked by product_groups"),
+/// The AVX2 kernel family.
+pub struct Avx2;
+
+impl TileKernels for Avx2 {
+    unsafe fn f32<const T: usize>(m: &PackedMatrix, x: &[f32], tile: Tile) {
+        f32_tile::<T>(m, x, tile)
+    }
+    unsafe fn q8<const T: usize>(m: &PackedMatrix, q: &QuantizedRows, tile: Tile) {
+        int8_tile::<T, false>(m, q, tile)
+    }
+    unsafe fn q4<const T: usize>(m: &PackedMatrix, q: &QuantizedRows, tile: Tile) {
+        int8_tile::<T, true>(m, q, tile)
     }
 }
 

@@ -1,30 +1,23 @@
 //! AVX-512 kernels: 16 rows per zmm register, VNNI `vpdpbusd` for the 8-bit products (unsigned
 //! weight bytes times signed activation bytes, four per lane), f16 scales widened in-register.
-//! Up to [`COLUMN_TILE`] activation columns share each weight load.
+//! Up to [`super::packed_matrix::COLUMN_TILE`] activation columns share each weight load.
 
-use super::packed_matrix::{Format, Input, PackedMatrix, Tile, COLUMN_TILE, GROUP};
+use super::packed_matrix::{PackedMatrix, Tile, TileKernels, GROUP};
 use super::quantize::{QuantizedRows, BLOCK};
 use std::arch::x86_64::*;
 
-/// # Safety
-/// The CPU must run AVX-512 F/BW/VNNI and F16C ([`super::isa::Isa::Avx512Vnni`]); stores as
-/// [`Tile::store`].
-pub unsafe fn product_tile(m: &PackedMatrix, x: Input<'_>, tile: Tile, columns: usize) {
-    debug_assert!(columns <= COLUMN_TILE);
-    match (m.format, x, columns) {
-        (Format::F32, Input::F32 { values, .. }, 1) => f32_tile::<1>(m, values, tile),
-        (Format::F32, Input::F32 { values, .. }, 2) => f32_tile::<2>(m, values, tile),
-        (Format::F32, Input::F32 { values, .. }, 3) => f32_tile::<3>(m, values, tile),
-        (Format::F32, Input::F32 { values, .. }, _) => f32_tile::<4>(m, values, tile),
-        (Format::Q8, Input::Int8(q), 1) => q8_tile::<1>(m, q, tile),
-        (Format::Q8, Input::Int8(q), 2) => q8_tile::<2>(m, q, tile),
-        (Format::Q8, Input::Int8(q), 3) => q8_tile::<3>(m, q, tile),
-        (Format::Q8, Input::Int8(q), _) => q8_tile::<4>(m, q, tile),
-        (Format::Q4, Input::Int8(q), 1) => q4_tile::<1>(m, q, tile),
-        (Format::Q4, Input::Int8(q), 2) => q4_tile::<2>(m, q, tile),
-        (Format::Q4, Input::Int8(q), 3) => q4_tile::<3>(m, q, tile),
-        (Format::Q4, Input::Int8(q), _) => q4_tile::<4>(m, q, tile),
-        _ => unreachable!("checked by product_groups"),
+/// The AVX-512 VNNI kernel family.
+pub struct Avx512;
+
+impl TileKernels for Avx512 {
+    unsafe fn f32<const T: usize>(m: &PackedMatrix, x: &[f32], tile: Tile) {
+        f32_tile::<T>(m, x, tile)
+    }
+    unsafe fn q8<const T: usize>(m: &PackedMatrix, q: &QuantizedRows, tile: Tile) {
+        q8_tile::<T>(m, q, tile)
+    }
+    unsafe fn q4<const T: usize>(m: &PackedMatrix, q: &QuantizedRows, tile: Tile) {
+        q4_tile::<T>(m, q, tile)
     }
 }
 

@@ -294,9 +294,9 @@ impl PackedMatrix {
                 };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Vnni => super::avx512::product_tile(self, x, tile_out, tile),
+                    Isa::Avx512Vnni => dispatch::<super::avx512::Avx512>(self, x, tile_out, tile),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => super::avx2::product_tile(self, x, tile_out, tile),
+                    Isa::Avx2 => dispatch::<super::avx2::Avx2>(self, x, tile_out, tile),
                     _ => super::portable::product_tile(self, x, tile_out, tile),
                 }
                 c += tile;
@@ -310,6 +310,48 @@ fn check_blocks(cols: usize) {
         cols.is_multiple_of(BLOCK),
         "{cols} inputs is not a multiple of {BLOCK}"
     );
+}
+
+/// One instruction set's kernels for a tile of `T` activation columns.
+pub(super) trait TileKernels {
+    /// # Safety
+    /// The CPU runs the kernels' instruction set; stores as [`Tile::store`].
+    unsafe fn f32<const T: usize>(m: &PackedMatrix, x: &[f32], tile: Tile);
+    /// # Safety
+    /// As `f32`.
+    unsafe fn q8<const T: usize>(m: &PackedMatrix, q: &QuantizedRows, tile: Tile);
+    /// # Safety
+    /// As `f32`.
+    unsafe fn q4<const T: usize>(m: &PackedMatrix, q: &QuantizedRows, tile: Tile);
+}
+
+/// Runs `K`'s kernel for the matrix's format with the tile width `columns` (1..=COLUMN_TILE)
+/// fixed at compile time.
+///
+/// # Safety
+/// As [`TileKernels`].
+pub(super) unsafe fn dispatch<K: TileKernels>(
+    m: &PackedMatrix,
+    x: Input<'_>,
+    tile: Tile,
+    columns: usize,
+) {
+    debug_assert!((1..=COLUMN_TILE).contains(&columns));
+    match (m.format, x, columns) {
+        (Format::F32, Input::F32 { values, .. }, 1) => K::f32::<1>(m, values, tile),
+        (Format::F32, Input::F32 { values, .. }, 2) => K::f32::<2>(m, values, tile),
+        (Format::F32, Input::F32 { values, .. }, 3) => K::f32::<3>(m, values, tile),
+        (Format::F32, Input::F32 { values, .. }, _) => K::f32::<4>(m, values, tile),
+        (Format::Q8, Input::Int8(q), 1) => K::q8::<1>(m, q, tile),
+        (Format::Q8, Input::Int8(q), 2) => K::q8::<2>(m, q, tile),
+        (Format::Q8, Input::Int8(q), 3) => K::q8::<3>(m, q, tile),
+        (Format::Q8, Input::Int8(q), _) => K::q8::<4>(m, q, tile),
+        (Format::Q4, Input::Int8(q), 1) => K::q4::<1>(m, q, tile),
+        (Format::Q4, Input::Int8(q), 2) => K::q4::<2>(m, q, tile),
+        (Format::Q4, Input::Int8(q), 3) => K::q4::<3>(m, q, tile),
+        (Format::Q4, Input::Int8(q), _) => K::q4::<4>(m, q, tile),
+        _ => unreachable!("checked by product_groups"),
+    }
 }
 
 /// Where a kernel writes one group's rows for a run of columns.

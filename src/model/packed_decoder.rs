@@ -71,6 +71,13 @@ struct Scratch {
     scores: Vec<Vec<f32>>,
 }
 
+/// What one forward step works on: the sequences with their caches, their rows, the team.
+struct Step<'s, 'a> {
+    seqs: &'s mut [SeqInput<'a>],
+    spans: &'s [Span],
+    team: &'s Team,
+}
+
 /// A sequence's place in the step's rows.
 #[derive(Clone, Copy)]
 struct Span {
@@ -223,8 +230,13 @@ impl PackedDecoder {
         scratch.other.copy_from_slice(&scratch.last);
 
         let first = scheme.first_scheme_layer();
+        let mut step = Step {
+            seqs,
+            spans: &spans,
+            team,
+        };
         if first == 1 {
-            self.block_f(0, seqs, &spans, scratch, team);
+            self.block_f(0, &mut step, scratch);
             for (l, f) in scratch.last.iter_mut().zip(&scratch.branch) {
                 *l += f;
             }
@@ -232,13 +244,13 @@ impl PackedDecoder {
         for j in first..self.layers.len() {
             match scheme.two_step(j) {
                 Some(coef) => {
-                    self.block_f(j, seqs, &spans, scratch, team);
+                    self.block_f(j, &mut step, scratch);
                     two_step_update(coef, &mut scratch.other, &mut scratch.last, &scratch.branch);
                 }
                 None => {
                     // hamiltonian, (other, last) = (q, p): q += h Attn(N1 p); p += h MLP(N2 q)
                     let h = scheme.h as f32;
-                    self.attention_branch(j, seqs, &spans, scratch, team);
+                    self.attention_branch(j, &mut step, scratch);
                     vector::axpy(self.isa, &mut scratch.other, h, &scratch.branch);
                     scratch.hidden.copy_from_slice(&scratch.other);
                     self.mlp_branch(j, scratch, team);
@@ -246,7 +258,7 @@ impl PackedDecoder {
                 }
             }
         }
-        for (s, span) in seqs.iter_mut().zip(&spans) {
+        for (s, span) in step.seqs.iter_mut().zip(&spans) {
             s.cache.host.len = span.start + span.len;
         }
 
@@ -292,33 +304,21 @@ impl PackedDecoder {
 
     /// f_j(p) = a + MLP(N2 (p + a)), a = Attn_j(N1 p), for p = `scratch.last`, into
     /// `scratch.branch`.
-    fn block_f(
-        &self,
-        j: usize,
-        seqs: &mut [SeqInput<'_>],
-        spans: &[Span],
-        s: &mut Scratch,
-        team: &Team,
-    ) {
-        self.attention_branch(j, seqs, spans, s, team);
+    fn block_f(&self, j: usize, step: &mut Step<'_, '_>, s: &mut Scratch) {
+        self.attention_branch(j, step, s);
         for ((h, p), a) in s.hidden.iter_mut().zip(&s.last).zip(&s.branch) {
             *h = p + a;
         }
-        self.mlp_branch(j, s, team);
+        self.mlp_branch(j, s, step.team);
         for (a, m) in s.branch.iter_mut().zip(&s.mlp) {
             *a += m;
         }
     }
 
     /// Attn_j(N1 p) for p = `s.last` into `s.branch`, appending this step's keys and values.
-    fn attention_branch(
-        &self,
-        j: usize,
-        seqs: &mut [SeqInput<'_>],
-        spans: &[Span],
-        s: &mut Scratch,
-        team: &Team,
-    ) {
+    fn attention_branch(&self, j: usize, step: &mut Step<'_, '_>, s: &mut Scratch) {
+        let Step { seqs, spans, team } = step;
+        let (spans, team) = (*spans, *team);
         let c = &self.config;
         let layer = &self.layers[j];
         let (d, hd) = (c.hidden_size, c.head_dim());
