@@ -19,9 +19,9 @@ use rewind::api::{
     files::ListQuery, fine_tuning::PageQuery, legacy_fine_tunes::EventsQuery, tools,
 };
 use rewind::engine::grammar::{Grammar, Matcher};
-use rewind::text::chat_template::ChatTemplate;
 use rewind::model::reversible::ReversibleConfig;
 use rewind::settings::Limits;
+use rewind::text::chat_template::ChatTemplate;
 use rewind::train::data::{parse_jsonl, parse_line};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};

@@ -3,13 +3,13 @@
 
 mod common;
 
-use rewind::text::chat_template::ChatMessage;
 use rewind::model::config::{Architecture, ModelConfig};
 use rewind::model::decoder::Model;
 use rewind::model::generate::{run_to_completion, GenerationParams, Sequence};
 use rewind::model::loader::{self, random::RandomSource, LoadOptions, LoadedModel, WeightFormat};
 use rewind::model::reversible::ReversibleConfig;
 use rewind::model::sampling::SamplingParams;
+use rewind::text::chat_template::ChatMessage;
 use rewind::train::backward::Strategy;
 use rewind::train::data::{self, TokenizedExample};
 use rewind::train::exact::FixedPoint;

@@ -1,10 +1,10 @@
 //! `rewind generate` and `rewind chat`.
 
 use crate::cli::ModelArgs;
-use crate::text::chat_template::ChatMessage;
 use crate::model::generate::{run_to_completion, GenerationParams, Sequence};
 use crate::model::loader::LoadedModel;
 use crate::model::sampling::SamplingParams;
+use crate::text::chat_template::ChatMessage;
 use anyhow::Result;
 use std::io::{BufRead, Write};
 

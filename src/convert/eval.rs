@@ -3,12 +3,12 @@
 //! model's inverse, and greedy answers to fixed prompts side by side.
 
 use crate::model::block::Layout;
-use crate::text::chat_template::ChatMessage;
 use crate::model::decoder::{LogitRows, Model, SeqInput, States};
 use crate::model::generate::{run_to_completion, GenerationParams, Sequence};
 use crate::model::kv_cache::KvCache;
 use crate::model::loader::LoadedModel;
 use crate::model::sampling::SamplingParams;
+use crate::text::chat_template::ChatMessage;
 use crate::train::data::TokenizedExample;
 use crate::train::exact;
 use crate::train::loss::{cross_entropy_rows, kl_rows};

@@ -4,10 +4,10 @@
 //! The answers are generated once and cached as OpenAI chat JSONL, so a resumed conversion
 //! trains on the same data.
 
-use crate::text::chat_template::ChatMessage;
 use crate::model::generate::{run_to_completion, GenerationParams, Sequence};
 use crate::model::loader::LoadedModel;
 use crate::model::sampling::SamplingParams;
+use crate::text::chat_template::ChatMessage;
 use crate::train::data::{self, Example};
 use anyhow::Result;
 use std::path::Path;

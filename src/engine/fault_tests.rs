@@ -23,10 +23,10 @@ const CHATML: &str = "{%- for message in messages %}{{ '<|im_start|>' + message[
 pub(crate) fn tiny_model() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| {
-        use crate::text::chat_template::ChatTemplate;
         use crate::model::config::ModelConfig;
         use crate::model::loader::{build_model, random::RandomSource, save::save_model};
         use crate::model::reversible::ReversibleConfig;
+        use crate::text::chat_template::ChatTemplate;
         use crate::text::tokenizer::TextTokenizer;
         let gguf = crate::provision::resolve(Some(crate::provision::BASE_MODEL))
             .expect("the base model is provisioned (run `rewind pull`)");

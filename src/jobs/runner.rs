@@ -13,13 +13,13 @@
 use crate::engine::registry::ModelSpec;
 use crate::engine::unix_now;
 use crate::jobs::{report, FineTuning, TrainerControl};
-use crate::text::chat_template::ChatTemplate;
 use crate::model::decoder::Model;
 use crate::model::loader::save::save_model;
 use crate::model::loader::{self, LoadOptions, WeightFormat};
 use crate::model::reversible::ReversibleConfig;
-use crate::text::tokenizer::TextTokenizer;
 use crate::store::{CheckpointRecord, FileRecord, JobError, JobRecord};
+use crate::text::chat_template::ChatTemplate;
+use crate::text::tokenizer::TextTokenizer;
 use crate::train::backward::Strategy;
 use crate::train::data::{fit_length, tokenize, Example, Overflow, TokenizedExample};
 use crate::train::exact::{self, FixedPoint};

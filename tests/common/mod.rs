@@ -49,12 +49,12 @@ pub fn fixture(name: &str) -> PathBuf {
 /// Writes a tiny random llama (2 layers, d=64) with the default model's real tokenizer and the
 /// given chat template, for plumbing tests; returns the temporary folder and the model directory.
 pub fn write_tiny_model(template_name: &str, template: &str) -> (tempfile::TempDir, PathBuf) {
-    use rewind::text::chat_template::ChatTemplate;
     use rewind::model::config::ModelConfig;
     use rewind::model::loader::{
         build_model, random::RandomSource, save::save_model, WeightFormat,
     };
     use rewind::model::reversible::ReversibleConfig;
+    use rewind::text::chat_template::ChatTemplate;
     use rewind::text::tokenizer::TextTokenizer;
     let mut file = std::fs::File::open(base_model()).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();

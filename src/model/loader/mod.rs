@@ -8,12 +8,12 @@ pub mod safetensors;
 pub mod save;
 
 use crate::model::block::{Attention, Block, Mlp};
-use crate::text::chat_template::ChatTemplate;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Model;
 use crate::model::linear::{Embedding, Linear, Weight};
 use crate::model::reversible::ReversibleConfig;
 use crate::model::rope::RopeTables;
+use crate::text::chat_template::ChatTemplate;
 use crate::text::tokenizer::TextTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};

@@ -3,8 +3,8 @@
 //! Published whole with [`crate::durable::publish_dir`] (a temporary sibling directory, fsynced,
 //! swapped in for any previous version), so a crash or power loss never leaves half a model.
 
-use crate::text::chat_template::ChatTemplate;
 use crate::model::decoder::Model;
+use crate::text::chat_template::ChatTemplate;
 use crate::text::tokenizer::TextTokenizer;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
