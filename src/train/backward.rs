@@ -63,6 +63,15 @@ struct Adjoint {
     last: Tensor,
 }
 
+/// x s, sharing x when s is 1 (a coefficient of 1 is common: h = 1).
+fn scaled(x: &Tensor, s: f64) -> candle_core::Result<Tensor> {
+    if s == 1.0 {
+        Ok(x.clone())
+    } else {
+        x.affine(s, 0.0)
+    }
+}
+
 /// sum(a * b) over all elements, the scalar whose backward is a VJP with cotangent b.
 fn dot(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     (a * b)?.sum_all()
@@ -168,7 +177,7 @@ pub fn loss_and_grads(
             };
             let mut s = top;
             for j in (first..t.graph.layers.len()).rev() {
-                (s, g) = reversible_layer(t, j, &s, &g, &layout(), &mut grads, &below)?;
+                (s, g) = reversible_layer(t, j, s, g, &layout(), &mut grads, &below)?;
             }
             phases::mark(e.device(), "walk down")?;
             g
@@ -229,7 +238,7 @@ fn exact_loss_and_grads(
     phases::mark(e.device(), "head")?;
     let mut s = fwd.top;
     for j in (0..t.graph.layers.len()).rev() {
-        (s, g) = reversible_layer(t, j, &s, &g, &layout(), &mut grads, &below)?;
+        (s, g) = reversible_layer(t, j, s, g, &layout(), &mut grads, &below)?;
     }
     phases::mark(e.device(), "walk down")?;
     // Duplicate seeding: both states are the embedding.
@@ -292,8 +301,8 @@ fn finish_embedding(
 fn reversible_layer(
     t: &Trainable,
     j: usize,
-    s: &States,
-    g: &Adjoint,
+    s: States,
+    g: Adjoint,
     layout: &Layout<'_>,
     grads: &mut Grads,
     below: &Below<'_>,
@@ -316,12 +325,19 @@ fn reversible_layer(
     };
     match t.frozen.reversible.two_step(j) {
         Some(coef) => {
-            // s = (p_j, p_{j+1}), g = (g_j, g_{j+1}).
-            let p = below.view(&s.other, dtype)?;
-            let df = g.last.affine(coef.c, 0.0)?;
-            let (f, d_p) = block_vjp::f_and_vjp(block, &p, df, layout, &ctx, &mut sink)?;
+            // s = (p_j, p_{j+1}), g = (g_j, g_{j+1}). The block's value f rebuilds p_{j-1}, and
+            // every cotangent but the attention output's is combined, before the attention
+            // backward runs: f, p_{j+1}, g_j, g_{j+1} and the MLP's cotangent are gone by the
+            // time its working set is allocated.
+            let States {
+                other: p_j,
+                last: p_next,
+            } = s;
+            let p = below.view(&p_j, dtype)?;
+            let df = scaled(&g.last, coef.c)?;
+            let half = block_vjp::f_and_mlp_vjp(block, &p, &df, layout, &ctx, &mut sink)?;
             let prev = match below {
-                Below::Float => coef.inverse(&s.other, &s.last, &f)?,
+                Below::Float => coef.inverse(&p_j, &p_next, &half.f)?,
                 Below::Kept(_) => kept()?.other.clone(),
                 Below::Exact {
                     stored: Some(stored),
@@ -335,22 +351,27 @@ fn reversible_layer(
                 } => fp.two_step_inverse(
                     ExactRule::for_step(&coef)?,
                     coef.c,
-                    &s.other,
-                    &s.last,
-                    &f,
+                    &p_j,
+                    &p_next,
+                    &half.f,
                     bits[j].as_ref(),
                 )?,
             };
-            let g_p = ((&g.other + d_p)? + g.last.affine(coef.b, 0.0)?)?;
+            drop((half.f, p_next));
+            let d_a = (df + &half.d_mlp)?;
+            let g_p = ((g.other + half.d_mlp)? + scaled(&g.last, coef.b)?)?;
             let g_prev = g.last.affine(coef.a, 0.0)?;
+            drop(g.last);
+            let d_attention =
+                block_vjp::attention_backward(block, half.attention, d_a, &ctx, &mut sink)?;
             Ok((
                 States {
                     other: prev,
-                    last: s.other.clone(),
+                    last: p_j,
                 },
                 Adjoint {
                     other: g_prev,
-                    last: g_p,
+                    last: (g_p + d_attention)?,
                 },
             ))
         }
@@ -386,7 +407,7 @@ fn reversible_layer(
             let d_p = block_vjp::attention_backward(
                 block,
                 attn_tape,
-                &g_q.affine(h, 0.0)?,
+                g_q.affine(h, 0.0)?,
                 &ctx,
                 &mut sink,
             )?;

@@ -121,19 +121,23 @@ pub fn attention_forward(
     Ok((y, tape))
 }
 
-/// dL/dp of the attention branch for the output cotangent `dy` (residual dtype).
+/// dL/dp of the attention branch for the output cotangent `dy` (residual dtype), taken by
+/// value: it is freed once o_proj's backward has used it, before the kernel's.
 pub fn attention_backward(
     block: &Block,
     tape: AttentionTape,
-    dy: &Tensor,
+    dy: Tensor,
     ctx: &BlockCtx<'_>,
     sink: &mut Sink<'_>,
 ) -> Result<Tensor> {
     let attn = &block.self_attn;
     let (b, t, dh) = (tape.batch, tape.seq, attn.head_dim);
     let (h, kvh) = (attn.num_heads, attn.num_kv_heads);
-    let dy = dy.to_dtype(ctx.compute_dtype)?;
-    let d_merged = linear_backward(&attn.o_proj, &tape.merged, &dy, sink)?;
+    let d_merged = {
+        let owned = dy;
+        let dy = owned.to_dtype(ctx.compute_dtype)?;
+        linear_backward(&attn.o_proj, &tape.merged, &dy, sink)?
+    };
     // The tiled kernel's backward needs rowsum(d_out * out) per query row: summed here over
     // each head's slice of the rows, then laid out as the kernel's (B*KvH, rep*T).
     let delta = match &tape.lse {
@@ -209,9 +213,7 @@ pub struct MlpTape {
     act: Tensor,
 }
 
-/// MLP(N2 q) and dL/dq for the branch's output cotangent `dy`, over the same row tiles as
-/// `Block::mlp_branch` (so the value is bit-identical to the forward pass): each tile's
-/// intermediates live only while its own backward runs.
+/// MLP(N2 q) and dL/dq for the branch's output cotangent `dy` (hamiltonian's half-step).
 pub fn mlp_value_and_vjp(
     block: &Block,
     q: &Tensor,
@@ -219,22 +221,73 @@ pub fn mlp_value_and_vjp(
     ctx: &BlockCtx<'_>,
     sink: &mut Sink<'_>,
 ) -> Result<(Tensor, Tensor)> {
-    let (mut values, mut cotangents) = (Vec::new(), Vec::new());
-    for (r0, len) in mlp_tiles(q.dim(0)?) {
-        let (m, tape) = mlp_forward(block, &q.narrow(0, r0, len)?, ctx)?;
-        values.push(m);
-        cotangents.push(mlp_backward(
-            block,
-            tape,
-            &dy.narrow(0, r0, len)?,
-            ctx,
-            sink,
-        )?);
+    let value = Tensor::zeros(q.shape(), ctx.residual_dtype, q.device())?;
+    let d_q = mlp_tiles_vjp(
+        block,
+        q.dim(0)?,
+        |r0, len| Ok(q.narrow(0, r0, len)?),
+        |r0, m| Ok(value.slice_set(&m, 0, r0)?),
+        dy,
+        ctx,
+        sink,
+    )?;
+    Ok((value, d_q))
+}
+
+/// The block's value a + MLP(N2 (p + a)) from the attention output `a`, written into `a`'s
+/// own buffer, and dL/d(p + a) for the cotangent `dy` of the MLP's output.
+pub fn block_value_and_mlp_vjp(
+    block: &Block,
+    p: &Tensor,
+    a: Tensor,
+    dy: &Tensor,
+    ctx: &BlockCtx<'_>,
+    sink: &mut Sink<'_>,
+) -> Result<(Tensor, Tensor)> {
+    let a = a.contiguous()?;
+    let d_input = mlp_tiles_vjp(
+        block,
+        p.dim(0)?,
+        |r0, len| Ok((p.narrow(0, r0, len)? + a.narrow(0, r0, len)?)?),
+        |r0, m| {
+            let f = (a.narrow(0, r0, m.dim(0)?)? + m)?;
+            Ok(a.slice_set(&f, 0, r0)?)
+        },
+        dy,
+        ctx,
+        sink,
+    )?;
+    Ok((a, d_input))
+}
+
+/// The MLP branch over the same row tiles as `Block::mlp_branch` (so its value is bit-identical
+/// to the forward pass): each tile's input from `input(first row, rows)`, its output handed to
+/// `value(first row, output)`, its input cotangent written into the returned buffer. A tile's
+/// intermediates live only while its own backward runs, and no full-width MLP input, output or
+/// list of tiles ever exists.
+fn mlp_tiles_vjp(
+    block: &Block,
+    rows: usize,
+    input: impl Fn(usize, usize) -> Result<Tensor>,
+    mut value: impl FnMut(usize, Tensor) -> Result<()>,
+    dy: &Tensor,
+    ctx: &BlockCtx<'_>,
+    sink: &mut Sink<'_>,
+) -> Result<Tensor> {
+    let mut d_input: Option<Tensor> = None;
+    for (r0, len) in mlp_tiles(rows) {
+        let x = input(r0, len)?;
+        let (m, tape) = mlp_forward(block, &x, ctx)?;
+        drop(x);
+        value(r0, m)?;
+        let d = mlp_backward(block, tape, &dy.narrow(0, r0, len)?, ctx, sink)?.contiguous()?;
+        let buffer = match &d_input {
+            Some(b) => b,
+            None => d_input.insert(Tensor::zeros((rows, d.dim(1)?), d.dtype(), d.device())?),
+        };
+        buffer.slice_set(&d, 0, r0)?;
     }
-    if values.len() == 1 {
-        return Ok((values.remove(0), cotangents.remove(0)));
-    }
-    Ok((Tensor::cat(&values, 0)?, Tensor::cat(&cotangents, 0)?))
+    d_input.ok_or_else(|| anyhow::anyhow!("an MLP over no rows"))
 }
 
 /// MLP(N2 q) for one tile of rows, with its tape.
@@ -303,15 +356,45 @@ pub fn f_and_vjp(
     ctx: &BlockCtx<'_>,
     sink: &mut Sink<'_>,
 ) -> Result<(Tensor, Tensor)> {
-    let (batch, seq) = uniform(layout)?;
-    let (a, attn_tape) = attention_forward(block, p, batch, seq, ctx)?;
-    // f = a + m(p + a): the cotangent reaching p + a is the MLP's, and a receives df plus it.
-    let (m, d_q) = mlp_value_and_vjp(block, &(p + &a)?, &df, ctx, sink)?;
-    let f = (a + m)?;
+    let half = f_and_mlp_vjp(block, p, &df, layout, ctx, sink)?;
     // Taken by value: df is not needed past here.
-    let d_a = (df + &d_q)?;
-    let d_p = (d_q + attention_backward(block, attn_tape, &d_a, ctx, sink)?)?;
-    Ok((f, d_p))
+    let d_a = (df + &half.d_mlp)?;
+    let d_p = (half.d_mlp + attention_backward(block, half.attention, d_a, ctx, sink)?)?;
+    Ok((half.f, d_p))
+}
+
+/// The block's value and the part of its VJP that needs no attention backward.
+pub struct BlockHalf {
+    /// f(p).
+    pub f: Tensor,
+    /// The cotangent reaching the MLP's input p + a: part of dL/dp, and (with df) the
+    /// attention output's cotangent.
+    pub d_mlp: Tensor,
+    /// What the attention branch's backward needs ([`attention_backward`] with cotangent
+    /// df + d_mlp).
+    pub attention: AttentionTape,
+}
+
+/// f(p) and the MLP's VJP for the cotangent `df` of f(p), stopping before the attention
+/// backward, so a caller can spend f (the reversible walk rebuilds the state below with it) and
+/// combine its cotangents before the attention backward's working set is allocated.
+pub fn f_and_mlp_vjp(
+    block: &Block,
+    p: &Tensor,
+    df: &Tensor,
+    layout: &Layout<'_>,
+    ctx: &BlockCtx<'_>,
+    sink: &mut Sink<'_>,
+) -> Result<BlockHalf> {
+    let (batch, seq) = uniform(layout)?;
+    let (a, attention) = attention_forward(block, p, batch, seq, ctx)?;
+    // f = a + m(p + a): the cotangent reaching p + a is the MLP's, and a receives df plus it.
+    let (f, d_mlp) = block_value_and_mlp_vjp(block, p, a, df, ctx, sink)?;
+    Ok(BlockHalf {
+        f,
+        d_mlp,
+        attention,
+    })
 }
 
 /// The batch and sequence length of a training layout.
