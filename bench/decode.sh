@@ -89,7 +89,7 @@ jq -rs '
       rewind: (map(select(.engine == "rewind").value) | median),
       llama: (map(select(.engine == "llama.cpp").value) | median)})
   | (["model", "weights", "metric", "rewind", "llama.cpp", "ratio"] | join(" | ")),
-    (.[] | [.model, (if .format == "quantized" then "Q4_1" else "F32" end), .metric,
+    (.[] | [.model, (if .format == "quantized" then "GGUF blocks" else "F32" end), .metric,
             (.rewind | floor | tostring), (.llama | floor | tostring),
             ((.rewind / .llama * 100 | round) / 100 | tostring + "x")] | join(" | "))
 ' "$OUT/rows.jsonl"

@@ -1354,3 +1354,284 @@ fn long_prompts_are_prefilled_in_chunks_without_changing_the_answer() {
         "{prompt_tokens} prompt tokens fed in {steps} steps of at most 8"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Structured outputs and forced tool calls on the real default model.
+
+/// Nested objects, an array of `$ref`s, enums, a `pattern` and numeric and length bounds.
+fn event_schema() -> Value {
+    json!({
+        "type": "object",
+        "$defs": {"person": {"type": "object", "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 20},
+            "role": {"type": "string", "enum": ["host", "guest", "speaker"]}},
+            "required": ["name", "role"], "additionalProperties": false}},
+        "properties": {
+            "event": {"type": "string", "maxLength": 40},
+            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+            "day": {"type": "string", "enum": ["monday", "tuesday", "friday"]},
+            "venue": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "seats": {"type": "integer", "minimum": 1, "maximum": 500}},
+                "required": ["city", "seats"], "additionalProperties": false},
+            "participants": {"type": "array", "items": {"$ref": "#/$defs/person"}, "minItems": 1, "maxItems": 3}},
+        "required": ["event", "code", "day", "venue", "participants"],
+        "additionalProperties": false
+    })
+}
+
+/// A recursive tree.
+fn tree_schema() -> Value {
+    json!({
+        "$defs": {"node": {"type": "object", "properties": {
+            "label": {"type": "string", "maxLength": 12},
+            "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+            "required": ["label", "children"], "additionalProperties": false}},
+        "$ref": "#/$defs/node"
+    })
+}
+
+/// OpenAI's function-calling example, and a second tool.
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a given location",
+            "parameters": {"type": "object", "properties": {
+                "location": {"type": "string", "description": "The city and country, e.g. Paris, France"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["location", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "description": "Get the local time in a timezone",
+            "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}},
+                "required": ["timezone"], "additionalProperties": false}}}
+    ])
+}
+
+/// The default model's weights under a chat template that renders `tools` (its own has none),
+/// written once per test run.
+fn smol_tools() -> &'static App {
+    static APP: OnceLock<(tempfile::TempDir, App)> = OnceLock::new();
+    &APP.get_or_init(|| {
+        use rewind::model::loader::{load, save::save_model, LoadOptions};
+        use rewind::text::chat_template::ChatTemplate;
+        let loaded = load(
+            &common::default_model(),
+            &LoadOptions {
+                format: WeightFormat::F32,
+                device: candle_core::Device::Cpu,
+                reversible: None,
+            },
+        )
+        .unwrap();
+        let template =
+            ChatTemplate::new("tools", TOOLS_TEMPLATE, "<|im_start|>", "<|im_end|>").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("smol-tools");
+        save_model(
+            &loaded.model,
+            &loaded.tokenizer,
+            &template,
+            &dir,
+            candle_core::DType::BF16,
+        )
+        .unwrap();
+        let app = spawn_app(&[(SMOL, dir.to_str().unwrap(), WeightFormat::F32)], |_| {});
+        (tmp, app)
+    })
+    .1
+}
+
+/// What a constrained request is checked against.
+#[derive(Clone)]
+enum Expect {
+    /// The reply's content validates against this schema.
+    Content(Value),
+    /// The reply is one call of one of these tools (of this one when named), its arguments
+    /// valid against the tool's parameters.
+    Call(Value, Option<&'static str>),
+    /// Free text.
+    Text,
+}
+
+/// Sends `body` (streamed or not) and checks the reply against `expect`.
+fn check_reply(app: &App, mut body: Value, stream: bool, expect: &Expect) {
+    body["model"] = json!(SMOL);
+    body["stream"] = json!(stream);
+    let (content, calls, finish) = if stream {
+        let (chunks, done) = sse(app, "/v1/chat/completions", &body);
+        assert!(done);
+        let content = chat_stream_text(&chunks, 1).remove(0);
+        let calls: Vec<Value> = chunks
+            .iter()
+            .flat_map(|c| {
+                c["choices"][0]["delta"]["tool_calls"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let finish = chunks
+            .iter()
+            .find_map(|c| c["choices"][0]["finish_reason"].as_str().map(String::from))
+            .unwrap();
+        (content, calls, finish)
+    } else {
+        let r = chat(app, body);
+        let choice = &r["choices"][0];
+        let content = choice["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let calls = choice["message"]["tool_calls"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        (
+            content,
+            calls,
+            choice["finish_reason"].as_str().unwrap().to_string(),
+        )
+    };
+    match expect {
+        Expect::Content(schema) => {
+            assert_eq!(finish, "stop", "{content}");
+            let value: Value =
+                serde_json::from_str(&content).unwrap_or_else(|e| panic!("{e}: {content}"));
+            if let Err(e) = jsonschema::validate(schema, &value) {
+                panic!("{e}: {content}");
+            }
+        }
+        Expect::Call(tools, named) => {
+            assert_eq!(finish, "tool_calls", "{content} {calls:?}");
+            assert_eq!(calls.len(), 1, "{calls:?}");
+            let function = &calls[0]["function"];
+            let name = function["name"].as_str().unwrap();
+            if let Some(named) = named {
+                assert_eq!(name, *named);
+            }
+            let tool = tools
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["function"]["name"] == name)
+                .unwrap_or_else(|| panic!("no tool {name}"));
+            let arguments: Value = serde_json::from_str(function["arguments"].as_str().unwrap())
+                .unwrap_or_else(|e| panic!("{e}: {function}"));
+            if let Err(e) = jsonschema::validate(&tool["function"]["parameters"], &arguments) {
+                panic!("{e}: {arguments}");
+            }
+        }
+        Expect::Text => assert!(["stop", "length"].contains(&finish.as_str())),
+    }
+}
+
+fn schema_request(prompt: &str, name: &str, schema: &Value, max_tokens: u32) -> Value {
+    json!({
+        "messages": user(prompt), "temperature": 0, "max_tokens": max_tokens,
+        "response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": true}}
+    })
+}
+
+fn event_request() -> (Value, Expect) {
+    let body = schema_request(
+        "Describe a small conference in Paris as JSON: its name, an event code, the day, the venue and up to three participants.",
+        "event",
+        &event_schema(),
+        250,
+    );
+    (body, Expect::Content(event_schema()))
+}
+
+fn tree_request() -> (Value, Expect) {
+    let body = schema_request(
+        "Reply with this family tree as JSON, exactly: {\"label\": \"Ann\", \"children\": [{\"label\": \"Bob\", \"children\": []}, {\"label\": \"Cy\", \"children\": []}]}",
+        "tree",
+        &tree_schema(),
+        250,
+    );
+    (body, Expect::Content(tree_schema()))
+}
+
+fn tool_request(choice: Value, named: Option<&'static str>) -> (Value, Expect) {
+    let body = json!({
+        "messages": user("What is the weather like in Paris today?"),
+        "temperature": 0, "max_tokens": 120,
+        "tools": weather_tools(), "tool_choice": choice
+    });
+    (body, Expect::Call(weather_tools(), named))
+}
+
+#[test]
+fn structured_outputs_validate_against_their_schemas() {
+    let app = smol();
+    for (body, expect) in [event_request(), tree_request()] {
+        for stream in [false, true] {
+            check_reply(app, body.clone(), stream, &expect);
+        }
+    }
+}
+
+#[test]
+fn required_and_named_tool_calls_are_enforced() {
+    let app = smol_tools();
+    for (body, expect) in [
+        tool_request(json!("required"), None),
+        tool_request(
+            json!({"type": "function", "function": {"name": "get_time"}}),
+            Some("get_time"),
+        ),
+    ] {
+        for stream in [false, true] {
+            check_reply(app, body.clone(), stream, &expect);
+        }
+    }
+    // Parameters llguidance cannot compile are a 400 naming `tools`.
+    let bad = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "tuple"}}}}}]);
+    let (status, value) = post(
+        app,
+        "/v1/chat/completions",
+        &json!({"model": SMOL, "messages": user("x"), "tools": bad, "tool_choice": "required"}),
+    );
+    assert_eq!(
+        (status, error_of(&value).1),
+        (400, Some("tools")),
+        "{value}"
+    );
+}
+
+#[test]
+fn constrained_and_free_requests_batch_together() {
+    let app = smol_tools();
+    let free = |prompt: &str| {
+        (
+            json!({"messages": user(prompt), "temperature": 0.8, "seed": 3, "max_tokens": 30}),
+            Expect::Text,
+        )
+    };
+    let mut requests = vec![
+        (event_request(), false),
+        (tree_request(), true),
+        (tool_request(json!("required"), None), false),
+        (
+            tool_request(
+                json!({"type": "function", "function": {"name": "get_weather"}}),
+                Some("get_weather"),
+            ),
+            true,
+        ),
+    ];
+    for (i, prompt) in [
+        "Tell me a joke.",
+        "Name three colours.",
+        "What is 2 + 2?",
+        "Say hello.",
+    ]
+    .iter()
+    .enumerate()
+    {
+        requests.push((free(prompt), i % 2 == 0));
+    }
+    std::thread::scope(|s| {
+        for ((body, expect), stream) in requests {
+            s.spawn(move || check_reply(app, body, stream, &expect));
+        }
+    });
+}

@@ -18,7 +18,7 @@ use rewind::api::validation::{self, ValidationError};
 use rewind::api::{
     files::ListQuery, fine_tuning::PageQuery, legacy_fine_tunes::EventsQuery, tools,
 };
-use rewind::engine::grammar::{Grammar, Matcher};
+use rewind::engine::constraint::{Grammar, Spec, TokenTable};
 use rewind::model::reversible::ReversibleConfig;
 use rewind::settings::Limits;
 use rewind::text::chat_template::ChatTemplate;
@@ -42,6 +42,45 @@ fn config() -> Config {
 }
 
 /// Small limits, so random values cross them.
+/// SmolLM2's tokenizer and its constrained-decoding table, built once per test binary.
+fn vocabulary() -> &'static (rewind::text::tokenizer::TextTokenizer, TokenTable) {
+    static TABLE: std::sync::OnceLock<(rewind::text::tokenizer::TextTokenizer, TokenTable)> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let path = rewind::provision::resolve(Some(rewind::provision::BASE_MODEL))
+            .expect("the base model is provisioned (run `rewind pull`)");
+        let mut file = std::fs::File::open(path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let tokenizer =
+            rewind::text::tokenizer::TextTokenizer::from_gguf_metadata(&content.metadata).unwrap();
+        let table = TokenTable::new(&tokenizer, tokenizer.vocab_size());
+        (tokenizer, table)
+    })
+}
+
+/// A schema compiled for SmolLM2's vocabulary, as the server compiles a request's.
+fn compile(schema: &Value) -> anyhow::Result<std::sync::Arc<Grammar>> {
+    vocabulary().1.compile(&Spec::JsonSchema(schema.clone()))
+}
+
+/// Feeds `bytes` (as text) token by token while the grammar allows them; how many it took.
+fn feed(grammar: &Grammar, bytes: &[u8]) -> usize {
+    let ids = vocabulary()
+        .0
+        .encode(&String::from_utf8_lossy(bytes), false)
+        .unwrap_or_default();
+    let mut c = grammar.start();
+    let mut fed = 0;
+    for id in ids {
+        match c.mask() {
+            Ok(mask) if mask.is_allowed(id) && c.advance(id).is_ok() => fed += 1,
+            _ => break,
+        }
+    }
+    let _ = c.is_accepting();
+    fed
+}
+
 fn limits() -> Limits {
     Limits {
         max_messages: 8,
@@ -345,9 +384,10 @@ fn validate_chat(bytes: &[u8]) -> Result<(), TestCaseError> {
     }
     let started = Instant::now();
     match chat::response_format(request.response_format.as_ref(), &limits) {
-        Ok(Some(grammar)) => {
-            let mut m = Matcher::new(grammar);
-            m.feed(br#"{"a": [1, "x", null, true], "b": {}}"#);
+        Ok(Some(spec)) => {
+            if let Ok(grammar) = vocabulary().1.compile(&spec) {
+                feed(&grammar, br#"{"a": [1, "x", null, true], "b": {}}"#);
+            }
         }
         Ok(None) => {}
         Err(e) => check_refusal(&e, true)?,
@@ -506,16 +546,10 @@ proptest! {
             prop_assert_eq!(param.as_deref(), Some("response_format"));
         }
         let _ = validation::schema_within("response_format", &schema, &limits);
-        if let Ok(grammar) = Grammar::from_schema(&schema, 32) {
-            for input in [bytes.clone(), serde_json::to_vec(&document).unwrap(), serde_json::to_vec_pretty(&document).unwrap()] {
-                let mut m = Matcher::new(grammar.clone());
-                for &b in &input {
-                    let alive = m.push(b);
-                    prop_assert_eq!(alive, m.is_alive());
-                    let _ = (m.can_finish(), m.is_done(), m.in_plain_string());
-                    if !alive {
-                        break;
-                    }
+        if validation::schema_within("response_format", &schema, &limits).is_ok() {
+            if let Ok(grammar) = compile(&schema) {
+                for input in [bytes.clone(), serde_json::to_vec(&document).unwrap(), serde_json::to_vec_pretty(&document).unwrap()] {
+                    feed(&grammar, &input);
                 }
             }
         }
@@ -525,8 +559,10 @@ proptest! {
     #[test]
     fn arbitrary_json_as_a_schema_never_panics(value in arb_json(), bytes in prop::collection::vec(any::<u8>(), 0..128)) {
         let started = Instant::now();
-        if let Ok(grammar) = Grammar::from_schema(&value, 32) {
-            Matcher::new(grammar).feed(&bytes);
+        if validation::schema_within("response_format", &value, &limits()).is_ok() {
+            if let Ok(grammar) = compile(&value) {
+                feed(&grammar, &bytes);
+            }
         }
         prop_assert!(started.elapsed() < Duration::from_secs(2));
     }
@@ -699,17 +735,21 @@ fn deep_and_wide_schemas_are_refused_without_overflow() {
                     ("properties", object(vec![("a", deep)])),
                 ]);
             }
-            assert!(Grammar::from_schema(&deep, 32).is_err());
+            let refused = |schema: &Value| {
+                let wrapped = json!({"type": "json_schema", "json_schema": {"schema": schema}});
+                chat::response_format(Some(&wrapped), &limits).is_err()
+            };
+            assert!(refused(&deep));
             let mut items = json!({"type": "string"});
             for _ in 0..5_000 {
                 items = object(vec![("type", json!("array")), ("items", items)]);
             }
-            assert!(Grammar::from_schema(&items, 32).is_err());
+            assert!(refused(&items));
             let mut any_of = json!({"type": "string"});
             for _ in 0..5_000 {
                 any_of = object(vec![("anyOf", Value::Array(vec![any_of]))]);
             }
-            assert!(Grammar::from_schema(&any_of, 32).is_err());
+            assert!(refused(&any_of));
             // A chain of 5,000 $refs, each to the next.
             let defs: serde_json::Map<String, Value> = (0..5_000)
                 .map(|i| {
@@ -721,7 +761,7 @@ fn deep_and_wide_schemas_are_refused_without_overflow() {
                 .chain([("d5000".to_string(), json!({"type": "string"}))])
                 .collect();
             let chain = json!({"$defs": defs, "$ref": "#/$defs/d0"});
-            assert!(Grammar::from_schema(&chain, 32).is_err());
+            assert!(refused(&chain));
             assert!(validation::schema_within("response_format", &chain, &limits).is_err());
             // Exploding type lists: 7 entries each compiling the same properties again.
             let mut exploding = json!({"type": "string"});
@@ -731,8 +771,13 @@ fn deep_and_wide_schemas_are_refused_without_overflow() {
                     ("properties", object(vec![("a", exploding)])),
                 ]);
             }
+            // Within the limits, it reaches llguidance, which compiles it without blowing up (or
+            // refuses it), quickly either way.
+            vocabulary();
             let started = Instant::now();
-            assert!(Grammar::from_schema(&exploding, 32).is_err());
+            if let Ok(grammar) = compile(&exploding) {
+                feed(&grammar, b"{\"a\": {\"a\": {");
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(1),
                 "{:?}",

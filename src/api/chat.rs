@@ -8,12 +8,12 @@ use crate::api::stream::{
 use crate::api::tools;
 use crate::api::validation::{self, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
 use crate::api::{read_body, AppState};
-use crate::engine::grammar::Grammar;
+use crate::engine::constraint::{Grammar, Spec};
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
-use crate::text::chat_template::ChatMessage;
 use crate::model::generate::{FinishReason, GenerationParams, StepOutput, TokenLogprob};
 use crate::settings::Limits;
+use crate::text::chat_template::ChatMessage;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -126,32 +126,48 @@ pub fn messages(raw: &[Value]) -> Result<Vec<ChatMessage>, ValidationError> {
     Ok(out)
 }
 
-/// `response_format` into a grammar (None: free text).
+/// `response_format` into a constraint (None: free text). Its shape and size are checked here;
+/// [`compile`] checks the schema itself against what llguidance supports.
 pub fn response_format(
     value: Option<&Value>,
     limits: &Limits,
-) -> Result<Option<Arc<Grammar>>, ValidationError> {
+) -> Result<Option<Spec>, ValidationError> {
     let Some(value) = value.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
     match value.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(Grammar::json_object())),
+        Some("json_object") => Ok(Some(Spec::json_object())),
         Some("json_schema") => {
             let spec = value.get("json_schema").ok_or_else(|| {
                 ValidationError::ResponseFormat("`json_schema` is missing".into())
             })?;
             let schema = spec.get("schema").cloned().unwrap_or(json!({}));
+            if !(schema.is_object() || schema.is_boolean()) {
+                return Err(ValidationError::ResponseFormat(
+                    "`json_schema.schema` must be a JSON Schema object".into(),
+                ));
+            }
             validation::schema_within("response_format", &schema, limits)?;
-            Grammar::from_schema(&schema, limits.max_schema_depth)
-                .map(Some)
-                .map_err(|e| ValidationError::ResponseFormat(format!("{e:#}")))
+            Ok(Some(Spec::JsonSchema(schema)))
         }
         Some(other) => Err(ValidationError::ResponseFormat(format!(
             "unknown type `{other}`; expected text, json_object or json_schema"
         ))),
         None => Err(ValidationError::ResponseFormat("`type` is missing".into())),
     }
+}
+
+/// Compiles a constraint for `model`; what llguidance refuses is a 400 from `invalid`.
+pub fn compile(
+    model: &ServedModel,
+    spec: &Spec,
+    invalid: fn(String) -> ValidationError,
+) -> Result<Arc<Grammar>, ValidationError> {
+    model
+        .token_table()
+        .compile(spec)
+        .map_err(|e| invalid(format!("{e:#}")))
 }
 
 impl stream::GenerationBody for ChatCompletionRequest {
@@ -187,7 +203,14 @@ impl stream::GenerationBody for ChatCompletionRequest {
         if top > 0 && !logprobs {
             return Err(ValidationError::TopLogprobsWithoutLogprobs.into());
         }
-        let grammar = response_format(self.response_format.as_ref(), limits)?;
+        let format = response_format(self.response_format.as_ref(), limits)?
+            .map(|spec| compile(&model, &spec, ValidationError::ResponseFormat))
+            .transpose()?;
+        // A required or named tool call is enforced by its grammar, over any response_format.
+        let grammar = match &setup.forced {
+            Some(spec) => Some(compile(&model, spec, ValidationError::Tools)?),
+            None => format,
+        };
         let prompt = model
             .template
             .render(&msgs, true, setup.tools.as_ref())
@@ -476,8 +499,8 @@ mod tests {
         for bad in [
             json!({"type": "yaml"}),
             json!({"type": "json_schema"}),
-            json!({"type": "json_schema", "json_schema": {"schema": {"type": "tuple"}}}),
-            json!({"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}),
+            json!({"type": "json_schema", "json_schema": {"schema": "an object"}}),
+            json!({"type": "json_schema", "json_schema": {"schema": [{"type": "object"}]}}),
             json!({"type": "json_schema", "json_schema": {"schema": {"enum": ["x".repeat(70_000)]}}}),
         ] {
             assert_eq!(

@@ -8,6 +8,7 @@
 //!   arguments under `arguments` or `parameters`.
 
 use crate::api::validation::{self, ValidationError};
+use crate::engine::constraint::{with_layout, Spec};
 use crate::settings::Limits;
 use serde_json::{json, Value};
 
@@ -19,6 +20,44 @@ const CLOSE: &str = "</tool_call>";
 pub struct ToolSetup {
     /// Passed to the chat template (None: no tools, or `tool_choice: "none"`).
     pub tools: Option<Value>,
+    /// With `tool_choice` `required` or a named function: the grammar of the call the reply must
+    /// be, in the format [`parse`] reads.
+    pub forced: Option<Spec>,
+}
+
+/// The grammar of one call of one of `tools` (the `function` objects), in the Hermes format:
+/// `<tool_call>\n{"name": NAME, "arguments": ARGS}\n</tool_call>`, ARGS valid against the
+/// tool's `parameters` (an object with no keys when it has none).
+pub fn call_grammar(tools: &[&Value]) -> Spec {
+    let literal = |s: &str| serde_json::to_string(s).expect("a string serialises");
+    let mut lark = String::from("start: ");
+    let mut rules = String::new();
+    for (i, function) in tools.iter().enumerate() {
+        let name = function
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let parameters = function
+            .get("parameters")
+            .cloned()
+            .unwrap_or(json!({"type": "object", "properties": {}, "additionalProperties": false}));
+        if i > 0 {
+            lark.push_str(" | ");
+        }
+        lark.push_str(&format!("call_{i}"));
+        rules.push_str(&format!(
+            "call_{i}: {} args_{i} {}\nargs_{i}: %json {}\n",
+            literal(&format!(
+                "{OPEN}\n{{\"name\": {}, \"arguments\": ",
+                literal(name)
+            )),
+            literal(&format!("}}\n{CLOSE}")),
+            with_layout(&parameters),
+        ));
+    }
+    lark.push('\n');
+    lark.push_str(&rules);
+    Spec::Lark(lark)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -66,6 +105,8 @@ pub fn validate(
         }
         names.push(name);
     }
+    let functions = || tools.iter().filter_map(|t| t.get("function"));
+    let mut forced = None;
     let offered = match tool_choice {
         None | Some(Value::Null) => !tools.is_empty(),
         Some(Value::String(s)) => match s.as_str() {
@@ -75,6 +116,9 @@ pub fn validate(
                     return Err(ValidationError::ToolChoice(format!(
                         "`{s}` needs a non-empty `tools` list"
                     )));
+                }
+                if s == "required" {
+                    forced = Some(call_grammar(&functions().collect::<Vec<_>>()));
                 }
                 true
             }
@@ -96,6 +140,11 @@ pub fn validate(
                             "function `{name}` is not among `tools`"
                         )));
                     }
+                    let chosen: Vec<&Value> = functions()
+                        .filter(|f| f.get("name").and_then(Value::as_str) == Some(name))
+                        .take(1)
+                        .collect();
+                    forced = Some(call_grammar(&chosen));
                 }
                 Some("allowed_tools") => {}
                 _ => {
@@ -114,6 +163,7 @@ pub fn validate(
     };
     Ok(ToolSetup {
         tools: offered.then(|| Value::Array(tools.to_vec())),
+        forced,
     })
 }
 
@@ -227,6 +277,25 @@ mod tests {
                 .as_deref(),
             Some("tool_choice")
         );
+    }
+
+    #[test]
+    fn required_and_named_choices_force_a_call() {
+        let tools = [tool("get_weather"), tool("get_time")];
+        let limits = Limits::default();
+        let grammar = |choice: Value| match validate(Some(&tools), Some(&choice), &limits)
+            .unwrap()
+            .forced
+        {
+            Some(Spec::Lark(lark)) => Some(lark),
+            _ => None,
+        };
+        assert!(grammar(json!("auto")).is_none());
+        let required = grammar(json!("required")).unwrap();
+        assert!(required.contains("get_weather") && required.contains("get_time"));
+        let named = grammar(json!({"type": "function", "function": {"name": "get_time"}})).unwrap();
+        assert!(named.contains("get_time") && !named.contains("get_weather"));
+        assert!(named.contains("\\\"arguments\\\": ") && named.contains("%json"));
     }
 
     #[test]

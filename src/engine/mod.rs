@@ -12,22 +12,21 @@
 //! - [`loading`]: the loader thread, which reads models from disk while the engine thread
 //!   keeps decoding;
 //! - [`registry`]: the served models, shared with the HTTP layer;
-//! - [`grammar`] and [`token_mask`]: JSON constrained decoding;
+//! - [`constraint`]: constrained decoding (JSON Schema and Lark grammars, through llguidance);
 //! - [`metrics`]: counters, gauges and latency histograms for `/metrics`.
 
+pub mod constraint;
 #[cfg(test)]
 pub(crate) mod fault_tests;
 #[cfg(test)]
 pub(crate) mod faults;
-pub mod grammar;
 mod loading;
 pub mod metrics;
 pub mod registry;
 pub mod scheduler;
-pub mod token_mask;
 mod worker;
 
-use crate::engine::grammar::Grammar;
+use crate::engine::constraint::Grammar;
 use crate::engine::metrics::Metrics;
 use crate::engine::registry::{ModelSpec, Registry, ServedModel};
 use crate::engine::scheduler::{Demand, Scheduler, SchedulerLimits, Unschedulable};
@@ -49,7 +48,7 @@ pub struct GenerateRequest {
     pub n: usize,
     /// `max_tokens` is already resolved; a seed is offset per choice so choices differ.
     pub params: GenerationParams,
-    /// Constrains the output to a JSON grammar.
+    /// Constrains the output to a grammar (`response_format`, a required tool call).
     pub grammar: Option<Arc<Grammar>>,
 }
 

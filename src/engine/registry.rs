@@ -6,9 +6,9 @@
 //! registers a finished job's model through [`crate::engine::Engine::add_model`]); fine-tuned
 //! ones are recorded in `<data_dir>/models.json` so they are served again after a restart.
 
-use crate::engine::token_mask::TokenTable;
-use crate::text::chat_template::ChatTemplate;
+use crate::engine::constraint::TokenTable;
 use crate::model::loader::WeightFormat;
+use crate::text::chat_template::ChatTemplate;
 use crate::text::tokenizer::TextTokenizer;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};

@@ -26,7 +26,7 @@
 //! sequences are set up fails that request. Either way the thread goes on serving the others.
 //! A panic anywhere else ends the thread, which `/health` reports ([`super::Engine::is_alive`]).
 
-use crate::engine::grammar::Matcher;
+use crate::engine::constraint::Constrained;
 use crate::engine::loading::{LoadDone, LoadTask, Loaded, Loader};
 use crate::engine::metrics::Metrics;
 use crate::engine::registry::{ModelSpec, ModelState, Registry, ServedModel};
@@ -60,7 +60,7 @@ struct Active {
 struct ActiveSeq {
     choice: usize,
     seq: Sequence,
-    grammar: Option<Matcher>,
+    grammar: Option<Constrained>,
     /// When this sequence's previous token was emitted (for the inter-token latency).
     last_token: Option<Instant>,
 }
@@ -126,7 +126,6 @@ pub(crate) struct Worker {
     in_flight: HashMap<u64, InFlight>,
     next_ticket: u64,
     running: Vec<Active>,
-    mask: Vec<bool>,
     /// Every handle is gone: finish what runs, then return.
     stopped: bool,
     /// The server is stopping: every request is refused.
@@ -161,7 +160,6 @@ impl Worker {
             in_flight: HashMap::new(),
             next_ticket: 0,
             running: Vec::new(),
-            mask: Vec::new(),
             stopped: false,
             shutting_down: false,
             broken: false,
@@ -684,13 +682,10 @@ impl Worker {
                 if !s.seq.step_done() || failed.is_some() || gone {
                     continue;
                 }
-                if let Some(matcher) = &s.grammar {
-                    let table = served.token_table();
-                    table.mask(matcher, &mut self.mask);
-                    for (logit, &ok) in row.iter_mut().zip(&self.mask) {
-                        if !ok {
-                            *logit = f32::NEG_INFINITY;
-                        }
+                if let Some(constrained) = &mut s.grammar {
+                    if let Err(e) = constrained.apply(&mut row) {
+                        failed = Some(format!("constrained decoding failed: {e:#}"));
+                        continue;
                     }
                 }
                 let output = match s.seq.accept(&row, &served.tokenizer) {
@@ -701,9 +696,12 @@ impl Worker {
                     }
                 };
                 produced += 1;
-                if let Some(matcher) = &mut s.grammar {
+                if let Some(constrained) = &mut s.grammar {
                     if !served.tokenizer.is_eos(output.token) {
-                        matcher.feed(served.token_table().bytes(output.token));
+                        if let Err(e) = constrained.advance(output.token) {
+                            failed = Some(format!("constrained decoding failed: {e:#}"));
+                            continue;
+                        }
                     }
                 }
                 let now = Instant::now();
@@ -778,7 +776,7 @@ fn sequences(r: &GenerateRequest, model: &Model) -> Vec<ActiveSeq> {
             seqs.push(ActiveSeq {
                 choice,
                 seq: Sequence::new(model, prompt.clone(), params),
-                grammar: r.grammar.clone().map(Matcher::new),
+                grammar: r.grammar.as_ref().map(|g| g.start()),
                 last_token: None,
             });
         }
