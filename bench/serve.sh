@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Serving benchmark: time to first token (p50/p99) and aggregate generated tokens/s at 1, 8 and
-# 32 concurrent streaming clients, against `rewind serve` on the default model.
+# Serving benchmark: time to first token (p50/p99) and aggregate generated tokens/s at 1, 8,
+# 32 and 64 concurrent streaming clients, against `rewind serve` on the default model.
 #
 #   bench/serve.sh [--format f32|quantized] [--max-tokens N] [--rounds R] [--url URL]
 #
@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FORMAT=f32
+FORMAT=quantized
 MAX_TOKENS=64
 ROUNDS=2
 URL=""
@@ -76,7 +76,7 @@ print(f"Model `{model}` ({fmt}), {max_tokens} tokens per request, temperature 0.
 print("| concurrent streams | requests | TTFT p50 (s) | TTFT p99 (s) | aggregate tokens/s |")
 print("|---:|---:|---:|---:|---:|")
 one(0, [], [])  # warm-up
-for clients in (1, 8, 32):
+for clients in (1, 8, 32, 64):
     ttfts, tokens = [], []
     def client(c):
         for r in range(rounds):

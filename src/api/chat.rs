@@ -14,6 +14,7 @@ use crate::engine::{unix_now, GenerateRequest};
 use crate::model::generate::{FinishReason, GenerationParams, StepOutput, TokenLogprob};
 use crate::settings::Limits;
 use crate::text::chat_template::ChatMessage;
+use crate::text::openai_message::{self, MessageError};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -47,83 +48,20 @@ pub struct ChatRequest {
     pub prompt_tokens: usize,
 }
 
-const ROLES: [&str; 6] = [
-    "system",
-    "developer",
-    "user",
-    "assistant",
-    "tool",
-    "function",
-];
-
-/// Message content as text: a string, or an array of text parts. Non-text parts (images,
-/// audio, files) are refused: the served models read text only.
-fn content_text(
-    index: usize,
-    content: Option<&Value>,
-    may_be_empty: bool,
-) -> Result<String, ValidationError> {
-    let invalid = |reason: &str| ValidationError::InvalidContent {
-        index,
-        reason: reason.into(),
-    };
-    match content {
-        Some(Value::String(s)) => Ok(s.clone()),
-        None | Some(Value::Null) if may_be_empty => Ok(String::new()),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for part in parts {
-                match part.get("type").and_then(Value::as_str) {
-                    Some("text") | Some("refusal") => {
-                        let t = part.get("text").or_else(|| part.get("refusal")).and_then(Value::as_str);
-                        text.push_str(t.ok_or_else(|| invalid("a text part needs a string `text`"))?);
-                    }
-                    Some(other) => {
-                        return Err(invalid(&format!("content parts of type `{other}` are not supported: the model reads text only")))
-                    }
-                    None => return Err(invalid("each content part needs a `type`")),
-                }
-            }
-            Ok(text)
-        }
-        _ => Err(invalid("expected a string or an array of text parts")),
-    }
-}
-
 /// OpenAI messages into the template's messages.
 pub fn messages(raw: &[Value]) -> Result<Vec<ChatMessage>, ValidationError> {
     if raw.is_empty() {
         return Err(ValidationError::EmptyMessages);
     }
-    let mut out = Vec::with_capacity(raw.len());
-    for (index, m) in raw.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
-        if !ROLES.contains(&role) {
-            return Err(ValidationError::InvalidRole {
-                index,
-                role: role.to_string(),
-            });
-        }
-        let content = content_text(index, m.get("content"), role == "assistant")?;
-        let mut message = ChatMessage::new(
-            // Templates written before `developer` existed know it as `system`; the deprecated
-            // `function` role is a tool result.
-            match role {
-                "developer" => "system",
-                "function" => "tool",
-                r => r,
-            },
-            content,
-        );
-        message.name = m.get("name").and_then(Value::as_str).map(String::from);
-        message.tool_call_id = m
-            .get("tool_call_id")
-            .and_then(Value::as_str)
-            .map(String::from);
-        message.tool_calls = m.get("tool_calls").filter(|v| !v.is_null()).cloned();
-        out.push(message);
-    }
-    Ok(out)
+    raw.iter()
+        .enumerate()
+        .map(|(index, m)| {
+            openai_message::from_openai(m).map_err(|e| match e {
+                MessageError::Role(role) => ValidationError::InvalidRole { index, role },
+                MessageError::Content(reason) => ValidationError::InvalidContent { index, reason },
+            })
+        })
+        .collect()
 }
 
 /// `response_format` into a constraint (None: free text). Its shape and size are checked here;
@@ -435,6 +373,21 @@ impl ChunkFormat for ChatChunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::data::{parse_line, Example};
+
+    /// Training builds its prompts with serving's own message mapping.
+    #[test]
+    fn training_maps_messages_as_serving_does() {
+        let line = r#"{"messages":[{"role":"developer","content":"d"},{"role":"user","content":"u"},{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"function","name":"f","content":"r"},{"role":"assistant","content":"a"}]}"#;
+        let Example::Chat(trained) = parse_line(line).unwrap() else {
+            panic!("a chat example")
+        };
+        let raw: Value = serde_json::from_str(line).unwrap();
+        let served = messages(raw["messages"].as_array().unwrap()).unwrap();
+        assert_eq!(trained, served);
+        assert_eq!(trained[0].role, "system");
+        assert_eq!(trained[3].role, "tool");
+    }
 
     #[test]
     fn messages_are_normalised() {

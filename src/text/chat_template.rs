@@ -79,22 +79,9 @@ impl ChatMessage {
 fn content_text<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> std::result::Result<String, D::Error> {
-    Ok(match serde_json::Value::deserialize(deserializer)? {
-        serde_json::Value::Null => String::new(),
-        serde_json::Value::String(s) => s,
-        serde_json::Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| match p {
-                serde_json::Value::String(s) => Some(s.as_str()),
-                p => p.get("text").and_then(|t| t.as_str()),
-            })
-            .collect(),
-        other => {
-            return Err(serde::de::Error::custom(format!(
-                "message content must be a string, got {other}"
-            )))
-        }
-    })
+    let value = serde_json::Value::deserialize(deserializer)?;
+    crate::text::openai_message::content_text(Some(&value), true)
+        .map_err(|e| serde::de::Error::custom(format!("message content: {e}")))
 }
 
 /// A compiled chat template with the special-token strings it may refer to.

@@ -3,5 +3,6 @@
 //! Knows nothing of tensors.
 
 pub mod chat_template;
+pub mod openai_message;
 pub mod stop;
 pub mod tokenizer;

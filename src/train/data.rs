@@ -3,6 +3,7 @@
 //! chat template (the function the server uses), and batched by length.
 
 use crate::text::chat_template::{ChatMessage, ChatTemplate};
+use crate::text::openai_message::{self, MessageError};
 use crate::text::tokenizer::TextTokenizer;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -24,25 +25,6 @@ pub struct LineError {
     pub reason: String,
 }
 
-const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
-
-/// Message content as a string: a string, or an array of `{"type":"text","text":...}` parts.
-fn content_text(content: &Value) -> Option<String> {
-    match content {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => parts
-            .iter()
-            .map(|p| {
-                (p.get("type")?.as_str()? == "text")
-                    .then(|| p.get("text")?.as_str().map(String::from))?
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.concat()),
-        Value::Null => Some(String::new()),
-        _ => None,
-    }
-}
-
 /// Parses and validates one JSONL line.
 pub fn parse_line(line: &str) -> std::result::Result<Example, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON ({e})"))?;
@@ -54,23 +36,27 @@ pub fn parse_line(line: &str) -> std::result::Result<Example, String> {
         }
         let mut out = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            let role = m
-                .get("role")
-                .and_then(Value::as_str)
-                .ok_or(format!("messages[{i}] has no string `role`"))?;
-            if !ROLES.contains(&role) {
-                return Err(format!(
+            // The same mapping serving uses, so training and serving see one prompt.
+            let message = openai_message::from_openai(m).map_err(|e| match e {
+                MessageError::Role(role) if role.is_empty() => {
+                    format!("messages[{i}] has no string `role`")
+                }
+                MessageError::Role(role) => format!(
                     "messages[{i}] has role `{role}`; expected one of {}",
-                    ROLES.join(", ")
+                    openai_message::ROLES.join(", ")
+                ),
+                MessageError::Content(reason) => format!("messages[{i}].content: {reason}"),
+            })?;
+            if message.role != "assistant"
+                && message.content.is_empty()
+                && message.tool_calls.is_none()
+            {
+                return Err(format!(
+                    "messages[{i}] ({}) has empty content",
+                    message.role
                 ));
             }
-            let content = content_text(m.get("content").unwrap_or(&Value::Null)).ok_or(format!(
-                "messages[{i}].content must be a string or an array of text parts"
-            ))?;
-            if role != "assistant" && content.is_empty() && m.get("tool_calls").is_none() {
-                return Err(format!("messages[{i}] ({role}) has empty content"));
-            }
-            out.push(ChatMessage::new(role, &content));
+            out.push(message);
         }
         if !out
             .iter()
