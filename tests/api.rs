@@ -1277,17 +1277,38 @@ fn default_model_json_modes_give_valid_json() {
     assert_eq!(value.as_object().unwrap().len(), 2);
 }
 
+/// The default model's chat template knows nothing of tools: they are described in its system
+/// message in the generic format, and a required call comes back as a parsed tool call whose
+/// arguments satisfy the tool's parameters.
 #[test]
-fn default_model_template_has_no_tools() {
+fn tools_reach_a_model_whose_template_has_none() {
     let app = smol();
-    let tools = json!([{"type": "function", "function": {"name": "f"}}]);
-    let (status, value) = post(
+    let parameters = json!({
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}},
+        "required": ["city"],
+        "additionalProperties": false
+    });
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": parameters}}]);
+    let r = chat(
         app,
-        "/v1/chat/completions",
-        &json!({"model": SMOL, "messages": user("x"), "tools": tools}),
+        json!({"model": SMOL, "messages": user("What is the weather in Paris?"), "tools": tools,
+               "tool_choice": "required", "temperature": 0, "max_tokens": 60}),
     );
-    assert_eq!(status, 400);
-    assert_eq!(error_of(&value).2, Some("unsupported_parameter"));
+    let choice = &r["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{r}");
+    let call = &choice["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather");
+    let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{arguments}");
+    // A conversation carrying an earlier call and its result renders and answers.
+    let history = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18 C, sunny"}
+    ]);
+    let body = json!({"model": SMOL, "messages": history, "tools": tools, "max_tokens": 8});
+    assert_eq!(post(app, "/v1/chat/completions", &body).0, 200);
     // tool_choice "none" means no tools are offered: accepted.
     let body = json!({"model": SMOL, "messages": user("x"), "tools": tools, "tool_choice": "none", "max_tokens": 1});
     assert_eq!(post(app, "/v1/chat/completions", &body).0, 200);

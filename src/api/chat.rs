@@ -123,10 +123,13 @@ impl stream::GenerationBody for ChatCompletionRequest {
         let limits = &state.settings.limits;
         let sampling = self.sampling.validate(model.vocab_size, limits)?;
         validation::at_most("messages", self.messages.len(), limits.max_messages)?;
-        let msgs = messages(&self.messages)?;
-        let setup = tools::validate(self.tools.as_deref(), self.tool_choice.as_ref(), limits)?;
-        if setup.tools.is_some() && !model.supports_tools {
-            return Err(ValidationError::ToolsUnsupported(model.id.clone()).into());
+        let mut msgs = messages(&self.messages)?;
+        let mut setup = tools::validate(self.tools.as_deref(), self.tool_choice.as_ref(), limits)?;
+        let offered = setup.tools.is_some();
+        if !model.supports_tools {
+            if let Some(tools) = setup.tools.take() {
+                tools::describe_in_messages(&mut msgs, &tools);
+            }
         }
         let logprobs = self.logprobs.unwrap_or(false);
         let top = self.top_logprobs.unwrap_or(0);
@@ -188,7 +191,7 @@ impl stream::GenerationBody for ChatCompletionRequest {
             stream: sampling.stream,
             include_usage: sampling.include_usage,
             logprobs,
-            tools: setup.tools.is_some(),
+            tools: offered,
             prompt_tokens,
         })
     }

@@ -10,6 +10,7 @@
 use crate::api::validation::{self, ValidationError};
 use crate::engine::constraint::{with_layout, Spec};
 use crate::settings::Limits;
+use crate::text::chat_template::ChatMessage;
 use serde_json::{json, Value};
 
 const OPEN: &str = "<tool_call>";
@@ -59,6 +60,59 @@ pub fn call_grammar(tools: &[&Value]) -> Spec {
     lark.push_str(&rules);
     Spec::Lark(lark)
 }
+
+/// For a chat template that knows nothing of tools (as llama.cpp's server does for such
+/// templates): the tools are described in the system message, with the call format [`parse`]
+/// reads and [`call_grammar`] enforces, and earlier calls are written back into their assistant
+/// turns in that format, so any model can be offered tools.
+pub fn describe_in_messages(messages: &mut Vec<ChatMessage>, tools: &Value) {
+    let signatures: Vec<String> = tools
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|tool| tool.get("function").unwrap_or(tool).to_string())
+        .collect();
+    let description = format!(
+        "You can call functions to help with the user's request. Their signatures, one JSON \
+         object per line:\n{OPEN_LIST}\n{}\n{CLOSE_LIST}\nTo call one, reply with one block per \
+         call and nothing else:\n{OPEN}\n{{\"name\": \"<function name>\", \"arguments\": \
+         <arguments as a JSON object>}}\n{CLOSE}",
+        signatures.join("\n")
+    );
+    for message in messages.iter_mut() {
+        let Some(calls) = message.tool_calls.take() else {
+            continue;
+        };
+        for call in calls.as_array().into_iter().flatten() {
+            let function = call.get("function").unwrap_or(call);
+            let arguments = match function.get("arguments") {
+                // OpenAI sends arguments as a JSON string.
+                Some(Value::String(text)) => {
+                    serde_json::from_str(text).unwrap_or(Value::String(text.clone()))
+                }
+                Some(value) => value.clone(),
+                None => json!({}),
+            };
+            let name = function.get("name").cloned().unwrap_or(Value::Null);
+            let call = json!({"name": name, "arguments": arguments});
+            if !message.content.is_empty() {
+                message.content.push('\n');
+            }
+            message
+                .content
+                .push_str(&format!("{OPEN}\n{call}\n{CLOSE}"));
+        }
+    }
+    match messages.first_mut() {
+        Some(first) if first.role == "system" => {
+            first.content = format!("{}\n\n{description}", first.content);
+        }
+        _ => messages.insert(0, ChatMessage::new("system", description)),
+    }
+}
+
+const OPEN_LIST: &str = "<tools>";
+const CLOSE_LIST: &str = "</tools>";
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()

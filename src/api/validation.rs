@@ -78,8 +78,6 @@ pub enum ValidationError {
     Tools(String),
     #[error("Invalid 'tool_choice': {0}")]
     ToolChoice(String),
-    #[error("The chat template of model '{0}' does not support tools.")]
-    ToolsUnsupported(String),
     #[error("'{param}' is not supported: {reason}")]
     Unsupported { param: &'static str, reason: String },
     #[error("The model's chat template cannot render these messages: {0}")]
@@ -107,7 +105,7 @@ impl ValidationError {
             TopLogprobsWithoutLogprobs => Some("top_logprobs".into()),
             EmptyPrompt | PromptToken { .. } => Some("prompt".into()),
             ResponseFormat(_) => Some("response_format".into()),
-            Tools(_) | ToolsUnsupported(_) => Some("tools".into()),
+            Tools(_) => Some("tools".into()),
             ToolChoice(_) => Some("tool_choice".into()),
         }
     }
@@ -120,7 +118,7 @@ impl ValidationError {
             MissingField(_) => "missing_required_parameter",
             InvalidType { .. } => "invalid_type",
             ContextLength { .. } => "context_length_exceeded",
-            Unsupported { .. } | ToolsUnsupported(_) => "unsupported_parameter",
+            Unsupported { .. } => "unsupported_parameter",
             _ => "invalid_value",
         }
     }
