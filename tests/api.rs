@@ -1656,3 +1656,54 @@ fn constrained_and_free_requests_batch_together() {
         }
     });
 }
+
+/// The `structured_outputs` extension: a regex, a choice and a Lark grammar hold on the real
+/// model, in chat and in legacy completions; a malformed one is a 400 naming it.
+#[test]
+fn structured_outputs_regex_choice_and_grammar_hold() {
+    let app = smol();
+    let reply = |body: Value| {
+        chat(app, body)["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let code = reply(
+        json!({"model": SMOL, "messages": user("Give me a product code."), "temperature": 0,
+        "max_tokens": 20, "structured_outputs": {"regex": "[A-Z]{3}-[0-9]{2}"}}),
+    );
+    assert!(
+        code.len() == 6
+            && code[..3].bytes().all(|b| b.is_ascii_uppercase())
+            && &code[3..4] == "-"
+            && code[4..].bytes().all(|b| b.is_ascii_digit()),
+        "{code:?}"
+    );
+    let answer = reply(
+        json!({"model": SMOL, "messages": user("Is Paris in France?"), "temperature": 0,
+        "max_tokens": 8, "structured_outputs": {"choice": ["yes", "no"]}}),
+    );
+    assert!(answer == "yes" || answer == "no", "{answer:?}");
+    let (status, r) = post(
+        app,
+        "/v1/completions",
+        &json!({"model": SMOL, "prompt": "Count: ", "temperature": 0, "max_tokens": 16,
+                "structured_outputs": {"grammar": "start: \"1\" (\", \" NUM)*\nNUM: /[0-9]/\n"}}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with('1')
+            && text
+                .split(", ")
+                .all(|n| n.len() == 1 && n.bytes().all(|b| b.is_ascii_digit())),
+        "{text:?}"
+    );
+    let (status, e) = post(
+        app,
+        "/v1/chat/completions",
+        &json!({"model": SMOL, "messages": user("x"), "structured_outputs": {"regex": "a", "choice": ["b"]}}),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(error_of(&e).1, Some("structured_outputs"));
+}

@@ -5,9 +5,9 @@ use crate::api::error::ApiError;
 use crate::api::stream::{
     self, finish_reason, reported_logprob, usage, ChoiceOutput, ChunkFormat, Envelope,
 };
-use crate::api::tools;
 use crate::api::validation::{self, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
 use crate::api::{read_body, AppState};
+use crate::api::{structured_outputs, tools};
 use crate::engine::constraint::{Grammar, Spec};
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
@@ -30,6 +30,8 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub response_format: Option<Value>,
+    /// rewind's extension (vLLM style): regex, Lark grammar, choice or JSON Schema.
+    pub structured_outputs: Option<Value>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
     /// Read from the same body by [`stream::prepare`].
@@ -144,9 +146,18 @@ impl stream::GenerationBody for ChatCompletionRequest {
         if top > 0 && !logprobs {
             return Err(ValidationError::TopLogprobsWithoutLogprobs.into());
         }
-        let format = response_format(self.response_format.as_ref(), limits)?
-            .map(|spec| compile(&model, &spec, ValidationError::ResponseFormat))
-            .transpose()?;
+        let format = match structured_outputs::spec(self.structured_outputs.as_ref(), limits)? {
+            Some(_) if self.response_format.as_ref().is_some_and(|f| !f.is_null()) => {
+                return Err(ValidationError::StructuredOutputs(
+                    "give either `structured_outputs` or `response_format`, not both".into(),
+                )
+                .into());
+            }
+            Some(spec) => Some(compile(&model, &spec, ValidationError::StructuredOutputs)?),
+            None => response_format(self.response_format.as_ref(), limits)?
+                .map(|spec| compile(&model, &spec, ValidationError::ResponseFormat))
+                .transpose()?,
+        };
         // A required or named tool call is enforced by its grammar, over any response_format.
         let grammar = match &setup.forced {
             Some(spec) => Some(compile(&model, spec, ValidationError::Tools)?),

@@ -4,7 +4,7 @@
 use crate::api::error::ApiError;
 use crate::api::stream::{self, finish_reason, reported_logprob, usage, ChunkFormat, Envelope};
 use crate::api::validation::{self, SamplingFields, ValidationError, MAX_TOP_LOGPROBS};
-use crate::api::{read_body, AppState};
+use crate::api::{chat, read_body, structured_outputs, AppState};
 use crate::engine::registry::ServedModel;
 use crate::engine::{unix_now, GenerateRequest};
 use crate::model::generate::{GenerationParams, StepOutput, TokenLogprob};
@@ -36,6 +36,8 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     pub best_of: Option<i64>,
     pub suffix: Option<String>,
+    /// rewind's extension (vLLM style): regex, Lark grammar, choice or JSON Schema.
+    pub structured_outputs: Option<Value>,
     /// Read from the same body by [`stream::prepare`].
     #[serde(skip)]
     pub sampling: SamplingFields,
@@ -168,13 +170,16 @@ impl stream::GenerationBody for CompletionRequest {
             logprobs: self.logprobs.map(|t| t as usize),
         };
         let prompt_tokens = prompts.iter().map(Vec::len).sum();
+        let grammar = structured_outputs::spec(self.structured_outputs.as_ref(), limits)?
+            .map(|spec| chat::compile(&model, &spec, ValidationError::StructuredOutputs))
+            .transpose()?;
         Ok(CompletionJob {
             generate: GenerateRequest {
                 model,
                 prompts,
                 n: sampling.n,
                 params,
-                grammar: None,
+                grammar,
             },
             stream: sampling.stream,
             include_usage: sampling.include_usage,

@@ -14,6 +14,7 @@ pub mod legacy_fine_tunes;
 pub mod middleware;
 pub mod models;
 pub mod stream;
+pub mod structured_outputs;
 pub mod tools;
 pub mod validation;
 

@@ -74,6 +74,8 @@ pub enum ValidationError {
     },
     #[error("Invalid 'response_format': {0}")]
     ResponseFormat(String),
+    #[error("Invalid 'structured_outputs': {0}")]
+    StructuredOutputs(String),
     #[error("Invalid 'tools': {0}")]
     Tools(String),
     #[error("Invalid 'tool_choice': {0}")]
@@ -105,6 +107,7 @@ impl ValidationError {
             TopLogprobsWithoutLogprobs => Some("top_logprobs".into()),
             EmptyPrompt | PromptToken { .. } => Some("prompt".into()),
             ResponseFormat(_) => Some("response_format".into()),
+            StructuredOutputs(_) => Some("structured_outputs".into()),
             Tools(_) => Some("tools".into()),
             ToolChoice(_) => Some("tool_choice".into()),
         }

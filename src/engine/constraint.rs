@@ -26,6 +26,8 @@ pub enum Spec {
     JsonSchema(Value),
     /// Output matching this Lark grammar (llguidance's dialect, `%json` schemas included).
     Lark(String),
+    /// Output matching this regular expression, whole.
+    Regex(String),
 }
 
 impl Spec {
@@ -133,6 +135,7 @@ impl TokenTable {
         let top = match spec {
             Spec::JsonSchema(schema) => TopLevelGrammar::from_json_schema(with_layout(schema)),
             Spec::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
+            Spec::Regex(pattern) => TopLevelGrammar::from_regex(pattern),
         };
         let compiled = catch_unwind(AssertUnwindSafe(|| -> Result<Matcher> {
             let parser = factory.create_parser(top)?;
