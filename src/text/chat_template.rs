@@ -44,7 +44,7 @@ pub struct ChatMessage {
     pub role: String,
     /// `null` (an assistant message with only tool calls) reads as empty; an array of content
     /// parts reads as the concatenation of its text parts.
-    #[serde(default, deserialize_with = "content_text")]
+    #[serde(default, deserialize_with = "deserialize_content")]
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<serde_json::Value>,
@@ -76,12 +76,47 @@ impl ChatMessage {
     }
 }
 
-fn content_text<'de, D: Deserializer<'de>>(
+fn deserialize_content<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> std::result::Result<String, D::Error> {
     let value = serde_json::Value::deserialize(deserializer)?;
-    crate::text::openai_message::content_text(Some(&value), true)
+    content_text(Some(&value), true)
         .map_err(|e| serde::de::Error::custom(format!("message content: {e}")))
+}
+
+/// Message content as text: a string, or an array of text (or refusal) parts concatenated;
+/// `null` or missing reads as empty where `may_be_empty` (an assistant message with only tool
+/// calls). Other parts (images, audio, files) are refused: the models read text only.
+pub fn content_text(
+    content: Option<&serde_json::Value>,
+    may_be_empty: bool,
+) -> Result<String, String> {
+    match content {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        None | Some(serde_json::Value::Null) if may_be_empty => Ok(String::new()),
+        Some(serde_json::Value::Array(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                match part.get("type").and_then(serde_json::Value::as_str) {
+                    Some("text") | Some("refusal") => {
+                        let t = part
+                            .get("text")
+                            .or_else(|| part.get("refusal"))
+                            .and_then(serde_json::Value::as_str);
+                        text.push_str(t.ok_or("a text part needs a string `text`")?);
+                    }
+                    Some(other) => {
+                        return Err(format!(
+                            "content parts of type `{other}` are not supported: the model reads text only"
+                        ))
+                    }
+                    None => return Err("each content part needs a `type`".into()),
+                }
+            }
+            Ok(text)
+        }
+        _ => Err("expected a string or an array of text parts".into()),
+    }
 }
 
 /// A compiled chat template with the special-token strings it may refer to.

@@ -1,7 +1,7 @@
 //! OpenAI chat messages as chat templates see them, one mapping for serving and training: a
 //! model fine-tuned on a `developer` or `tool` message is served the same prompt for it.
 
-use crate::text::chat_template::ChatMessage;
+use crate::text::chat_template::{content_text, ChatMessage};
 use serde_json::Value;
 
 /// The roles an OpenAI chat message may carry.
@@ -21,38 +21,6 @@ pub enum MessageError {
     Role(String),
     /// The content is not text.
     Content(String),
-}
-
-/// Message content as text: a string, or an array of text (or refusal) parts concatenated;
-/// `null` or missing reads as empty where `may_be_empty` (an assistant message with only tool
-/// calls). Other parts (images, audio, files) are refused: the models read text only.
-pub fn content_text(content: Option<&Value>, may_be_empty: bool) -> Result<String, String> {
-    match content {
-        Some(Value::String(s)) => Ok(s.clone()),
-        None | Some(Value::Null) if may_be_empty => Ok(String::new()),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for part in parts {
-                match part.get("type").and_then(Value::as_str) {
-                    Some("text") | Some("refusal") => {
-                        let t = part
-                            .get("text")
-                            .or_else(|| part.get("refusal"))
-                            .and_then(Value::as_str);
-                        text.push_str(t.ok_or("a text part needs a string `text`")?);
-                    }
-                    Some(other) => {
-                        return Err(format!(
-                            "content parts of type `{other}` are not supported: the model reads text only"
-                        ))
-                    }
-                    None => return Err("each content part needs a `type`".into()),
-                }
-            }
-            Ok(text)
-        }
-        _ => Err("expected a string or an array of text parts".into()),
-    }
 }
 
 /// One OpenAI chat message as the template's message: its role mapped (templates written
