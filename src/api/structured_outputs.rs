@@ -4,7 +4,7 @@
 //! `json` (a JSON Schema).
 
 use crate::api::validation::{self, ValidationError};
-use crate::engine::constraint::Spec;
+use crate::engine::constraint::{lark_literal, Spec};
 use crate::settings::Limits;
 use serde_json::Value;
 
@@ -48,8 +48,7 @@ pub fn spec(value: Option<&Value>, limits: &Limits) -> Result<Option<Spec>, Vali
                 .and_then(|c| c.iter().map(Value::as_str).collect())
                 .ok_or_else(|| invalid("`choice` must be a non-empty array of strings"))?;
             validation::at_most("structured_outputs", choices.len(), limits.max_tools * 8)?;
-            let literal = |s: &str| serde_json::to_string(s).expect("a string serialises");
-            let alternatives: Vec<String> = choices.iter().map(|c| literal(c)).collect();
+            let alternatives: Vec<String> = choices.iter().map(|c| lark_literal(c)).collect();
             Ok(Some(Spec::Lark(format!(
                 "start: {}\n",
                 alternatives.join(" | ")

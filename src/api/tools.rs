@@ -8,7 +8,7 @@
 //!   arguments under `arguments` or `parameters`.
 
 use crate::api::validation::{self, ValidationError};
-use crate::engine::constraint::{with_layout, Spec};
+use crate::engine::constraint::{lark_literal, with_layout, Spec};
 use crate::settings::Limits;
 use crate::text::chat_template::ChatMessage;
 use serde_json::{json, Value};
@@ -30,7 +30,6 @@ pub struct ToolSetup {
 /// `<tool_call>\n{"name": NAME, "arguments": ARGS}\n</tool_call>`, ARGS valid against the
 /// tool's `parameters` (an object with no keys when it has none).
 pub fn call_grammar(tools: &[&Value]) -> Spec {
-    let literal = |s: &str| serde_json::to_string(s).expect("a string serialises");
     let mut lark = String::from("start: ");
     let mut rules = String::new();
     for (i, function) in tools.iter().enumerate() {
@@ -48,11 +47,11 @@ pub fn call_grammar(tools: &[&Value]) -> Spec {
         lark.push_str(&format!("call_{i}"));
         rules.push_str(&format!(
             "call_{i}: {} args_{i} {}\nargs_{i}: %json {}\n",
-            literal(&format!(
+            lark_literal(&format!(
                 "{OPEN}\n{{\"name\": {}, \"arguments\": ",
-                literal(name)
+                lark_literal(name)
             )),
-            literal(&format!("}}\n{CLOSE}")),
+            lark_literal(&format!("}}\n{CLOSE}")),
             with_layout(&parameters),
         ));
     }

@@ -37,6 +37,11 @@ impl Spec {
     }
 }
 
+/// `text` as a Lark string literal (its escapes are JSON's).
+pub fn lark_literal(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serialises")
+}
+
 /// The layout options llguidance reads from a schema's `x-guidance` key; any the client sent are
 /// replaced.
 pub fn with_layout(schema: &Value) -> Value {

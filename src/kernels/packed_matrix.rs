@@ -17,7 +17,7 @@
 //! whatever the thread count or the number of columns, so served tokens do not depend on them.
 
 use super::quantize::{QuantizedRows, BLOCK};
-use super::team::SharedOut;
+use crate::model::parallel::SharedMut;
 use half::f16;
 
 /// Rows interleaved per group.
@@ -104,11 +104,6 @@ impl PackedMatrix {
 
     pub fn blocks(&self) -> usize {
         self.cols / BLOCK
-    }
-
-    /// Bytes the kernels stream per product.
-    pub fn size_in_bytes(&self) -> usize {
-        self.bytes.len() + 4 * self.floats.len() + 2 * (self.scales.len() + self.minima.len())
     }
 
     /// Whether products read 8-bit activations.
@@ -272,7 +267,7 @@ pub(super) trait TileKernels {
 /// Where a kernel writes one group's rows for a run of columns.
 #[derive(Clone, Copy)]
 pub struct Tile {
-    pub out: SharedOut,
+    pub out: SharedMut<f32>,
     pub ld: usize,
     pub group: usize,
     pub column: usize,

@@ -5,7 +5,8 @@ use super::isa::Isa;
 use super::packed_matrix::COLUMN_TILE;
 use super::packed_matrix::{q4_1_blocks, Format, Input, PackedMatrix, Tile, TileKernels};
 use super::quantize::QuantizedRows;
-use super::team::{SharedOut, Team};
+use super::team::Team;
+use crate::model::parallel::SharedMut;
 
 impl PackedMatrix {
     /// out[c * ld + r] = sum_k W[r, k] x[c, k] for every column c of `x`, the rows split over
@@ -13,7 +14,7 @@ impl PackedMatrix {
     pub fn product(&self, team: &Team, isa: Isa, x: Input<'_>, out: &mut [f32], ld: usize) {
         let columns = x.columns();
         assert!(ld >= self.rows && out.len() >= columns.saturating_sub(1) * ld + self.rows);
-        let out = SharedOut::new(out);
+        let out = SharedMut(out.as_mut_ptr());
         let groups = self.groups();
         team.run(&|thread, threads| {
             let range = groups * thread / threads..groups * (thread + 1) / threads;
@@ -31,7 +32,7 @@ impl PackedMatrix {
         isa: Isa,
         x: Input<'_>,
         groups: std::ops::Range<usize>,
-        out: SharedOut,
+        out: SharedMut<f32>,
         ld: usize,
     ) {
         match (self.format, x) {

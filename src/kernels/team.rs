@@ -205,24 +205,6 @@ fn pin_to(core: usize) {
     let _ = core;
 }
 
-/// An output buffer the team's members write disjoint parts of.
-#[derive(Clone, Copy)]
-pub struct SharedOut(*mut f32);
-
-// SAFETY: members write disjoint elements (each caller's contract).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    pub fn new(out: &mut [f32]) -> Self {
-        Self(out.as_mut_ptr())
-    }
-
-    pub fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

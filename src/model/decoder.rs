@@ -201,6 +201,7 @@ impl Model {
 
     /// [`Model::forward_step`] with logits at the chosen rows.
     pub fn forward_step_rows(&self, seqs: &mut [SeqInput<'_>], rows: LogitRows) -> Result<Tensor> {
+        self.check_step(seqs)?;
         match &self.packed {
             Some(packed) => packed.forward_step(seqs, &self.reversible, rows, Team::global()),
             None => self.forward_step_tensors(seqs, rows),
@@ -214,15 +215,10 @@ impl Model {
         Ok(self.packed.is_some())
     }
 
-    /// [`Model::forward_step`] through the tensor ops (any device and dtype).
-    pub fn forward_step_tensors(
-        &self,
-        seqs: &mut [SeqInput<'_>],
-        rows: LogitRows,
-    ) -> Result<Tensor> {
-        let mut ids = Vec::new();
-        let mut last_rows = Vec::with_capacity(seqs.len());
-        for s in seqs.iter() {
+    /// What either path of a step needs of its inputs: new tokens in every sequence, within the
+    /// context and the vocabulary.
+    fn check_step(&self, seqs: &[SeqInput<'_>]) -> Result<()> {
+        for s in seqs {
             if s.tokens.is_empty() {
                 candle_core::bail!("a sequence in the batch has no new tokens");
             }
@@ -233,6 +229,29 @@ impl Model {
                     self.rope.max_positions()
                 );
             }
+            if s.tokens
+                .iter()
+                .any(|&t| t as usize >= self.config.vocab_size)
+            {
+                candle_core::bail!(
+                    "token id out of the vocabulary of {}",
+                    self.config.vocab_size
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Model::forward_step`] through the tensor ops (any device and dtype), for inputs
+    /// [`Model::forward_step_rows`] has checked.
+    pub fn forward_step_tensors(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        rows: LogitRows,
+    ) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut last_rows = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
             ids.extend_from_slice(s.tokens);
             last_rows.push((ids.len() - 1) as u32);
         }

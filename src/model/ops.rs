@@ -6,6 +6,8 @@
 //! training, the forward and the reversible recomputation, all run the same kernels, so a
 //! recomputed block is bit-identical to its forward.
 
+use crate::kernels::isa::Isa;
+use crate::kernels::vector;
 use crate::kernels::vector_math::{exp, wide};
 use crate::model::custom_vjp;
 use crate::model::parallel::{self, ELEMENTS_PER_TASK};
@@ -127,12 +129,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let mut y = vec![0f32; g.len()];
         parallel::map_chunks(&mut y, ELEMENTS_PER_TASK, |c, y| {
             let range = c * ELEMENTS_PER_TASK..c * ELEMENTS_PER_TASK + y.len();
-            let (g, u) = (&g[range.clone()], &u[range]);
-            wide(|| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g / (1.0 + exp(-g)) * u;
-                }
-            })
+            vector::swiglu(Isa::best(), &g[range.clone()], &u[range], y)
         });
         y
     });

@@ -10,12 +10,13 @@
 use crate::kernels::isa::Isa;
 use crate::kernels::packed_matrix::{FourBit, Input, PackedMatrix};
 use crate::kernels::quantize::{QuantizedRows, BLOCK};
-use crate::kernels::team::{SharedOut, Team};
+use crate::kernels::team::Team;
 use crate::kernels::vector;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{LogitRows, Model, SeqInput};
 use crate::model::kv_cache::HostLayerKv;
 use crate::model::linear::{Linear, Weight};
+use crate::model::parallel::SharedMut;
 use crate::model::reversible::{Readout, ReversibleConfig, SchemeKind, TwoStep};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Result, Tensor};
@@ -140,7 +141,9 @@ impl PackedDecoder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let (cos, sin) = rope_tables(&model.config, model.rope.max_positions());
+        // The tensor path's own RoPE tables, as host rows.
+        let (cos, sin) = model.rope.slice(0, model.rope.max_positions())?;
+        let (cos, sin) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
         Ok(Some(Self {
             config: model.config.clone(),
             embedding,
@@ -154,34 +157,14 @@ impl PackedDecoder {
         }))
     }
 
-    /// Bytes of packed weights.
-    pub fn size_in_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                [&l.qkv, &l.output, &l.gate_up, &l.down]
-                    .iter()
-                    .map(|p| p.weight.size_in_bytes())
-                    .sum::<usize>()
-            })
-            .sum();
-        let head = if Arc::ptr_eq(&self.head, &self.embedding) {
-            0
-        } else {
-            self.head.size_in_bytes()
-        };
-        layers + self.embedding.size_in_bytes() + head
-    }
-
     /// Runs the step with a given instruction set and team (tests compare them).
     pub fn with_isa(mut self, isa: Isa) -> Self {
         self.isa = isa;
         self
     }
 
-    /// As [`Model::forward_step`]: appends each sequence's tokens to its cache and returns
-    /// the logits after each sequence's last token, (S, vocab).
+    /// As [`Model::forward_step_rows`] (which checks the inputs): appends each sequence's
+    /// tokens to its cache and returns the logits at the chosen rows.
     pub fn forward_step(
         &self,
         seqs: &mut [SeqInput<'_>],
@@ -190,24 +173,11 @@ impl PackedDecoder {
         team: &Team,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let (d, hd) = (c.hidden_size, c.head_dim());
+        let d = c.hidden_size;
         let mut spans = Vec::with_capacity(seqs.len());
         let mut rows = 0;
         for s in seqs.iter_mut() {
             let start = s.cache.host.len;
-            if s.tokens.is_empty() {
-                candle_core::bail!("a sequence in the batch has no new tokens");
-            }
-            if start + s.tokens.len() > self.cos.len() / (hd / 2) {
-                candle_core::bail!(
-                    "sequence of {} tokens exceeds the context of {}",
-                    start + s.tokens.len(),
-                    self.cos.len() / (hd / 2)
-                );
-            }
-            if s.tokens.iter().any(|&t| t as usize >= c.vocab_size) {
-                candle_core::bail!("token id out of the vocabulary of {}", c.vocab_size);
-            }
             s.cache.host.ensure_layers(c.num_hidden_layers);
             spans.push(Span {
                 first_row: rows,
@@ -353,13 +323,13 @@ impl PackedDecoder {
         let scale = 1.0 / (hd as f32).sqrt();
         let group = heads / kv_heads;
         let tasks = spans.len() * heads;
-        let out = SharedOut::new(&mut s.attention);
-        let scores = SharedScores(s.scores.as_mut_ptr());
+        let out = SharedMut(s.attention.as_mut_ptr());
+        let scores = SharedMut(s.scores.as_mut_ptr());
         let (qkv, isa) = (&s.qkv, self.isa);
         let caches: Vec<&HostLayerKv> = seqs.iter().map(|q| &q.cache.host.layers[j]).collect();
         team.run(&|member, members| {
             // SAFETY: member m alone uses scores[m]; each task writes its own rows and head.
-            let scores = unsafe { scores.member(member) };
+            let scores = unsafe { &mut *scores.ptr().add(member) };
             for task in (member..tasks).step_by(members) {
                 let (i, head) = (task / heads, task % heads);
                 let (span, cache) = (spans[i], caches[i]);
@@ -488,21 +458,6 @@ fn two_step_update(coef: TwoStep, other: &mut [f32], last: &mut [f32], f: &[f32]
     }
 }
 
-#[derive(Clone, Copy)]
-struct SharedScores(*mut Vec<f32>);
-// SAFETY: each team member touches only its own element.
-unsafe impl Send for SharedScores {}
-unsafe impl Sync for SharedScores {}
-
-impl SharedScores {
-    /// # Safety
-    /// `member` must be in bounds and used by one thread at a time.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn member(&self, member: usize) -> &mut Vec<f32> {
-        &mut *self.0.add(member)
-    }
-}
-
 impl Scratch {
     fn resize(&mut self, rows: usize, c: &ModelConfig, members: usize) {
         let (d, ffn) = (c.hidden_size, c.intermediate_size);
@@ -527,20 +482,6 @@ impl Scratch {
 
 fn vector_of(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
-}
-
-fn rope_tables(c: &ModelConfig, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
-    let (hd, half) = (c.head_dim(), c.head_dim() / 2);
-    let mut cos = Vec::with_capacity(max_positions * half);
-    let mut sin = Vec::with_capacity(max_positions * half);
-    for pos in 0..max_positions {
-        for i in 0..half {
-            let angle = pos as f64 / c.rope_theta.powf(2.0 * i as f64 / hd as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
 }
 
 fn pack_linear(parts: &[&Linear]) -> Result<PackedLinear> {
@@ -695,7 +636,6 @@ mod tests {
         for scheme in schemes() {
             for separate_head in [false, true] {
                 let model = tiny(WeightFormat::F32, scheme.clone(), separate_head);
-                let packed = PackedDecoder::build(&model).unwrap().unwrap();
                 let expected = steps(&model, None);
                 for isa in Isa::usable() {
                     let packed = PackedDecoder::build(&model).unwrap().unwrap().with_isa(isa);
@@ -715,7 +655,6 @@ mod tests {
                         }
                     }
                 }
-                drop(packed);
             }
         }
     }

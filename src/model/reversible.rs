@@ -243,8 +243,9 @@ impl ReversibleConfig {
     }
 }
 
-/// Scales `x` by `s`, skipping the multiply when s is 1 (keeps additions exact).
-fn scaled(x: &Tensor, s: f64) -> Result<Tensor> {
+/// Scales `x` by `s`, skipping the multiply when s is 1 (keeps additions exact, and shares
+/// `x` instead of copying it).
+pub fn scaled(x: &Tensor, s: f64) -> Result<Tensor> {
     if s == 1.0 {
         Ok(x.clone())
     } else {

@@ -18,6 +18,7 @@
 use crate::memory::phases;
 use crate::model::block::Layout;
 use crate::model::decoder::States;
+use crate::model::reversible::scaled;
 use crate::train::block_vjp::{self, Sink};
 use crate::train::exact::{self, ExactRule, FixedPoint};
 use crate::train::grads::{grad_or_zeros, Grads};
@@ -61,15 +62,6 @@ pub const HEAD_CHUNK_ROWS: usize = 256;
 struct Adjoint {
     other: Tensor,
     last: Tensor,
-}
-
-/// x s, sharing x when s is 1 (a coefficient of 1 is common: h = 1).
-fn scaled(x: &Tensor, s: f64) -> candle_core::Result<Tensor> {
-    if s == 1.0 {
-        Ok(x.clone())
-    } else {
-        x.affine(s, 0.0)
-    }
 }
 
 /// sum(a * b) over all elements, the scalar whose backward is a VJP with cotangent b.
